@@ -1,0 +1,20 @@
+"""PanelForge storage: Arrow IPC shard datasets with manifests (DESIGN.md, "Datasets on disk")."""
+from storage.dataset import Dataset, DatasetWriter, open_dataset, rejects_table, write_shard
+from storage.errors import (
+    ChecksumError,
+    DatasetMismatchError,
+    DatasetNotFoundError,
+    ManifestError,
+    StorageError,
+    UnsupportedURIError,
+)
+from storage.manifest import lineage_entry, read_manifest
+from storage.schemas import GENERATED, PANELS, REJECTS, SCHEMA_VERSION, SCHEMAS, TOKENS
+from storage.uri import resolve
+
+__all__ = [
+    "ChecksumError", "Dataset", "DatasetMismatchError", "DatasetNotFoundError", "DatasetWriter",
+    "GENERATED", "ManifestError", "PANELS", "REJECTS", "SCHEMAS", "SCHEMA_VERSION", "StorageError",
+    "TOKENS", "UnsupportedURIError", "lineage_entry", "open_dataset", "read_manifest",
+    "rejects_table", "resolve", "write_shard",
+]

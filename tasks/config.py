@@ -1,0 +1,158 @@
+"""Typed pipeline configuration, loaded from YAML with command-line overrides.
+
+    python -c "from tasks.config import load_config; print(load_config('configs/tiny.yaml'))"
+
+One file drives a whole run (configs/tiny.yaml, configs/7b.yaml). Each pipeline stage owns
+one section model below; unknown keys are errors, so a typo never silently falls back to a
+default. Errors name the file, the field and what was expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names file and field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start Ray in-process; "auto" or "ray://..." for a cluster
+    num_cpus: int | None = 2  # only for the in-process instance
+    object_store_mb: int = 512
+    include_dashboard: bool = False
+
+
+class ModelsConfig(Section):
+    """Where the weights come from: local paths only (nothing is ever downloaded)."""
+
+    movqgan_preset: str = "tiny"  # tiny, 67m, 102m, 270m
+    movqgan_path: str | None = None  # .ckpt/.pt flat state_dict or .safetensors
+    tokenizer: str = "shapes"  # shapes | qwen-offline | hf (a local folder in tokenizer_path)
+    tokenizer_path: str | None = None
+    decoder_preset: str = "tiny"  # tiny, 2b, 7b
+    decoder_path: str | None = None  # a transformers-format folder (the release's format)
+
+
+class PanelsConfig(Section):
+    """build_panels (issue 3)."""
+
+    source: dict[str, Any] = Field(default_factory=lambda: {"kind": "shapes", "count": 64, "seed": 0})
+    rows_per_unit: int = 32
+    stage_size: int = 256
+
+
+class TokenizeConfig(Section):
+    """pretokenize (issue 4)."""
+
+    batch_size: int = 8
+    workers: int = 2
+    rows_per_unit: int = 64
+
+
+class TrainConfig(Section):
+    """train (issue 5)."""
+
+    workers: int = 2
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class GenerateConfig(Section):
+    """generate (issues 6 and 7)."""
+
+    cfg: float = 4.0
+    temperature: float = 1.0
+    top_k: int = 4096
+    sjd: bool = True
+    sjd_window: int = 16
+
+
+class EvaluateConfig(Section):
+    """evaluate (issue 8)."""
+
+    canny_low: int = 100
+    canny_high: int = 200
+
+
+class PipelineConfig(Section):
+    name: str = "default"
+    # Root of every dataset and run of this config: a local folder or an object-store URI.
+    workdir: str = "out/default"
+    ray: RayConfig = Field(default_factory=RayConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    panels: PanelsConfig = Field(default_factory=PanelsConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def dataset_uri(self, name: str) -> str:
+        """URI of a named dataset (panels, tokens, generated, ...) under the workdir."""
+        return self.workdir.rstrip("/") + "/" + name
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {field}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.workers=4' -> (['train', 'workers'], 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.workers=4")
+    key, value = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r}: empty key")
+    return path, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (or the defaults when path is None) and apply KEY=VALUE overrides."""
+    source = str(path) if path else "(defaults)"
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        if overrides:
+            source += " with overrides " + " ".join(overrides)
+        raise ConfigError(_format_errors(source, e)) from None
