@@ -64,6 +64,21 @@ class TrainConfig(Section):
     stages: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class RewriteConfig(Section):
+    """Prompt rewriting before generation (issue 7, paper 4.3.1): an OpenAI-compatible endpoint."""
+
+    endpoint: str | None = None  # e.g. http://127.0.0.1:8000/v1; None: no rewriting
+    model: str = "gpt-4o-mini"
+    system_prompt: str = (
+        "Rewrite the user's image prompt into one richer, concrete description of the same scene. "
+        "Reply with the description only."
+    )
+    api_key_env: str | None = "OPENAI_API_KEY"  # read from this environment variable, or
+    api_key_secret: str | None = None  # the name of a Prefect Secret block
+    timeout_s: float = 30.0
+    cache_path: str | None = None  # default: <workdir>/rewrites.jsonl when the workdir is local
+
+
 class GenerateConfig(Section):
     """generate (issues 6 and 7)."""
 
@@ -72,6 +87,26 @@ class GenerateConfig(Section):
     top_k: int = 4096
     sjd: bool = True
     sjd_window: int = 16
+    # Bulk jobs (issue 7): inputs, counts, best-of-N and the quality filter, work units.
+    inputs: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
+    )  # {kind: file, path} | {kind: panels, uri} | {kind: shapes, count, seed, tasks}
+    output: str = "generated"  # dataset name under the workdir, or a URI
+    size: str | None = None  # default WIDTHxHEIGHT for prompt rows that name none
+    count_per_prompt: int = 1
+    best_of: int = 1  # samples per pair; a verifier keeps the best (when one applies)
+    scorer: str = "auto"  # auto | none | canny_f1 | depth_rmse | package.module:factory
+    depth_estimator: str | None = None  # package.module:factory(cfg) -> fn(uint8 image) -> depth
+    thresholds: dict[str, float] = Field(default_factory=dict)  # {scorer name: minimum (or max RMSE)}
+    seed: int = 0
+    pairs_per_unit: int = 16
+    workers: int = 1  # engine actors on CPU; on GPUs one per GPU
+    max_batch: int = 8  # the engine's continuous batch (sequences per actor)
+    max_side: int = 2048
+    max_count: int = 1000
+    max_pairs: int = 10_000_000
+    contact_sheet_pairs: int = 16
+    rewrite: RewriteConfig = Field(default_factory=RewriteConfig)
 
 
 class EvaluateConfig(Section):

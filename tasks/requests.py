@@ -1,0 +1,460 @@
+"""Inputs of a bulk generation job, validated before any model is loaded (issue 7).
+
+    python -m tasks.requests --config configs/tiny.yaml     # prints the pairs and the rejects
+
+A job's input is one of (config `generate.inputs`):
+  {kind: file, path: prompts.jsonl}  a jsonl, csv or parquet file of prompt rows:
+      prompt (required), task (t2i, pair, control:<map>, dense:<map>, edit, subject),
+      size ("512x256") or width + height, upper (an image path relative to the file, or bytes
+      in parquet), control_source (an image whose control map becomes the upper panel),
+      seed, count, id, instruction (edit: the instruction; pair: the lower panel's description),
+      subject (subject: the object's description).
+  {kind: panels, uri: ...}          a panels dataset: re-generate the generated part of each row.
+  {kind: shapes, count, seed, tasks} the synthetic shapes source (the embedded default).
+
+Each valid row expands to `count` pairs with stable ids `<row id>#<k>` and deterministic seeds;
+each bad row becomes a reject {input_ref, stage: "request", reason, detail}. Nothing is skipped
+silently: rows in = rows expanded + rows rejected.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from model.prompts import PromptError, is_dual, render_prompt, split_task
+
+UPPER_TASKS = ("edit", "subject")  # plus control:<map>, dense:<map>: the upper panel is given
+MIN_SIDE = 64
+MAX_PIXELS = 64_000_000  # decompression-bomb guard for upper images
+
+
+class RequestError(ValueError):
+    """A job input that cannot be used at all (missing file, unknown kind, no valid rows)."""
+
+
+@dataclass
+class PairSpec:
+    """One requested pair: everything an engine actor needs, JSON-able (Ray transport)."""
+
+    id: str  # "<row id>#<k>", stable across reruns
+    row_id: str
+    task: str
+    caption: str  # the user text the prompt was rendered from (after rewriting)
+    prompt: str  # the rendered task prompt
+    width: int  # the whole (dual-panel) image
+    height: int
+    seed: int
+    source: str  # input reference: file:row, dataset:row, shapes:id
+    upper: bytes | None = None  # PNG of the given upper panel at (width, height // 2)
+    params: dict = field(default_factory=dict)  # original caption, subject, instruction, ...
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "PairSpec":
+        return PairSpec(**d)
+
+
+def needs_upper(task: str) -> bool:
+    return task in UPPER_TASKS or task.startswith(("control:", "dense:"))
+
+
+def check_task(task: str) -> str | None:
+    """None when `task` is known, else what is wrong with it."""
+    try:
+        split_task(task)
+    except PromptError as e:
+        return str(e)
+    return None
+
+
+def parse_size(value: Any) -> tuple[int, int]:
+    """'512x256' / '512*256' / [512, 256] -> (width, height); ValueError when malformed."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    m = re.fullmatch(r"\s*(\d+)\s*[x\u00d7*]\s*(\d+)\s*", str(value))
+    if not m:
+        raise ValueError(f"size {value!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_size(width: int, height: int, task: str, max_side: int) -> str | None:
+    """None when the size is usable for `task`, else what is wrong (REFERENCE.md: multiples of 32)."""
+    if width % 32 or height % 32:
+        return f"size {width}x{height} is not a multiple of 32"
+    if min(width, height) < MIN_SIDE or max(width, height) > max_side:
+        return f"size {width}x{height} outside {MIN_SIDE}..{max_side} px (generate.max_side)"
+    return None
+
+
+def derive_seed(job_seed: int, row_id: str, k: int) -> int:
+    """A seed from the job seed, the row id and the copy index: stable, independent of row order."""
+    h = hashlib.sha256(f"{job_seed}:{row_id}:{k}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def sample_seed(pair_seed: int, j: int) -> int:
+    """Seed of the j-th best-of-N sample of a pair; sample 0 uses the pair's own seed."""
+    if j == 0:
+        return pair_seed
+    return int.from_bytes(hashlib.sha256(f"{pair_seed}:{j}".encode()).digest()[:7], "little")
+
+
+def fit_panel(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize to cover (width, height) and centre-crop, as the release crops its reference panel."""
+    img = img.convert("RGB")
+    scale = max(width / img.width, height / img.height)
+    w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - width) // 2, (h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def png_bytes(arr_or_img: np.ndarray | Image.Image) -> bytes:
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(np.asarray(arr_or_img))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes | str | Path) -> Image.Image:
+    """Open an image fully (path or bytes), refusing bombs; raises ValueError with the cause."""
+    try:
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
+        img.load()
+        return img
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image: {e}") from None
+
+
+def control_map(img: Image.Image, control: str, canny_low: int, canny_high: int) -> Image.Image:
+    """The control map of a photo, for `control_source` rows. Only canny is computable offline
+    without a model here; other maps must be given as `upper`."""
+    if control != "canny":
+        raise ValueError(f"control_source can only make canny maps here; give the {control} map as 'upper'")
+    from tasks.verify import canny_edges
+
+    edges = canny_edges(np.asarray(img.convert("RGB")), canny_low, canny_high)
+    return Image.fromarray(np.repeat(edges[..., None].astype(np.uint8) * 255, 3, axis=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(row index, raw dict) from jsonl, csv or parquet; a malformed jsonl line yields {'_error': ...}."""
+    p = Path(path)
+    if not p.is_file():
+        raise RequestError(f"{p}: prompts file not found; set generate.inputs.path to a jsonl, csv or parquet file")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with p.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, {"_error": f"not valid JSON: {e.msg} at column {e.colno}"}
+                    continue
+                yield i, row if isinstance(row, dict) else {"_error": f"expected a JSON object, got {type(row).__name__}"}
+    elif suffix in (".csv", ".tsv"):
+        with p.open(encoding="utf-8", newline="") as f:
+            for i, row in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")):
+                yield i, {k: v for k, v in row.items() if k is not None and v not in (None, "")}
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(p).to_pylist()):
+            yield i, {k: v for k, v in row.items() if v is not None}
+    else:
+        raise RequestError(f"{p}: unsupported prompts file type {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+@dataclass
+class Expanded:
+    pairs: list[PairSpec]
+    rejects: list[dict]
+    rows: int  # input rows read
+
+    def summary(self) -> dict:
+        reasons: dict[str, int] = {}
+        for r in self.rejects:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        return {"rows": self.rows, "pairs": len(self.pairs), "rejected_rows": len(self.rejects), "reject_reasons": reasons}
+
+
+def _reject(ref: str, reason: str, detail: str) -> dict:
+    return {"input_ref": ref, "stage": "request", "reason": reason, "detail": detail}
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{what} {value!r} is not an integer")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{what} {value!r} is not an integer")
+    try:
+        return int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not an integer") from None
+
+
+def expand_row(
+    row: dict,
+    ref: str,
+    *,
+    gen,
+    evaluate,
+    base_dir: Path | None,
+    rewrite: Callable[[str], str] | None = None,
+) -> tuple[list[PairSpec], dict | None]:
+    """Validate one raw row and expand it to its pairs, or return a reject (never raises)."""
+    if "_error" in row:
+        return [], _reject(ref, "malformed_row", row["_error"])
+    row_id = str(row.get("id") or ref)
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return [], _reject(ref, "empty_prompt", "column 'prompt' is missing or empty; give the caption or instruction")
+    task = str(row.get("task") or "").strip()
+    if not task:
+        return [], _reject(ref, "missing_task", "column 'task' is missing; e.g. t2i, control:canny, edit")
+    if (err := check_task(task)) is not None:
+        return [], _reject(ref, "unknown_task", err)
+    try:
+        if row.get("size") is not None:
+            width, height = parse_size(row["size"])
+        elif row.get("width") is not None or row.get("height") is not None:
+            width, height = _as_int(row.get("width"), "width"), _as_int(row.get("height"), "height")
+        elif gen.size:
+            width, height = parse_size(gen.size)
+        else:
+            return [], _reject(ref, "missing_size", "no size/width+height in the row and no generate.size default")
+        count = _as_int(row.get("count", gen.count_per_prompt), "count")
+        seed = _as_int(row["seed"], "seed") if row.get("seed") is not None else None
+    except ValueError as e:
+        return [], _reject(ref, "malformed_row", str(e))
+    if (err := check_size(width, height, task, gen.max_side)) is not None:
+        return [], _reject(ref, "bad_size", err)
+    if not 1 <= count <= gen.max_count:
+        return [], _reject(ref, "bad_count", f"count {count} outside 1..{gen.max_count} (generate.max_count)")
+    if seed is not None and not 0 <= seed < 2**63:
+        return [], _reject(ref, "malformed_row", f"seed {seed} outside 0..2^63-1")
+    upper_png = None
+    if needs_upper(task):
+        try:
+            upper_png = _upper_panel(row, task, width, height, base_dir, evaluate)
+        except LookupError as e:
+            return [], _reject(ref, "missing_upper", str(e))
+        except ValueError as e:
+            return [], _reject(ref, "bad_upper", str(e))
+    elif row.get("upper") is not None or row.get("control_source") is not None:
+        return [], _reject(ref, "unexpected_upper", f"task {task!r} generates its whole image; drop 'upper'/'control_source' or use an image-to-image task")
+
+    caption = prompt.strip()
+    params: dict = {"input_caption": caption}
+    if rewrite is not None:
+        caption = rewrite(caption)
+        params["rewritten"] = caption != params["input_caption"]
+    extra = {k: str(row[k]).strip() for k in ("instruction", "subject") if row.get(k) is not None}
+    params.update(extra)
+    try:
+        rendered = render_prompt(task, width, height, caption=caption, **extra)
+    except PromptError as e:
+        return [], _reject(ref, "malformed_row", f"{e}; edit and pair rows need 'instruction', subject rows 'subject'")
+    pairs = [
+        PairSpec(
+            id=f"{row_id}#{k}",
+            row_id=row_id,
+            task=task,
+            caption=caption,
+            prompt=rendered,
+            width=width,
+            height=height,
+            seed=(seed + k) % 2**63 if seed is not None else derive_seed(gen.seed, row_id, k),
+            source=ref,
+            upper=upper_png,
+            params=params,
+        )
+        for k in range(count)
+    ]
+    return pairs, None
+
+
+def _upper_panel(row: dict, task: str, width: int, height: int, base_dir: Path | None, evaluate) -> bytes:
+    """PNG bytes of the upper panel at (width, height/2): from 'upper', or computed from 'control_source'."""
+    given, source = row.get("upper"), row.get("control_source")
+    if given is None and source is None:
+        raise LookupError(f"task {task!r} needs an upper image: give 'upper' (or 'control_source' for control tasks)")
+    if given is not None and source is not None:
+        raise ValueError("give either 'upper' or 'control_source', not both")
+    data = given if given is not None else source
+    if isinstance(data, str):
+        path = Path(data) if Path(data).is_absolute() or base_dir is None else base_dir / data
+        if not path.is_file():
+            raise LookupError(f"upper image {str(path)!r} not found")
+        data = path
+    elif not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"'upper' must be a path or image bytes, got {type(data).__name__}")
+    img = decode_image(data)
+    if source is not None:
+        if not task.startswith("control:"):
+            raise ValueError(f"'control_source' only applies to control tasks, not {task!r}")
+        img = control_map(img, task.split(":", 1)[1], evaluate.canny_low, evaluate.canny_high)
+    return png_bytes(fit_panel(img, width, height // 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The three input kinds
+
+
+def expand_inputs(cfg, rewrite: Callable[[str], str] | None = None) -> Expanded:
+    """All pairs of the job described by cfg.generate.inputs, and the rejected rows."""
+    gen = cfg.generate
+    spec = dict(gen.inputs)
+    kind = spec.get("kind")
+    if kind == "file":
+        return _expand_rows(_file_rows(spec), gen, cfg.evaluate, rewrite)
+    if kind == "panels":
+        return _expand_rows(_panels_rows(cfg, spec), gen, cfg.evaluate, rewrite)
+    if kind == "shapes":
+        return _expand_rows(_shapes_rows(cfg, spec), gen, cfg.evaluate, rewrite)
+    raise RequestError(f"generate.inputs.kind {kind!r}: expected file, panels or shapes")
+
+
+def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, evaluate, rewrite) -> Expanded:
+    pairs: list[PairSpec] = []
+    rejects: list[dict] = []
+    seen: dict[str, str] = {}
+    n = 0
+    for ref, row, base_dir in rows:
+        n += 1
+        rid = str(row.get("id") or ref) if "_error" not in row else ref
+        if rid in seen:
+            rejects.append(_reject(ref, "duplicate_id", f"row id {rid!r} already used by {seen[rid]}; ids must be unique"))
+            continue
+        seen[rid] = ref
+        got, rej = expand_row(row, ref, gen=gen, evaluate=evaluate, base_dir=base_dir, rewrite=rewrite)
+        pairs.extend(got)
+        if rej:
+            rejects.append(rej)
+    if n and len(pairs) > gen.max_pairs:
+        raise RequestError(f"the job asks for {len(pairs)} pairs, more than generate.max_pairs={gen.max_pairs}; split it or raise the limit")
+    return Expanded(pairs, rejects, n)
+
+
+def _file_rows(spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
+    if not spec.get("path"):
+        raise RequestError("generate.inputs.kind=file needs generate.inputs.path (a jsonl, csv or parquet file)")
+    path = Path(spec["path"])
+    for i, row in read_rows(path):
+        yield f"{path.name}:{i}", row, path.parent
+
+
+def panel_as_prompt_row(row: dict) -> dict:
+    """A panels row as a prompt row: same id, task, caption, size and given upper panel."""
+    params = json.loads(row.get("params") or "{}")
+    out = {"id": row["id"], "task": row["task"], "prompt": row.get("caption") or "", "width": row["width"], "height": row["height"]}
+    for k in ("instruction", "subject"):
+        if params.get(k):
+            out[k] = params[k]
+    if needs_upper(row["task"]):
+        out["upper"] = row["upper"]
+    return out
+
+
+def _panels_rows(cfg, spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
+    """Panels rows as prompt rows: same task, caption, size and upper panel; the lower is redone."""
+    from storage import open_dataset
+
+    uri = spec.get("uri") or cfg.dataset_uri("panels")
+    ds = open_dataset(uri)
+    if ds.kind not in ("panels", "generated"):
+        raise RequestError(f"{uri}: a {ds.kind} dataset; generate.inputs.kind=panels needs a panels dataset")
+    tasks = set(spec.get("tasks") or [])
+    limit = spec.get("limit")
+    n = 0
+    for batch in ds.iter_batches(64):
+        for row in batch.to_pylist():
+            if tasks and row["task"] not in tasks:
+                continue
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            out = panel_as_prompt_row(row)
+            yield f"{uri}:{row['id']}", out, None
+
+
+def _shapes_rows(cfg, spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
+    """Prompt rows from the synthetic shapes source (tasks/shapes.py): scene i has seed seed+i and
+    task tasks[i % len(tasks)]; its given upper panel (control map, image, edit source, subject)
+    is rendered at the panel size."""
+    from tasks import shapes
+
+    count, seed = int(spec.get("count", 8)), int(spec.get("seed", 0))
+    tasks = list(spec.get("tasks") or ["t2i"])
+    width, height = parse_size(spec.get("size") or cfg.generate.size or "128x128")
+    ph = height // 2
+    for i in range(count):
+        task, s = tasks[i % len(tasks)], seed + i
+        row: dict = {"id": f"shapes-{s}-{task}", "task": task, "width": width, "height": height}
+        ref = f"shapes:{s}:{task}"
+        if check_task(task) is not None or width % 32 or height % 32:
+            yield ref, row | {"prompt": "?"}, None  # expand_row rejects it with the reason
+            continue
+        kind, control = split_task(task)
+        if kind == "t2i":
+            row["prompt"] = shapes.render_scene(s, width, height).caption
+        elif kind in ("pair", "edit"):
+            ep = shapes.edit_pair(s, width, ph)
+            row["prompt"] = ep.source.caption
+            row["instruction"] = ep.target.caption if kind == "pair" else ep.instruction
+            if kind == "edit":
+                row["upper"] = png_bytes(ep.source.image)
+        elif kind == "subject":
+            sp = shapes.subject_pair(s, width, ph)
+            row.update(prompt=sp.scene.caption, subject=sp.description, upper=png_bytes(sp.subject.image))
+        else:
+            scene = shapes.render_scene(s, width, ph)
+            row["prompt"] = scene.caption
+            if kind == "dense":
+                row["upper"] = png_bytes(scene.image)
+            elif control == "canny":
+                row["upper"] = png_bytes(control_map(Image.fromarray(scene.image), "canny", cfg.evaluate.canny_low, cfg.evaluate.canny_high))
+            elif control == "depth":
+                row["upper"] = png_bytes(np.repeat(scene.depth_vis[..., None], 3, axis=2))
+            # hed and pose maps are not computable here: expand_row rejects the row (missing_upper)
+        yield ref, row, None
+
+
+def main() -> None:
+    import argparse
+
+    from tasks.config import load_config
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    ex = expand_inputs(load_config(args.config, args.overrides))
+    for p in ex.pairs[:20]:
+        print(p.id, p.task, f"{p.width}x{p.height}", p.seed, repr(p.prompt[:80]))
+    for r in ex.rejects:
+        print("REJECT", r["input_ref"], r["reason"], r["detail"])
+    print(json.dumps(ex.summary()))
+
+
+if __name__ == "__main__":
+    main()
