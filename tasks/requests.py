@@ -308,12 +308,12 @@ def _upper_panel(row: dict, task: str, width: int, height: int, base_dir: Path |
         data = path
     elif not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"'upper' must be a path or image bytes, got {type(data).__name__}")
-    img = decode_image(data)
-    if source is not None:
+    img = fit_panel(decode_image(data), width, height // 2)
+    if source is not None:  # the map is computed at the panel's size, so its edges stay one pixel wide
         if not task.startswith("control:"):
             raise ValueError(f"'control_source' only applies to control tasks, not {task!r}")
         img = control_map(img, task.split(":", 1)[1], evaluate.canny_low, evaluate.canny_high)
-    return png_bytes(fit_panel(img, width, height // 2))
+    return png_bytes(img)
 
 
 # ---------------------------------------------------------------------------------------------
