@@ -1,0 +1,430 @@
+"""Bulk image-pair generation: a resumable Ray job with one engine actor per GPU (issue 7).
+
+    python -m tasks.generate --config configs/tiny.yaml [generate.best_of=2 ...]
+
+The driver validates and expands the inputs (tasks/requests.py) before any model is loaded,
+optionally rewrites the prompts (tasks/rewrite.py), splits the pairs into deterministic work
+units and skips the units already in the generated/ dataset (a rerun after a crash or
+preemption redoes only the lost ones). Each actor loads the decoder, MoVQGAN and the layout
+once, keeps the engine's continuous batch full with one unit's samples (best-of-N: N per pair
+when a verifier applies), decodes codes to pixels, scores the samples (tasks/verify.py), keeps
+the best, and writes the unit's shard and rejects itself; the driver commits them as they
+arrive. Ray Data restarts an actor that dies and retries its unit (write_shard is idempotent).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from tasks.requests import PairSpec, RequestError, expand_inputs, sample_seed
+
+log = logging.getLogger(__name__)
+
+REQUEST_UNIT = "requests"  # the unit that holds the rejects of input validation
+
+
+def output_uri(cfg) -> str:
+    out = cfg.generate.output
+    return out if "://" in out or out.startswith("/") else cfg.dataset_uri(out)
+
+
+def make_units(pairs: list[PairSpec], per_unit: int) -> list[dict]:
+    """Consecutive chunks of `per_unit` pairs; a unit's name is its index and a digest of its pair
+    ids (not of prompts), so a rerun of the same inputs names the same units."""
+    units = []
+    for start in range(0, len(pairs), per_unit):
+        chunk = pairs[start : start + per_unit]
+        digest = hashlib.sha1("\n".join(p.id for p in chunk).encode()).hexdigest()[:10]
+        units.append({"unit": f"g{start // per_unit:06d}-{digest}", "pairs": [p.to_dict() for p in chunk]})
+    return units
+
+
+def job_config(cfg) -> dict:
+    """What determines the rows (stored in the manifest; a rerun with other values is refused)."""
+    gen = cfg.generate.model_dump(exclude={"workers", "contact_sheet_pairs"})
+    gen["rewrite"] = {k: gen["rewrite"][k] for k in ("endpoint", "model", "system_prompt")}
+    return {"models": cfg.models.model_dump(), "generate": gen, "evaluate": cfg.evaluate.model_dump()}
+
+
+def sampling_of(gen) -> dict:
+    return {"cfg": gen.cfg, "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window}
+
+
+# ---------------------------------------------------------------------------------------------
+# The actor
+
+
+@dataclass
+class Parts:
+    """What an actor loads once: the engine, the layout, MoVQGAN and the model's fingerprint."""
+
+    engine: Any
+    layout: Any
+    movqgan: Any
+    fingerprint: str
+    device: str = "cpu"
+
+
+def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:
+    """The layout fingerprint a checkpoint's panelforge.json records (None for the release's folder)."""
+    meta = meta or {}
+    layout = meta.get("layout")
+    return meta.get("layout_fingerprint") or (layout.get("fingerprint") if isinstance(layout, dict) else None) or meta.get("fingerprint")
+
+
+def load_parts(cfg) -> Parts:
+    """Load the decoder named by the config (transformers-format folder), wrap it in the engine."""
+    import torch
+
+    from model.engine import Engine
+    from model.hf_checkpoint import load_decoder
+    from model.layout import Layout
+    from model.movqgan import load_movqgan
+
+    m = cfg.models
+    if not m.decoder_path:
+        raise RequestError("models.decoder_path is not set: name a transformers-format decoder folder")
+    if not m.movqgan_path:
+        raise RequestError("models.movqgan_path is not set: name a MoVQGAN checkpoint (.ckpt/.pt/.safetensors)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = Layout.from_config(m)
+    model, meta = load_decoder(m.decoder_path, device=device)
+    fp = checkpoint_layout_fingerprint(meta)
+    if fp and fp != layout.fingerprint:
+        raise RequestError(
+            f"{m.decoder_path}: decoder was trained with layout {fp}, the config's layout is {layout.fingerprint}; "
+            "use the tokenizer the checkpoint was trained with (models.tokenizer, models.tokenizer_path)"
+        )
+    movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device)
+    engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda")
+    digest = hashlib.sha256(f"{m.decoder_path}|{json.dumps(meta, sort_keys=True, default=str)}|{layout.fingerprint}".encode())
+    return Parts(engine, layout, movq, digest.hexdigest()[:16], device)
+
+
+class GenerateWorker:
+    """Ray actor: one unit of pairs -> samples -> best-of-N -> one shard + rejects."""
+
+    def __init__(self, cfg: dict, out_uri: str, parts: Parts | None = None):
+        from tasks.config import PipelineConfig
+        from tasks.verify import make_scorers
+
+        self.cfg = PipelineConfig.model_validate(cfg)
+        self.out_uri = out_uri
+        self.parts = parts or load_parts(self.cfg)
+        self.scorers = make_scorers(self.cfg)
+        self.node = _node_id()
+
+    def __call__(self, unit: dict) -> dict:
+        from storage import write_shard
+
+        t0 = time.perf_counter()
+        pairs = [PairSpec.from_dict(d) for d in unit["pairs"]]
+        rows, rejects, stats = self.run_pairs(pairs)
+        t_write = time.perf_counter()
+        import pyarrow as pa
+
+        from storage.schemas import GENERATED
+
+        table = pa.Table.from_pylist(rows, schema=GENERATED) if rows else None
+        info = write_shard(self.out_uri, unit["unit"], table, rejects, kind="generated")
+        stats.update(write_s=time.perf_counter() - t_write, unit_s=time.perf_counter() - t0, node=self.node)
+        return {"info": info, "stats": stats}
+
+    def run_pairs(self, pairs: list[PairSpec]) -> tuple[list[dict], list[dict], dict]:
+        """Generate, decode, verify and choose for a list of pairs (no I/O): rows, rejects, stats."""
+        import torch
+
+        from model.engine import Request
+        from tasks.verify import best_index, passes, scorer_for
+
+        gen = self.cfg.generate
+        layout, movq = self.parts.layout, self.parts.movqgan
+        requests, owner = [], {}
+        t0 = time.perf_counter()
+        for p in pairs:
+            upper_codes = None
+            if p.upper is not None:
+                upper = np.array(_open_rgb(p.upper))[None]
+                with torch.inference_mode():
+                    upper_codes = movq.encode(upper)[0].cpu().numpy()
+            n = gen.best_of if scorer_for(self.scorers, p.task) else 1
+            ids = layout.encode_prompt(p.prompt)
+            for j in range(n):
+                rid = f"{p.id}|{j}"
+                owner[rid] = (p, j)
+                requests.append(
+                    Request(
+                        id=rid, prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
+                        seed=sample_seed(p.seed, j), cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
+                        sjd=gen.sjd, window=gen.sjd_window,
+                    )
+                )
+        t_gen = time.perf_counter()
+        results = {r.id: r for r in self.parts.engine.generate(iter(requests))}
+        t_dec = time.perf_counter()
+        images = self._decode([r for r in results.values() if r.error is None])
+        t_ver = time.perf_counter()
+
+        rows, rejects = [], []
+        samples: dict[str, list] = {}
+        for rid, (p, j) in owner.items():
+            samples.setdefault(p.id, []).append((j, results.get(rid), images.get(rid)))
+        stats = {"pairs": len(pairs), "samples": len(requests), "rows": 0, "rejected": 0, "tokens": 0, "steps": 0}
+        for p in pairs:
+            got = [(j, r, img) for j, r, img in samples[p.id] if r is not None and img is not None]
+            for _, r, _ in got:
+                stats["tokens"] += r.tokens
+                stats["steps"] += r.steps
+            if not got:
+                errors = sorted({(r.error if r is not None else "no result") for _, r, _ in samples[p.id]})
+                rejects.append(_reject(p, "generate", "engine_error", "; ".join(e for e in errors if e)))
+                continue
+            uppers, lowers = zip(*(self._panels(p, img) for _, _, img in got))
+            scorer = scorer_for(self.scorers, p.task)
+            scores = [scorer.score(p.task, u, lo, p.caption) for u, lo in zip(uppers, lowers)] if scorer else []
+            k = best_index(scorer, scores) if scorer else 0
+            j, r, _ = got[k]
+            score = float(scores[k]) if scorer else None
+            if scorer and not passes(scorer, score, gen.thresholds):
+                detail = {"scorer": scorer.name, "score": round(score, 4), "threshold": gen.thresholds[scorer.name], "seed": sample_seed(p.seed, j)}
+                rejects.append(_reject(p, "verify", "below_threshold", json.dumps(detail)))
+                continue
+            params = dict(p.params, best_of=len(got), sample=j, pair_seed=p.seed)
+            if scorer:
+                params.update(scorer=scorer.name, scores=[round(float(s), 4) for s in scores])
+            rows.append(
+                {
+                    "id": p.id, "task": p.task, "prompt": p.prompt, "caption": p.caption,
+                    "width": p.width, "height": p.height,
+                    "upper": p.upper if p.upper is not None else _png(uppers[k]),
+                    "lower": _png(lowers[k]) if lowers[k] is not None else None,
+                    "source": f"generated:{p.source}", "params": json.dumps(params),
+                    "seed": sample_seed(p.seed, j), "sampling": json.dumps(sampling_of(gen)),
+                    "model_fingerprint": self.parts.fingerprint, "sjd_steps": r.steps,
+                    "sjd_acceptance": (r.tokens / r.steps) if r.steps else None, "seconds": r.seconds, "score": score,
+                }
+            )
+        stats.update(
+            rows=len(rows), rejected=len(rejects), prep_s=t_gen - t0, generate_s=t_dec - t_gen,
+            decode_s=t_ver - t_dec, verify_s=time.perf_counter() - t_ver,
+            reasons=_count(r["reason"] for r in rejects),
+        )
+        return rows, rejects, stats
+
+    def _decode(self, results: list) -> dict[str, np.ndarray]:
+        """Codes -> uint8 images [H, W, 3], batched by grid size."""
+        import torch
+
+        from model.movqgan import to_uint8
+
+        by_shape: dict[tuple, list] = {}
+        for r in results:
+            by_shape.setdefault(tuple(r.codes.shape), []).append(r)
+        out = {}
+        for group in by_shape.values():
+            for start in range(0, len(group), 8):
+                chunk = group[start : start + 8]
+                codes = torch.as_tensor(np.stack([r.codes for r in chunk]), dtype=torch.long, device=self.parts.device)
+                with torch.inference_mode():
+                    imgs = to_uint8(self.parts.movqgan.decode(codes))
+                for r, img in zip(chunk, imgs):
+                    out[r.id] = np.asarray(img)
+        return out
+
+    @staticmethod
+    def _panels(p: PairSpec, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(upper, lower) of a generated image: the given upper panel stays the one given."""
+        from model.prompts import is_dual
+
+        if not is_dual(p.task):
+            return image, None
+        half = image.shape[0] // 2
+        upper = np.asarray(_open_rgb(p.upper)) if p.upper is not None else image[:half]
+        return upper, image[half:]
+
+
+def _open_rgb(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from tasks.requests import png_bytes
+
+    return png_bytes(arr)
+
+
+def _reject(p: PairSpec, stage: str, reason: str, detail: str) -> dict:
+    return {"input_ref": p.id, "stage": stage, "reason": reason, "detail": detail}
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls: type = GenerateWorker) -> dict:
+    """Run (or resume) the whole job; returns a small summary (URIs, counts, rates, statistics)."""
+    from storage import DatasetWriter
+    from tasks.ray_jobs import map_units, ray_started
+    from tasks.rewrite import make_rewriter
+
+    t0 = time.perf_counter()
+    gen = cfg.generate
+    rewriter = make_rewriter(cfg)
+    expanded = expand_inputs(cfg, rewrite=rewriter)  # all validation happens here, before any model
+    if not expanded.pairs:
+        reasons = ", ".join(f"{k}: {v}" for k, v in expanded.summary()["reject_reasons"].items()) or "no rows"
+        raise RequestError(f"generate: no valid input rows ({reasons}); see the rejects above and fix the inputs")
+    for r in expanded.rejects:
+        log.warning("rejected %s: %s (%s)", r["input_ref"], r["reason"], r["detail"])
+    units = make_units(expanded.pairs, gen.pairs_per_unit)
+    uri = output_uri(cfg)
+    job_digest = hashlib.sha256("\n".join(p.id for p in expanded.pairs).encode()).hexdigest()[:16]
+    writer = DatasetWriter(uri, kind="generated", config=job_config(cfg), inputs=_input_manifests(cfg),
+                           meta={"job": job_digest, "pairs": len(expanded.pairs), "units": len(units)})
+    if REQUEST_UNIT not in writer.done_units:
+        writer.write_unit(REQUEST_UNIT, None, expanded.rejects or None)
+    done = writer.done_units
+    todo = [u for u in units if u["unit"] not in done]
+    state = {"total_units": len(units), "done_units": len(units) - len(todo), "total_pairs": len(expanded.pairs),
+             "pairs_done": sum(len(u["pairs"]) for u in units if u["unit"] in done), "pairs_this_run": 0,
+             "rows": 0, "rejected": 0, "samples": 0, "tokens": 0, "steps": 0, "generate_s": 0.0, "unit_s": 0.0,
+             "reasons": {}, "nodes": {}, "started": time.time()}
+    log.info("generate: %d pairs in %d units, %d already done -> %s", len(expanded.pairs), len(units), state["done_units"], uri)
+    _report(state, progress)
+    if todo:
+        with ray_started(cfg.ray):
+            import ray
+
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            workers = gpus if gpus else gen.workers
+            for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri), num_workers=workers,
+                                    num_gpus=1 if gpus else 0, num_cpus=1):
+                writer.commit(result["info"])
+                s = result["stats"]
+                state["done_units"] += 1
+                state["pairs_done"] += s["pairs"]
+                state["pairs_this_run"] += s["pairs"]
+                for k in ("rows", "rejected", "samples", "tokens", "steps", "generate_s", "unit_s"):
+                    state[k] += s[k]
+                for k, v in s["reasons"].items():
+                    state["reasons"][k] = state["reasons"].get(k, 0) + v
+                state["nodes"][str(s.get("node"))] = state["nodes"].get(str(s.get("node")), 0) + 1
+                _report(state, progress)
+    manifest = writer.finalize(pairs=len(expanded.pairs), request_rejects=len(expanded.rejects))
+    elapsed = time.perf_counter() - t0
+    rows = sum(e["rows"] for e in manifest["shards"])
+    rej_by_reason: dict[str, int] = {}
+    for e in manifest["rejects"]:
+        for k, v in e.get("reasons", {}).items():
+            rej_by_reason[k] = rej_by_reason.get(k, 0) + v
+    return {
+        "uri": uri, "pairs": len(expanded.pairs), "rows": rows, "rejects": rej_by_reason,
+        "request_summary": expanded.summary(), "units": len(units), "units_this_run": len(todo),
+        "pairs_this_run": state["pairs_this_run"], "samples_this_run": state["samples"],
+        "seconds": round(elapsed, 2),
+        "pairs_per_hour": round(3600 * state["pairs_this_run"] / elapsed, 1) if state["pairs_this_run"] else None,
+        "acceptance": round(state["tokens"] / state["steps"], 3) if state["steps"] else None,
+        "nodes": state["nodes"], "rewrite": rewriter.stats if rewriter else None,
+    }
+
+
+def _report(state: dict, progress: Callable[[dict], None] | None) -> None:
+    elapsed = max(time.time() - state["started"], 1e-9)
+    rate = state["pairs_this_run"] / elapsed
+    left = state["total_pairs"] - state["pairs_done"]
+    snap = {
+        "done_pairs": state["pairs_done"], "total_pairs": state["total_pairs"], "done_units": state["done_units"],
+        "total_units": state["total_units"], "pairs_per_hour": 3600 * rate,
+        "eta_s": (left / rate) if rate > 0 else None, "rows": state["rows"], "rejected": state["rejected"],
+        "reasons": dict(state["reasons"]),
+        "acceptance": (state["tokens"] / state["steps"]) if state["steps"] else None,
+    }
+    log.info("generate: %d/%d pairs, %.0f pairs/hour", snap["done_pairs"], snap["total_pairs"], snap["pairs_per_hour"])
+    if progress:
+        progress(snap)
+
+
+def _input_manifests(cfg) -> list[dict]:
+    spec = cfg.generate.inputs
+    if spec.get("kind") != "panels":
+        return []
+    from storage import open_dataset
+
+    return [open_dataset(spec.get("uri") or cfg.dataset_uri("panels")).manifest]
+
+
+def contact_sheet(uri: str, max_pairs: int = 16, thumb: int = 128):
+    """A PIL image: one tile per generated row (upper over lower, as the model saw it), in id order."""
+    from PIL import Image, ImageDraw
+
+    from storage import open_dataset
+
+    ds = open_dataset(uri)
+    if len(ds) == 0:
+        return None
+    table = ds.take(list(range(min(max_pairs, len(ds)))))
+    tiles = []
+    for row in table.to_pylist():
+        upper = _open_rgb(row["upper"])
+        if row["lower"] is not None:
+            lower = _open_rgb(row["lower"])
+            img = Image.new("RGB", (upper.width, upper.height + lower.height))
+            img.paste(upper, (0, 0))
+            img.paste(lower, (0, upper.height))
+        else:
+            img = upper
+        img.thumbnail((thumb, thumb))
+        tile = Image.new("RGB", (thumb, thumb + 14), "white")
+        tile.paste(img, ((thumb - img.width) // 2, 0))
+        label = row["task"] + ("" if row["score"] is None else f" {row['score']:.2f}")
+        ImageDraw.Draw(tile).text((2, thumb + 1), label[:22], fill="black")
+        tiles.append(tile)
+    cols = min(4, len(tiles))
+    rows_n = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (thumb + 4), rows_n * (thumb + 18)), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % cols) * (thumb + 4), (i // cols) * (thumb + 18)))
+    return sheet
+
+
+def main() -> None:
+    import argparse
+
+    from tasks.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. generate.best_of=2")
+    args = ap.parse_args()
+    summary = run_generate(load_config(args.config, args.overrides))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

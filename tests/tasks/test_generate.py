@@ -1,0 +1,106 @@
+"""The generation actor: samples, best-of-N, quality filter, rows in the GENERATED schema."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gen_fixtures import FixedScorer, StandInEngine, engine_types, write_config, write_prompts, write_tiny_models  # noqa: E402
+
+from storage import DatasetWriter, open_dataset  # noqa: E402
+from tasks.config import load_config  # noqa: E402
+from tasks.generate import GenerateWorker, Parts, make_units, output_uri  # noqa: E402
+from tasks.requests import expand_inputs, sample_seed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("gen-models"))
+
+
+def _worker(tmp_path, models, generate, engine=None):
+    from model.layout import Layout
+    from model.movqgan import load_movqgan
+
+    engine_types()
+    cfg = load_config(write_config(tmp_path, models, generate))
+    movq = load_movqgan(models[1], "tiny")
+    parts = Parts(engine or StandInEngine(movq.n_embed), Layout.from_config(cfg.models), movq, "fp-test")
+    return cfg, GenerateWorker(cfg.model_dump(), output_uri(cfg), parts=parts)
+
+
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_best_of_n_keeps_the_best_sample_and_records_how(tmp_path, models):
+    shapes = {"kind": "shapes", "count": 4, "seed": 1, "tasks": ["t2i", "control:canny"], "size": "64x64"}
+    cfg, worker = _worker(tmp_path, models, {"inputs": shapes, "best_of": 3})
+    worker.scorers = [FixedScorer()]
+    pairs = expand_inputs(cfg).pairs
+    rows, rejects, stats = worker.run_pairs(pairs)
+
+    assert rejects == [] and [r["id"] for r in rows] == [p.id for p in pairs]
+    assert stats["samples"] == 2 * 1 + 2 * 3  # N samples only where a verifier applies
+    engine_seeds = {r.id: r.seed for r in worker.parts.engine.seen}
+    for row, pair in zip(rows, pairs):
+        params = json.loads(row["params"])
+        assert row["model_fingerprint"] == "fp-test" and json.loads(row["sampling"])["top_k"] == 64
+        if pair.task == "t2i":
+            assert row["lower"] is None and row["score"] is None and params["best_of"] == 1
+            assert _png(row["upper"]).shape == (64, 64, 3) and row["seed"] == pair.seed
+            continue
+        assert row["upper"] == pair.upper  # the given control map is kept as given
+        scores = params["scores"]
+        best = int(np.argmax(scores))
+        assert len(scores) == 3 and len(set(scores)) == 3
+        assert row["score"] == pytest.approx(max(scores), abs=1e-4) and params["sample"] == best
+        assert row["seed"] == sample_seed(pair.seed, best) == engine_seeds[f"{pair.id}|{best}"]
+        lower = _png(row["lower"])
+        assert lower.shape == (32, 64, 3) and lower.mean() == pytest.approx(row["score"], abs=1e-3)
+
+
+def test_threshold_and_engine_errors_go_to_rejects_each_pair_once(tmp_path, models):
+    edges = np.zeros((32, 64, 3), np.uint8)
+    edges[8, 10:50] = edges[24, 10:50] = edges[8:25, 10] = edges[8:25, 49] = 255  # a rectangle's outline
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    prompts = write_prompts(tmp_path / "p.jsonl", [
+        {"id": "c", "prompt": "a red circle", "task": "control:canny", "upper": "edges.png", "count": 2},
+        {"id": "t", "prompt": "a red circle", "task": "t2i"},
+        {"id": "big", "prompt": "a red circle", "task": "t2i", "size": "64x320"},
+    ])
+    cfg, worker = _worker(tmp_path, models, {"inputs": {"kind": "file", "path": str(prompts)}, "best_of": 2,
+                                             "thresholds": {"canny_f1": 0.99}})
+    pairs = expand_inputs(cfg).pairs
+    rows, rejects, stats = worker.run_pairs(pairs)
+    assert [r["id"] for r in rows] == ["t#0"]
+    by_id = {r["input_ref"]: r for r in rejects}
+    assert set(by_id) == {"c#0", "c#1", "big#0"}
+    assert by_id["big#0"]["reason"] == "engine_error" and "exceeds" in by_id["big#0"]["detail"]
+    detail = json.loads(by_id["c#0"]["detail"])
+    assert by_id["c#0"]["reason"] == "below_threshold" and detail["scorer"] == "canny_f1"
+    assert 0.0 <= detail["score"] < 0.99 and detail["threshold"] == 0.99
+    assert stats["reasons"] == {"below_threshold": 2, "engine_error": 1}
+
+
+def test_a_unit_writes_its_shard_and_rejects_in_the_generated_schema(tmp_path, models):
+    shapes = {"kind": "shapes", "count": 3, "seed": 0, "tasks": ["t2i", "control:canny", "edit"], "size": "64x64"}
+    cfg, worker = _worker(tmp_path, models, {"inputs": shapes})
+    pairs = expand_inputs(cfg).pairs
+    units = make_units(pairs, 2)
+    assert [len(u["pairs"]) for u in units] == [2, 1] and make_units(pairs, 2) == units
+    w = DatasetWriter(output_uri(cfg), kind="generated")
+    for u in units:
+        out = worker(u)
+        assert out["stats"]["pairs"] == len(u["pairs"])
+        w.commit(out["info"])
+    w.finalize()
+    ds = open_dataset(output_uri(cfg), verify=True)
+    assert ds.kind == "generated" and sorted(ds.table(["id"]).column("id").to_pylist()) == sorted(p.id for p in pairs)
+    assert ds.rows_per_task() == {"t2i": 1, "control:canny": 1, "edit": 1}
