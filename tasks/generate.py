@@ -349,6 +349,8 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
         "seconds": round(elapsed, 2),
         "pairs_per_hour": round(3600 * state["pairs_this_run"] / elapsed, 1) if state["pairs_this_run"] else None,
         "acceptance": round(state["tokens"] / state["steps"], 3) if state["steps"] else None,
+        "kept_rate": round(state["rows"] / state["pairs_this_run"], 4) if state["pairs_this_run"] else None,
+        "rows_per_task": _rows_per_task(manifest),
         "nodes": state["nodes"], "rewrite": rewriter.stats if rewriter else None,
     }
 
@@ -369,6 +371,14 @@ def _report(state: dict, progress: Callable[[dict], None] | None) -> None:
         progress(snap)
 
 
+def _rows_per_task(manifest: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in manifest["shards"]:
+        for k, v in e.get("rows_per_task", {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def _input_manifests(cfg) -> list[dict]:
     spec = cfg.generate.inputs
     if spec.get("kind") != "panels":
@@ -378,43 +388,10 @@ def _input_manifests(cfg) -> list[dict]:
     return [open_dataset(spec.get("uri") or cfg.dataset_uri("panels")).manifest]
 
 
-def contact_sheet(uri: str, max_pairs: int = 16, thumb: int = 128):
-    """A PIL image: one tile per generated row (upper over lower, as the model saw it), in id order."""
-    from PIL import Image, ImageDraw
-
-    from storage import open_dataset
-
-    ds = open_dataset(uri)
-    if len(ds) == 0:
-        return None
-    table = ds.take(list(range(min(max_pairs, len(ds)))))
-    tiles = []
-    for row in table.to_pylist():
-        upper = _open_rgb(row["upper"])
-        if row["lower"] is not None:
-            lower = _open_rgb(row["lower"])
-            img = Image.new("RGB", (upper.width, upper.height + lower.height))
-            img.paste(upper, (0, 0))
-            img.paste(lower, (0, upper.height))
-        else:
-            img = upper
-        img.thumbnail((thumb, thumb))
-        tile = Image.new("RGB", (thumb, thumb + 14), "white")
-        tile.paste(img, ((thumb - img.width) // 2, 0))
-        label = row["task"] + ("" if row["score"] is None else f" {row['score']:.2f}")
-        ImageDraw.Draw(tile).text((2, thumb + 1), label[:22], fill="black")
-        tiles.append(tile)
-    cols = min(4, len(tiles))
-    rows_n = (len(tiles) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (thumb + 4), rows_n * (thumb + 18)), "white")
-    for i, t in enumerate(tiles):
-        sheet.paste(t, ((i % cols) * (thumb + 4), (i // cols) * (thumb + 18)))
-    return sheet
-
-
 def main() -> None:
     import argparse
 
+    from tasks.build_panels import contact_sheet  # one contact sheet for panels and generated pairs
     from tasks.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -422,7 +399,9 @@ def main() -> None:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. generate.best_of=2")
     args = ap.parse_args()
-    summary = run_generate(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    summary = run_generate(cfg)
+    summary["contact_sheet"] = contact_sheet(summary["uri"], cfg.generate.contact_sheet_pairs)
     print(json.dumps(summary, indent=1))
 
 

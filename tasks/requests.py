@@ -139,15 +139,20 @@ def decode_image(data: bytes | str | Path) -> Image.Image:
         raise ValueError(f"cannot decode image: {e}") from None
 
 
-def control_map(img: Image.Image, control: str, canny_low: int, canny_high: int) -> Image.Image:
-    """The control map of a photo, for `control_source` rows. Only canny is computable offline
-    without a model here; other maps must be given as `upper`."""
-    if control != "canny":
-        raise ValueError(f"control_source can only make canny maps here; give the {control} map as 'upper'")
-    from tasks.verify import canny_edges
+def control_map(img: Image.Image, control: str, panels) -> Image.Image:
+    """The control map of a photo (for `control_source` rows and the shapes source), drawn by the
+    same annotators as the panels the model trained on (tasks/annotators.py, thresholds from the
+    panels config). Depth and pose need models: give those maps as 'upper'."""
+    from tasks import annotators
 
-    edges = canny_edges(np.asarray(img.convert("RGB")), canny_low, canny_high)
-    return Image.fromarray(np.repeat(edges[..., None].astype(np.uint8) * 255, 3, axis=2))
+    rgb = np.asarray(img.convert("RGB"))
+    if control == "canny":
+        m = annotators.canny(rgb, panels.canny_low, panels.canny_high)
+    elif control == "hed":
+        m = annotators.soft_edge(rgb, panels.soft_edge_sigma)
+    else:
+        raise ValueError(f"control_source can make canny and hed maps here; give the {control} map as 'upper'")
+    return Image.fromarray(np.repeat(m[..., None], 3, axis=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ def expand_row(
     ref: str,
     *,
     gen,
-    evaluate,
+    maps,
     base_dir: Path | None,
     rewrite: Callable[[str], str] | None = None,
 ) -> tuple[list[PairSpec], dict | None]:
@@ -255,7 +260,7 @@ def expand_row(
     upper_png = None
     if needs_upper(task):
         try:
-            upper_png = _upper_panel(row, task, width, height, base_dir, evaluate)
+            upper_png = _upper_panel(row, task, width, height, base_dir, maps)
         except LookupError as e:
             return [], _reject(ref, "missing_upper", str(e))
         except ValueError as e:
@@ -293,7 +298,7 @@ def expand_row(
     return pairs, None
 
 
-def _upper_panel(row: dict, task: str, width: int, height: int, base_dir: Path | None, evaluate) -> bytes:
+def _upper_panel(row: dict, task: str, width: int, height: int, base_dir: Path | None, maps) -> bytes:
     """PNG bytes of the upper panel at (width, height/2): from 'upper', or computed from 'control_source'."""
     given, source = row.get("upper"), row.get("control_source")
     if given is None and source is None:
@@ -312,7 +317,7 @@ def _upper_panel(row: dict, task: str, width: int, height: int, base_dir: Path |
     if source is not None:  # the map is computed at the panel's size, so its edges stay one pixel wide
         if not task.startswith("control:"):
             raise ValueError(f"'control_source' only applies to control tasks, not {task!r}")
-        img = control_map(img, task.split(":", 1)[1], evaluate.canny_low, evaluate.canny_high)
+        img = control_map(img, task.split(":", 1)[1], maps)
     return png_bytes(img)
 
 
@@ -326,15 +331,15 @@ def expand_inputs(cfg, rewrite: Callable[[str], str] | None = None) -> Expanded:
     spec = dict(gen.inputs)
     kind = spec.get("kind")
     if kind == "file":
-        return _expand_rows(_file_rows(spec), gen, cfg.evaluate, rewrite)
+        return _expand_rows(_file_rows(spec), gen, cfg.panels, rewrite)
     if kind == "panels":
-        return _expand_rows(_panels_rows(cfg, spec), gen, cfg.evaluate, rewrite)
+        return _expand_rows(_panels_rows(cfg, spec), gen, cfg.panels, rewrite)
     if kind == "shapes":
-        return _expand_rows(_shapes_rows(cfg, spec), gen, cfg.evaluate, rewrite)
+        return _expand_rows(_shapes_rows(cfg, spec), gen, cfg.panels, rewrite)
     raise RequestError(f"generate.inputs.kind {kind!r}: expected file, panels or shapes")
 
 
-def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, evaluate, rewrite) -> Expanded:
+def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, maps, rewrite) -> Expanded:
     pairs: list[PairSpec] = []
     rejects: list[dict] = []
     seen: dict[str, str] = {}
@@ -346,7 +351,7 @@ def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, evaluate, r
             rejects.append(_reject(ref, "duplicate_id", f"row id {rid!r} already used by {seen[rid]}; ids must be unique"))
             continue
         seen[rid] = ref
-        got, rej = expand_row(row, ref, gen=gen, evaluate=evaluate, base_dir=base_dir, rewrite=rewrite)
+        got, rej = expand_row(row, ref, gen=gen, maps=maps, base_dir=base_dir, rewrite=rewrite)
         pairs.extend(got)
         if rej:
             rejects.append(rej)
@@ -431,11 +436,11 @@ def _shapes_rows(cfg, spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
             row["prompt"] = scene.caption
             if kind == "dense":
                 row["upper"] = png_bytes(scene.image)
-            elif control == "canny":
-                row["upper"] = png_bytes(control_map(Image.fromarray(scene.image), "canny", cfg.evaluate.canny_low, cfg.evaluate.canny_high))
-            elif control == "depth":
+            elif control in ("canny", "hed"):
+                row["upper"] = png_bytes(control_map(Image.fromarray(scene.image), control, cfg.panels))
+            elif control == "depth":  # the exact depth the renderer knows, drawn as estimators draw it
                 row["upper"] = png_bytes(np.repeat(scene.depth_vis[..., None], 3, axis=2))
-            # hed and pose maps are not computable here: expand_row rejects the row (missing_upper)
+            # pose maps have no people to come from: expand_row rejects the row (missing_upper)
         yield ref, row, None
 
 

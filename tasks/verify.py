@@ -27,8 +27,10 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 
 def canny_edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """Boolean edge map [H,W] of an RGB or gray uint8 image (OpenCV Canny, the ControlNet maps)."""
-    return cv2.Canny(to_gray(image), low, high) > 0
+    """Boolean edge map [H,W] of an RGB uint8 image: the panels' own canny annotator."""
+    from tasks.annotators import canny
+
+    return canny(np.ascontiguousarray(np.asarray(image)[..., :3]), low, high) > 0
 
 
 def binary_map(image: np.ndarray) -> np.ndarray:

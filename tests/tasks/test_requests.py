@@ -117,11 +117,11 @@ def test_job_level_errors_are_raised_before_anything_runs(tmp_path):
 
 
 def test_shapes_source_gives_every_task_a_real_upper_panel_and_is_deterministic(tmp_path):
-    tasks = ["t2i", "control:canny", "control:depth", "dense:depth", "edit", "subject", "pair", "control:hed"]
-    cfg = _cfg(tmp_path, {"kind": "shapes", "count": 8, "seed": 3, "tasks": tasks, "size": "64x64"})
+    tasks = ["t2i", "control:canny", "control:depth", "dense:depth", "edit", "subject", "pair", "control:hed", "control:pose"]
+    cfg = _cfg(tmp_path, {"kind": "shapes", "count": 9, "seed": 3, "tasks": tasks, "size": "64x64"})
     ex = expand_inputs(cfg)
     assert [p.task for p in ex.pairs] == tasks[:-1]
-    assert [r["reason"] for r in ex.rejects] == ["missing_upper"]  # hed maps need a model
+    assert [r["reason"] for r in ex.rejects] == ["missing_upper"]  # pose maps need people and a model
     for p in ex.pairs:
         assert (p.upper is None) == (p.task in ("t2i", "pair"))
     again = expand_inputs(cfg)

@@ -1,0 +1,98 @@
+"""Prefect flow: generate image pairs in bulk (pipeline step 4).
+
+    panelforge generate --config configs/tiny.yaml
+    python -m flows.generate configs/tiny.yaml generate.best_of=2
+
+Runs the resumable Ray job of tasks/generate.py inside a Prefect task (a retry resumes: finished
+units are skipped), keeping a progress artifact up to date (done/total pairs, pairs/hour, ETA);
+then publishes a contact sheet of pairs (markdown artifact, and contact_sheet.png in the
+generated dataset's folder) and a table of acceptance and filter statistics.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+
+from flows.build_panels import _thumbnail_data_uri
+from tasks.build_panels import contact_sheet
+from tasks.config import load_config
+from tasks.generate import run_generate
+
+
+def progress_line(snap: dict) -> str:
+    eta = "-" if snap["eta_s"] is None else f"{snap['eta_s'] / 60:.1f} min"
+    return (f"{snap['done_pairs']}/{snap['total_pairs']} pairs ({snap['done_units']}/{snap['total_units']} units), "
+            f"{snap['pairs_per_hour']:.0f} pairs/hour, ETA {eta}, {snap['rejected']} rejected this run")
+
+
+@task(name="generate-job", retries=2, retry_delay_seconds=5)
+def generate_job(config_path: str, overrides: list[str]) -> dict:
+    cfg = load_config(config_path, overrides)
+    logger = get_run_logger()
+    bar = create_progress_artifact(0.0, key="generate-progress", description="starting")
+
+    def progress(snap: dict) -> None:
+        line = progress_line(snap)
+        update_progress_artifact(bar, 100.0 * snap["done_pairs"] / max(snap["total_pairs"], 1), description=line)
+        logger.info("generate: %s", line)
+
+    return run_generate(cfg, progress=progress)
+
+
+@task(name="generate-contact-sheet", retries=1)
+def contact_sheet_task(uri: str, count: int) -> str:
+    return contact_sheet(uri, count)
+
+
+def statistics_rows(summary: dict) -> list[dict]:
+    """The acceptance and filter table: pairs asked, kept, rejected per reason, SJD acceptance."""
+    rows = [
+        {"statistic": "pairs requested", "value": summary["pairs"]},
+        {"statistic": "pairs written", "value": summary["rows"]},
+        {"statistic": "input rows rejected", "value": summary["request_summary"]["rejected_rows"]},
+    ]
+    rows += [{"statistic": f"rejected: {k}", "value": v} for k, v in sorted(summary["rejects"].items())]
+    rows += [
+        {"statistic": "acceptance rate (pairs kept / pairs generated this run)",
+         "value": summary.get("kept_rate")},
+        {"statistic": "samples generated this run (best-of-N)", "value": summary["samples_this_run"]},
+        {"statistic": "SJD tokens per step", "value": summary["acceptance"]},
+        {"statistic": "pairs/hour (this run, whole job)", "value": summary["pairs_per_hour"]},
+        {"statistic": "prompts rewritten (calls, cached, failed)",
+         "value": None if not summary["rewrite"] else json.dumps(summary["rewrite"])},
+    ]
+    return rows
+
+
+@flow(name="generate", log_prints=True)
+def generate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
+    """Generate (or finish generating) the pairs of a config; returns the job summary."""
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    summary = generate_job(config_path, overrides)
+    summary["dataset"] = summary["uri"]
+    summary["contact_sheet"] = contact_sheet_task(summary["uri"], cfg.generate.contact_sheet_pairs)
+    create_table_artifact(statistics_rows(summary), key="generate-statistics",
+                          description=f"{summary['uri']}: acceptance and filter statistics")
+    inline = _thumbnail_data_uri(summary["contact_sheet"])
+    md = [
+        f"# Generated pairs: {summary['uri']}",
+        "",
+        f"{summary['rows']} pairs written of {summary['pairs']} requested; rejects {summary['rejects'] or 'none'}.",
+        "",
+        f"Contact sheet (upper over lower): `{summary['contact_sheet']}`",
+        "",
+        f"![contact sheet]({inline or summary['contact_sheet']})",
+    ]
+    create_markdown_artifact("\n".join(md), key="generate-contact-sheet", description="generated pairs")
+    get_run_logger().info("generate: %d pairs in %s; contact sheet %s", summary["rows"], summary["uri"],
+                          summary["contact_sheet"])
+    return summary
+
+
+if __name__ == "__main__":
+    print(json.dumps(generate(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))
