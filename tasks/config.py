@@ -44,9 +44,30 @@ class ModelsConfig(Section):
 class PanelsConfig(Section):
     """build_panels (issue 3)."""
 
+    # shapes {count, seed, aspect} | folder {path, captions} | edits {path} | subjects {path} | generated {uri}
     source: dict[str, Any] = Field(default_factory=lambda: {"kind": "shapes", "count": 64, "seed": 0})
     rows_per_unit: int = 32
-    stage_size: int = 256
+    stage_size: int = 256  # buckets of about stage_size^2 pixels (model/buckets.py)
+    output: str = "panels"  # dataset name under the workdir, or a URI
+    # The mix: task -> weight; tasks a source cannot make are left out (docs/panels.md).
+    tasks: dict[str, float] = Field(default_factory=lambda: {
+        "t2i": 1.0, "control:canny": 1.0, "control:depth": 1.0, "control:hed": 1.0,
+        "dense:depth": 1.0, "dense:canny": 1.0, "edit": 1.0, "subject": 1.0})
+    t2i_unsized: float = 0.1  # share of t2i prompts without the size (paper, Table 3 note)
+    canny_low: int = 100
+    canny_high: int = 200
+    soft_edge_sigma: float = 1.5
+    depth_model: str | None = None  # local transformers depth-estimation folder (Depth Anything, DPT)
+    depth_device: str = "auto"
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    png_level: int = Field(3, ge=0, le=9)
+    max_pixels: int = 50_000_000  # decompression-bomb limit, checked from the header before decoding
+    max_upscale: float = 1.0  # images that need more upscaling than this to fill their panel: too_small
+    max_prompt_chars: int = 1200  # the prompt budget (~300 Qwen tokens of English)
+    workers: int = 2
+    num_gpus: float = 0  # per worker; 1 puts the depth model on a GPU
+    contact_sheet: int = 16  # sample panels in the contact sheet
+    overwrite: bool = False  # start the dataset afresh instead of resuming it
 
 
 class TokenizeConfig(Section):
