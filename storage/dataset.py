@@ -18,6 +18,7 @@ import bisect
 import hashlib
 import json
 import os
+import queue
 import re
 import sys
 import threading
@@ -93,33 +94,82 @@ def rejects_table(rejects: pa.Table | Iterable[dict] | None) -> pa.Table | None:
     )
 
 
-def _ipc_bytes(table: pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
+class _HashingFile:
+    """A write-only file that forwards every write and feeds it to sha256 on another thread.
+
+    hashlib releases the GIL on large inputs, so the hash overlaps the IPC writer's own work
+    (bench/storage.py). The buffers the writer hands over are views of the table being written,
+    which outlives the writer, so queuing them without a copy is safe.
+    """
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._hash, daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self.hasher.update(data)
+
+    def write(self, data) -> int:
+        self.sink.write(data)
+        self._queue.put(data)
+        n = data.nbytes if isinstance(data, memoryview) else len(data)
+        self.size += n
+        return n
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self.hasher.hexdigest()
+
+    # the file protocol pyarrow.PythonFile asks of a write-only stream
+    closed = False
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
 
 
-def _put(loc: Location, rel: str, buf: pa.Buffer) -> dict:
-    """Write buf to rel atomically; the sha256 is computed beside the write, on another thread."""
-    hasher = hashlib.sha256()
-    view = memoryview(buf)
-    # hashlib releases the GIL on large inputs, so hashing overlaps the write (bench/storage.py).
-    hashing = threading.Thread(target=hasher.update, args=(view,))
-    hashing.start()
-    final = loc.join(rel)
+def _ipc_into(sink, table: pa.Table) -> dict:
+    out = _HashingFile(sink)
     try:
-        if loc.local:
-            tmp = final.rsplit("/", 1)[0] + f"/.{rel.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(view)
-            os.replace(tmp, final)  # the unit's file appears whole or not at all
-        else:
-            with loc.fs.open_output_stream(final) as f:  # an object appears when its upload completes
-                f.write(buf)
+        with pa.ipc.new_file(pa.PythonFile(out, mode="w"), table.schema) as writer:
+            writer.write_table(table)
     finally:
-        hashing.join()
-    return {"file": rel, "bytes": buf.size, "sha256": hasher.hexdigest()}
+        digest = out.hexdigest()
+    return {"bytes": out.size, "sha256": digest}
+
+
+def _put(loc: Location, rel: str, table: pa.Table) -> dict:
+    """Write table as an Arrow IPC file at rel, atomically, with its sha256."""
+    final = loc.join(rel)
+    if loc.local:
+        tmp = final.rsplit("/", 1)[0] + f"/.{rel.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            entry = _ipc_into(f, table)
+        os.replace(tmp, final)  # the unit's file appears whole or not at all
+    else:
+        with loc.fs.open_output_stream(final) as f:  # an object appears when its upload completes
+            entry = _ipc_into(f, table)
+    return {"file": rel, **entry}
 
 
 def write_shard(
@@ -140,14 +190,14 @@ def write_shard(
     if table is not None and table.num_rows:
         if kind is not None:
             table = _conform(table, SCHEMAS[kind], f"{kind} shard of unit {unit!r}")
-        entry = _put(loc, f"shards/{unit}.arrow", _ipc_bytes(table))
+        entry = _put(loc, f"shards/{unit}.arrow", table)
         entry.update(unit=unit, rows=table.num_rows)
         if "task" in table.column_names:
             entry["rows_per_task"] = dict(Counter(table.column("task").to_pylist()))
         info["shard"] = entry
     rej = rejects_table(rejects)
     if rej is not None and rej.num_rows:
-        entry = _put(loc, f"rejects/{unit}.arrow", _ipc_bytes(rej))
+        entry = _put(loc, f"rejects/{unit}.arrow", rej)
         entry.update(unit=unit, rows=rej.num_rows, reasons=dict(Counter(rej.column("reason").to_pylist())))
         info["rejects"] = entry
     return info

@@ -1,0 +1,146 @@
+"""Storage throughput: storage/ against bare pyarrow doing the same Arrow IPC writes and reads.
+
+    .venv/bin/python -m bench.storage                  # 200k rows of ~1,000 int32 tokens
+    .venv/bin/python -m bench.storage --rows 20000     # a quick run
+
+Both sides write the same tables as the same number of IPC files, and read them back memory-
+mapped, touching every token (a sum), so that both pay for the same bytes. storage/ does more:
+temp name + rename, sha256 of every shard, the manifest after every shard. Rounds alternate
+the two sides and the best round of each counts (the machine may be shared). Results are
+printed and saved to bench/results/storage.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from storage import DatasetWriter, open_dataset
+
+
+def make_tables(rows: int, per_shard: int, mean_len: int, seed: int = 0) -> list[pa.Table]:
+    rng = np.random.default_rng(seed)
+    tables = []
+    for start in range(0, rows, per_shard):
+        n = min(per_shard, rows - start)
+        lengths = rng.integers(mean_len - 100, mean_len + 101, n).astype(np.int32)
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = rng.integers(0, 171_385, int(offsets[-1]), dtype=np.int32)
+        tables.append(
+            pa.table(
+                {
+                    "id": [f"r{start + i:07d}" for i in range(n)],
+                    "task": ["t2i"] * n,
+                    "bucket": ["256x256"] * n,
+                    "grid_h": pa.array(np.full(n, 32, np.int32)),
+                    "grid_w": pa.array(np.full(n, 32, np.int32)),
+                    "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+                    "loss_start": pa.array(np.full(n, 40, np.int32)),
+                }
+            )
+        )
+    return tables
+
+
+def bare_write(folder: Path, tables: list[pa.Table]) -> None:
+    folder.mkdir(parents=True)
+    for i, table in enumerate(tables):
+        with pa.OSFile(str(folder / f"{i:05d}.arrow"), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+
+
+def bare_read(folder: Path) -> tuple[int, int]:
+    rows = total = 0
+    for path in sorted(folder.iterdir()):
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        for batch in table.to_batches(max_chunksize=4096):
+            total += int(np.asarray(batch.column("tokens").values).sum(dtype=np.int64))
+            rows += batch.num_rows
+    return rows, total
+
+
+def storage_write(folder: Path, tables: list[pa.Table]) -> None:
+    w = DatasetWriter(folder, "tokens", meta={"layout_fingerprint": "bench"})
+    for i, table in enumerate(tables):
+        w.write_unit(f"{i:05d}", table)
+    w.finalize()
+
+
+def storage_read(folder: Path) -> tuple[int, int]:
+    rows = total = 0
+    for batch in open_dataset(folder).iter_batches(batch_size=4096):
+        total += int(np.asarray(batch.column("tokens").values).sum(dtype=np.int64))
+        rows += batch.num_rows
+    return rows, total
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def main() -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--per-shard", type=int, default=10_000)
+    ap.add_argument("--tokens", type=int, default=1000, help="mean tokens per row")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/storage.json")
+    ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    args = ap.parse_args()
+
+    tables = make_tables(args.rows, args.per_shard, args.tokens)
+    nbytes = sum(t.nbytes for t in tables)
+    print(f"{args.rows:,} rows, {len(tables)} shards, {nbytes / 2**20:,.0f} MiB of Arrow data")
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="pf-bench-"))
+    times = {k: [] for k in ("bare_write", "storage_write", "bare_read", "storage_read")}
+    try:
+        for r in range(args.rounds):
+            for side in ("bare", "storage") if r % 2 == 0 else ("storage", "bare"):
+                folder = scratch / f"{side}-{r}"
+                write = bare_write if side == "bare" else storage_write
+                read = bare_read if side == "bare" else storage_read
+                tw, _ = timed(write, folder, tables)
+                tr, (rows, total) = timed(read, folder)
+                assert rows == args.rows, (side, rows)
+                times[f"{side}_write"].append(tw)
+                times[f"{side}_read"].append(tr)
+                shutil.rmtree(folder)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    best = {k: min(v) for k, v in times.items()}
+    result = {
+        "rows": args.rows,
+        "shards": len(tables),
+        "mib": round(nbytes / 2**20, 1),
+        "rows_per_s": {k: round(args.rows / v) for k, v in best.items()},
+        "write_ratio": round(best["bare_write"] / best["storage_write"], 3),
+        "read_ratio": round(best["bare_read"] / best["storage_read"], 3),
+        "rounds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "command": "python -m bench.storage " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "dir")),
+    }
+    print(f"write: storage {result['rows_per_s']['storage_write']:,} rows/s, bare pyarrow "
+          f"{result['rows_per_s']['bare_write']:,} rows/s, ratio {result['write_ratio']:.2f}")
+    print(f"read:  storage {result['rows_per_s']['storage_read']:,} rows/s, bare pyarrow "
+          f"{result['rows_per_s']['bare_read']:,} rows/s, ratio {result['read_ratio']:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
