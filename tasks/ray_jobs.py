@@ -81,8 +81,9 @@ def map_units(
 ) -> Iterator[dict]:
     """Run actor_cls(*args, **kwargs)(unit) for each unit on a pool; yield results as they finish.
 
-    Units and results are JSON-able dicts. Actors are restarted when they die and the unit is
-    retried, so unit handlers must be idempotent (write_shard is: same unit, same files).
+    Units and results are JSON-able dicts. Ray Data restarts actors that die and retries their
+    unit, so unit handlers must be idempotent (write_shard is: same unit, same files).
+    ray_remote_args (e.g. {"resources": {...}}) go to the actors as they are.
     """
     if not units:
         return
@@ -90,8 +91,6 @@ def map_units(
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = False
-    remote = {"max_restarts": 3, "max_task_retries": 3}
-    remote.update(ray_remote_args or {})
     items = [{"unit": json.dumps(u, default=str)} for u in units]
     workers = max(1, min(num_workers, len(items)))
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -101,7 +100,7 @@ def map_units(
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=num_gpus,
         num_cpus=num_cpus,
-        **remote,
+        **(ray_remote_args or {}),
     )
     for row in dataset.iter_rows():
         yield json.loads(row["result"])

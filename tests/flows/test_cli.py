@@ -1,0 +1,66 @@
+"""The panelforge command line: --help everywhere, datasets show, clear errors (exit status 2)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flows.cli import FLOWS, main
+from storage import DatasetWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [str(Path(sys.executable).with_name("panelforge"))]
+
+
+def test_console_script_help():
+    out = subprocess.run(CLI + ["--help"], capture_output=True, text=True, check=True).stdout
+    for command in [*FLOWS, "demo", "datasets", "config"]:
+        assert command in out
+
+
+@pytest.mark.parametrize("argv", [[c, "--help"] for c in FLOWS] + [["demo", "--help"], ["datasets", "show", "--help"], ["config", "--help"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: panelforge" in capsys.readouterr().out
+
+
+def test_datasets_show(tmp_path, capsys):
+    src = DatasetWriter(tmp_path / "panels", "panels")
+    src.finalize()
+    w = DatasetWriter(tmp_path / "tokens", "tokens", inputs=[src.manifest], meta={"layout_fingerprint": "abc123"})
+    table = pa.table({
+        "id": ["a", "b", "c"], "task": ["t2i", "edit", "t2i"], "bucket": ["64x64"] * 3,
+        "grid_h": [8] * 3, "grid_w": [8] * 3, "tokens": [[1, 2]] * 3, "loss_start": [1] * 3,
+    })
+    w.write_unit("00000", table, rejects=[
+        {"input_ref": "x.png", "stage": "tokenize", "reason": "prompt-too-long"},
+        {"input_ref": "y.png", "stage": "tokenize", "reason": "prompt-too-long"},
+    ])
+    w.finalize()
+    assert main(["datasets", "show", str(tmp_path / "tokens"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "kind      tokens (complete)" in out and "rows      3" in out and "shards    1" in out
+    assert "t2i" in out and "edit" in out and "prompt-too-long" in out
+    assert "layout_fingerprint=abc123" in out and "verified  2 files" in out
+    assert f"<- panels {tmp_path / 'panels'}" in out
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["datasets", "show", str(tmp_path / "none")]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    assert main(["datasets", "show", "gs://bucket/x"]) == 2
+    assert "unsupported URI scheme" in capsys.readouterr().err
+    assert main(["build-panels", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["config", "--config", str(ROOT / "configs/tiny.yaml"), "ray.num_cpus=many"]) == 2
+    assert "ray.num_cpus" in capsys.readouterr().err
+
+
+def test_config_show(capsys):
+    assert main(["config", "--config", str(ROOT / "configs/tiny.yaml"), "workdir=/tmp/x"]) == 0
+    assert '"workdir": "/tmp/x"' in capsys.readouterr().out
