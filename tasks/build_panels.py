@@ -343,7 +343,8 @@ def run_build(cfg: PipelineConfig, progress: Callable[[dict], None] | None = Non
 # ---------------------------------------------------------------- contact sheet
 
 
-def contact_sheet(uri: str, count: int = 16, tile_height: int = 256, path: str | None = None) -> str:
+def contact_sheet(uri: str, count: int = 16, tile_height: int = 256, path: str | None = None,
+                  max_width: int = 2400) -> str:
     """A PNG grid of sample panels (one of each task first), labelled with their task; returns its path."""
     import cv2
 
@@ -367,7 +368,8 @@ def contact_sheet(uri: str, count: int = 16, tile_height: int = 256, path: str |
         scale = tile_height / img.shape[0]
         img = cv2.resize(img, (max(1, round(img.shape[1] * scale)), tile_height), interpolation=cv2.INTER_AREA)
         label = np.full((22, max(img.shape[1], 150), 3), 255, np.uint8)
-        cv2.putText(label, tasks[i], (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        text = f"{tasks[i]}  {table.column('id')[i].as_py()}"[: label.shape[1] // 8]
+        cv2.putText(label, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
         tile = np.full((tile_height + 22, label.shape[1], 3), 255, np.uint8)
         tile[:22] = label
         tile[22:, : img.shape[1]] = img
@@ -376,11 +378,19 @@ def contact_sheet(uri: str, count: int = 16, tile_height: int = 256, path: str |
         sheet = np.full((64, 256, 3), 255, np.uint8)
         cv2.putText(sheet, "no panels", (8, 40), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2)
     else:
-        cols = min(len(tiles), 8)
-        width = max(t.shape[1] for t in tiles)
-        tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=230) for t in tiles]
-        tiles += [np.full_like(tiles[0], 230)] * (-len(tiles) % cols)
-        sheet = np.concatenate([np.concatenate(tiles[r:r + cols], 1) for r in range(0, len(tiles), cols)], 0)
+        # Rows filled left to right up to max_width: tiles keep their own aspect ratio.
+        rows, row, used = [], [], 0
+        for t in tiles:
+            if row and used + t.shape[1] > max_width:
+                rows.append(row)
+                row, used = [], 0
+            row.append(t)
+            used += t.shape[1]
+        rows.append(row)
+        width = max(sum(t.shape[1] for t in r) for r in rows)
+        lines = [np.concatenate(r, 1) for r in rows]
+        lines = [np.pad(x, ((0, 0), (0, width - x.shape[1]), (0, 0)), constant_values=230) for x in lines]
+        sheet = np.concatenate(lines, 0)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
     loc = resolve(uri)
     target = path or loc.join("contact_sheet.png")
