@@ -37,6 +37,9 @@ class ModelsConfig(Section):
     movqgan_path: str | None = None  # .ckpt/.pt flat state_dict or .safetensors
     tokenizer: str = "shapes"  # shapes | qwen-offline | hf (a local folder in tokenizer_path)
     tokenizer_path: str | None = None
+    # First image-code id; None: 155000 for the release's tokenizers, right after the vocabulary for
+    # shapes (model/layout.py).
+    code_offset: int | None = None
     decoder_preset: str = "tiny"  # tiny, 2b, 7b
     decoder_path: str | None = None  # a transformers-format folder (the release's format)
 
@@ -73,9 +76,16 @@ class PanelsConfig(Section):
 class TokenizeConfig(Section):
     """pretokenize (issue 4)."""
 
-    batch_size: int = 8
-    workers: int = 2
-    rows_per_unit: int = 64
+    batch_size: int = 8  # images per MoVQGAN forward
+    workers: int = 2  # encoder actors (one model each); on GPUs, one per GPU
+    num_gpus: float = 0  # per actor; 0 on CPU machines
+    rows_per_unit: int = 64  # panels rows per work unit (units never mix resolution buckets)
+    max_seq: int = 10240  # the decoder's context: longer samples are rejected (too_long)
+    input: str = "panels"  # dataset name under the workdir, or a URI
+    output: str = "tokens"
+    decode_threads: int = 2  # PNG/JPEG decoding threads per actor, overlapping the encoder
+    compile: bool = False  # torch.compile the encoder (GPU)
+    overwrite: bool = False  # start the tokens dataset afresh instead of resuming it
 
 
 class TrainConfig(Section):
@@ -123,6 +133,7 @@ class GenerateConfig(Section):
     pairs_per_unit: int = 16
     workers: int = 1  # engine actors on CPU; on GPUs one per GPU
     max_batch: int = 8  # the engine's continuous batch (sequences per actor)
+    job_retries: int = 2  # reruns of the remaining units after a Ray failure (a lost node)
     max_side: int = 2048
     max_count: int = 1000
     max_pairs: int = 10_000_000

@@ -79,6 +79,27 @@ def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:
     return meta.get("layout_fingerprint") or (layout.get("fingerprint") if isinstance(layout, dict) else None) or meta.get("fingerprint")
 
 
+def check_models(cfg) -> None:
+    """Fail before Ray or any GPU is claimed when the weights the config names are absent or do
+    not fit its layout (cheap: reads file headers only)."""
+    from pathlib import Path
+
+    from model.layout import Layout
+
+    m = cfg.models
+    if not m.decoder_path or not (Path(m.decoder_path) / "config.json").is_file():
+        raise RequestError(f"models.decoder_path {m.decoder_path!r}: not a transformers-format decoder folder "
+                           "(config.json + model.safetensors); point it at a trained checkpoint")
+    if not m.movqgan_path or not Path(m.movqgan_path).is_file():
+        raise RequestError(f"models.movqgan_path {m.movqgan_path!r}: no such MoVQGAN checkpoint file")
+    meta_file = Path(m.decoder_path) / "panelforge.json"
+    fp = checkpoint_layout_fingerprint(json.loads(meta_file.read_text())) if meta_file.is_file() else None
+    layout = Layout.from_config(m)
+    if fp and fp != layout.fingerprint:
+        raise RequestError(f"{m.decoder_path}: decoder was trained with layout {fp}, the config's layout is "
+                           f"{layout.fingerprint}; use the tokenizer it was trained with (models.tokenizer[_path])")
+
+
 def load_parts(cfg) -> Parts:
     """Load the decoder named by the config (transformers-format folder), wrap it in the engine."""
     import torch
@@ -103,7 +124,8 @@ def load_parts(cfg) -> Parts:
             "use the tokenizer the checkpoint was trained with (models.tokenizer, models.tokenizer_path)"
         )
     movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device)
-    engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda")
+    engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda",
+                    window=cfg.generate.sjd_window)
     digest = hashlib.sha256(f"{m.decoder_path}|{json.dumps(meta, sort_keys=True, default=str)}|{layout.fingerprint}".encode())
     return Parts(engine, layout, movq, digest.hexdigest()[:16], device)
 
@@ -163,7 +185,7 @@ class GenerateWorker:
                     Request(
                         id=rid, prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
                         seed=sample_seed(p.seed, j), cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
-                        sjd=gen.sjd, window=gen.sjd_window,
+                        sjd=gen.sjd, window=gen.sjd_window, task=p.task,
                     )
                 )
         t_gen = time.perf_counter()
@@ -301,6 +323,7 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
         raise RequestError(f"generate: no valid input rows ({reasons}); see the rejects above and fix the inputs")
     for r in expanded.rejects:
         log.warning("rejected %s: %s (%s)", r["input_ref"], r["reason"], r["detail"])
+    check_models(cfg)
     units = make_units(expanded.pairs, gen.pairs_per_unit)
     uri = output_uri(cfg)
     job_digest = hashlib.sha256("\n".join(p.id for p in expanded.pairs).encode()).hexdigest()[:16]
@@ -310,6 +333,7 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
         writer.write_unit(REQUEST_UNIT, None, expanded.rejects or None)
     done = writer.done_units
     todo = [u for u in units if u["unit"] not in done]
+    n_todo = len(todo)
     state = {"total_units": len(units), "done_units": len(units) - len(todo), "total_pairs": len(expanded.pairs),
              "pairs_done": sum(len(u["pairs"]) for u in units if u["unit"] in done), "pairs_this_run": 0,
              "rows": 0, "rejected": 0, "samples": 0, "tokens": 0, "steps": 0, "generate_s": 0.0, "unit_s": 0.0,
@@ -322,19 +346,21 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
 
             gpus = int(ray.cluster_resources().get("GPU", 0))
             workers = gpus if gpus else gen.workers
-            for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri), num_workers=workers,
-                                    num_gpus=1 if gpus else 0, num_cpus=1):
-                writer.commit(result["info"])
-                s = result["stats"]
-                state["done_units"] += 1
-                state["pairs_done"] += s["pairs"]
-                state["pairs_this_run"] += s["pairs"]
-                for k in ("rows", "rejected", "samples", "tokens", "steps", "generate_s", "unit_s"):
-                    state[k] += s[k]
-                for k, v in s["reasons"].items():
-                    state["reasons"][k] = state["reasons"].get(k, 0) + v
-                state["nodes"][str(s.get("node"))] = state["nodes"].get(str(s.get("node")), 0) + 1
-                _report(state, progress)
+            for attempt in range(gen.job_retries + 1):
+                todo = [u for u in units if u["unit"] not in writer.done_units]
+                if not todo:
+                    break
+                try:
+                    for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri), num_workers=workers,
+                                            num_gpus=1 if gpus else 0, num_cpus=1):
+                        writer.commit(result["info"])
+                        _account(state, result["stats"])
+                        _report(state, progress)
+                except Exception as e:  # a lost node can fail the whole Ray Data run: resume the rest
+                    if attempt == gen.job_retries or not _is_ray_failure(e):
+                        raise
+                    log.warning("generate: Ray failure (%s: %s); rerunning the %d units not committed",
+                                type(e).__name__, str(e)[:200], len([u for u in units if u["unit"] not in writer.done_units]))
     manifest = writer.finalize(pairs=len(expanded.pairs), request_rejects=len(expanded.rejects))
     elapsed = time.perf_counter() - t0
     rows = sum(e["rows"] for e in manifest["shards"])
@@ -344,7 +370,7 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
             rej_by_reason[k] = rej_by_reason.get(k, 0) + v
     return {
         "uri": uri, "pairs": len(expanded.pairs), "rows": rows, "rejects": rej_by_reason,
-        "request_summary": expanded.summary(), "units": len(units), "units_this_run": len(todo),
+        "request_summary": expanded.summary(), "units": len(units), "units_this_run": n_todo,
         "pairs_this_run": state["pairs_this_run"], "samples_this_run": state["samples"],
         "seconds": round(elapsed, 2),
         "pairs_per_hour": round(3600 * state["pairs_this_run"] / elapsed, 1) if state["pairs_this_run"] else None,
@@ -353,6 +379,28 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
         "rows_per_task": _rows_per_task(manifest),
         "nodes": state["nodes"], "rewrite": rewriter.stats if rewriter else None,
     }
+
+
+def _account(state: dict, s: dict) -> None:
+    state["done_units"] += 1
+    state["pairs_done"] += s["pairs"]
+    state["pairs_this_run"] += s["pairs"]
+    for k in ("rows", "rejected", "samples", "tokens", "steps", "generate_s", "unit_s"):
+        state[k] += s[k]
+    for k, v in s["reasons"].items():
+        state["reasons"][k] = state["reasons"].get(k, 0) + v
+    node = str(s.get("node"))
+    state["nodes"][node] = state["nodes"].get(node, 0) + 1
+
+
+def _is_ray_failure(e: Exception) -> bool:
+    """Worth a resume: anything but bad inputs or a broken dataset (a lost node surfaces as Ray
+    Data errors of several types; a resume only redoes units that were not committed)."""
+    from ray.data.exceptions import UserCodeException
+
+    from storage import StorageError
+
+    return not isinstance(e, (RequestError, StorageError, UserCodeException))
 
 
 def _report(state: dict, progress: Callable[[dict], None] | None) -> None:

@@ -18,6 +18,7 @@ silently: rows in = rows expanded + rows rejected.
 """
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -58,10 +59,15 @@ class PairSpec:
     params: dict = field(default_factory=dict)  # original caption, subject, instruction, ...
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-able: the upper panel's bytes as base64 (work units travel as JSON)."""
+        d = asdict(self)
+        d["upper"] = None if self.upper is None else base64.b64encode(self.upper).decode("ascii")
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "PairSpec":
+        d = dict(d)
+        d["upper"] = None if d.get("upper") is None else base64.b64decode(d["upper"])
         return PairSpec(**d)
 
 
