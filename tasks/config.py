@@ -88,11 +88,49 @@ class TokenizeConfig(Section):
     overwrite: bool = False  # start the tokens dataset afresh instead of resuming it
 
 
-class TrainConfig(Section):
-    """train (issue 5)."""
+class StageConfig(Section):
+    """One training stage (paper 5.1): its resolution buckets, learning rate and length."""
 
-    workers: int = 2
-    stages: list[dict[str, Any]] = Field(default_factory=list)
+    name: str = ""  # default "stage-<k>"
+    px: int = 256  # buckets: model.buckets.buckets_for(px), unless `buckets` lists "WxH" names
+    buckets: list[str] | None = None
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    steps: int | None = None  # optimizer steps; or `samples` (rounded up to whole global batches)
+    samples: int | None = None
+    global_batch: int = 8  # samples per optimizer step = micro_batch x accumulation x workers
+    micro_batch: int = 2
+
+
+class TrainConfig(Section):
+    """train (issue 5): Ray Train stages on tokens/ (docs/train.md)."""
+
+    workers: int = 2  # Ray Train workers (one per GPU); 0 runs in this process without Ray
+    use_gpu: bool = False
+    dataset: str = "tokens"  # dataset name under the workdir, or a URI
+    run: str = "train"  # checkpoints and exports go to <workdir>/runs/<run>/stage-<k>/
+    seed: int = 0
+    model_overrides: dict[str, Any] = Field(default_factory=dict)  # ModelArgs fields over the preset
+    init_from: str | None = None  # a transformers-format folder to start stage 1 from (models.decoder_path if None)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    z_loss: float = 1e-5
+    cfg_drop: float = 0.1  # share of samples that keep only their image part (CFG)
+    loss_chunk: int = 2048  # supervised positions per chunk of the output head
+    pad_multiple: int = 8
+    checkpoint_every: int = 50  # optimizer steps between torch.distributed.checkpoint saves
+    keep_checkpoints: int = 2
+    compile: bool = True  # GPU only: torch.compile each layer
+    activation_checkpointing: bool = True
+    mixed_precision: bool = True  # GPU only: bf16 params, fp32 reduce
+    peak_tflops: float | None = None  # for MFU; None: datasheet (GPU) or measured (CPU)
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_failures: int = 0  # Ray Train restarts of the worker group (each resumes from the checkpoint)
+    fault: str | None = None  # "stage:step": kill a worker after that step (resume tests only)
+    stages: list[StageConfig] = Field(default_factory=list)
 
 
 class RewriteConfig(Section):
