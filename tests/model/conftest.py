@@ -99,3 +99,32 @@ def _hf_twin(args: ModelArgs, ours: Decoder, cls_name: str = "ChameleonForCondit
 def hf_twin():
     """transformers' Chameleon model holding the same weights as one of ours (eager attention, fp32)."""
     return _hf_twin
+
+
+@pytest.fixture
+def one_thread():
+    """The 2-core machine is shared: two intra-op threads on tiny tensors spin and run 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chi_square_p(counts: torch.Tensor, expected_probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """p-value of Pearson's chi-square goodness of fit, cells with small expectation pooled."""
+    n = counts.sum()
+    exp = expected_probs.double() * n
+    order = torch.argsort(exp)
+    c, e = counts.double()[order], exp[order]
+    small = torch.cumsum(e, 0) < min_expected  # pool the smallest cells together
+    pooled_c = torch.cat([c[small].sum()[None], c[~small]]) if small.any() else c
+    pooled_e = torch.cat([e[small].sum()[None], e[~small]]) if small.any() else e
+    keep = pooled_e > 0
+    stat = ((pooled_c[keep] - pooled_e[keep]) ** 2 / pooled_e[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+@pytest.fixture
+def chi_square():
+    return chi_square_p

@@ -1,0 +1,94 @@
+"""The engine: a request's seed fixes its image whatever the batch; tasks; bad requests fail alone.
+
+    .venv/bin/python -m pytest -q tests/model/test_engine.py
+"""
+import numpy as np
+import pytest
+
+from model.decoder import ModelArgs
+from model.engine import Engine, Request
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def model(random_decoder, small_layout):
+    args = ModelArgs(vocab_size=small_layout.vocab_size, dim=64, n_layers=2, n_heads=4, intermediate_size=160,
+                     max_seq_len=256)
+    return random_decoder(args, seed=2, scale=0.3)
+
+
+def mixed_requests(lay):
+    rng = np.random.default_rng(0)
+    upper = rng.integers(0, lay.codebook_size, (4, 8))  # the upper panel of a 64x64 dual panel
+    return [
+        Request("t2i-32x32", lay.encode_prompt("a red circle"), 32, 32, seed=1, task="t2i"),
+        Request("edit-64x64", lay.encode_prompt("make it blue"), 64, 64, upper_codes=upper, seed=2, task="edit"),
+        Request("pair-64x32", lay.encode_prompt("a pair of squares"), 64, 32, seed=3, cfg=1.0, task="pair"),
+        Request("plain-32x64", lay.encode_prompt("a wide one"), 32, 64, seed=4, sjd=False, top_k=5),
+        Request("depth-64x32", lay.encode_prompt("depth"), 64, 32, upper_codes=upper[:, :4], seed=5,
+                task="dense:depth", temperature=0.7, window=3),
+        Request("t2i-32x32-b", lay.encode_prompt("a red circle"), 32, 32, seed=6),
+    ], upper
+
+
+def test_batch_of_mixed_sizes_and_tasks_gives_each_request_its_image_alone(model, small_layout):
+    reqs, upper = mixed_requests(small_layout)
+    engine = Engine(model, small_layout, max_batch=3, window=8, kv_bucket=64)
+    order, batched = [], {}
+    for res in engine.generate(reqs):  # 6 requests through 3 slots: continuous batching
+        assert res.error is None, res.error
+        order.append(res.id)
+        batched[res.id] = res
+    assert sorted(order) == sorted(r.id for r in reqs)
+    assert order != [r.id for r in reqs]  # they finished at their own pace
+    alone = Engine(model, small_layout, max_batch=1, window=8, kv_bucket=64)
+    for r in reqs:
+        (res,) = alone.generate([r])
+        np.testing.assert_array_equal(res.codes, batched[r.id].codes, err_msg=r.id)
+        assert res.steps == batched[r.id].steps
+    b = batched
+    assert b["edit-64x64"].codes.shape == (8, 8) and b["pair-64x32"].codes.shape == (8, 4)
+    assert b["plain-32x64"].codes.shape == (4, 8)
+    np.testing.assert_array_equal(b["edit-64x64"].codes[:4], upper)  # the given upper panel is kept
+    np.testing.assert_array_equal(b["depth-64x32"].codes[:4], upper[:, :4])
+    assert b["edit-64x64"].tokens == 4 * 9 + 1  # only the lower panel (and the image end) generated
+    assert b["plain-32x64"].steps == b["plain-32x64"].tokens == 4 * 9 + 1  # sjd off: one token a step
+    assert b["t2i-32x32"].steps <= b["t2i-32x32"].tokens
+    # different seeds, different images; a seed is not tied to a slot
+    assert not np.array_equal(b["t2i-32x32"].codes, b["t2i-32x32-b"].codes)
+
+
+def test_top_k_limits_the_codes(model, small_layout):
+    reqs = [Request(f"k{s}", small_layout.encode_prompt("x"), 32, 32, seed=s, top_k=1, sjd=s % 2 == 0)
+            for s in range(4)]
+    codes = [r.codes for r in Engine(model, small_layout, max_batch=4, window=4, kv_bucket=64).generate(reqs)]
+    # top-k 1 is greedy: every seed gives the same image
+    for c in codes[1:]:
+        np.testing.assert_array_equal(c, codes[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(height=40), "height 40 px is not a positive multiple of 32"),
+    (dict(width=256, height=256), "needs 1065 positions .* the context holds 256"),
+    (dict(task="inpaint"), "unknown task 'inpaint'"),
+    (dict(task="edit"), "is image-to-image; give upper_codes"),
+    (dict(top_k=0), "top_k 0 must be an integer >= 1"),
+    (dict(cfg=0.5), "cfg 0.5 is below 1"),
+    (dict(temperature=0.0), "temperature 0.0 must be > 0"),
+    (dict(upper_codes=np.zeros((4, 4), dtype=np.int64)), r"upper_codes of shape \(4, 4\)"),
+    (dict(upper_codes=np.full((2, 4), 99)), "upper_codes must be integer codes in 0..15"),
+    (dict(prompt_ids=[]), "prompt_ids must be a non-empty"),
+])
+def test_bad_requests_fail_alone_before_any_work(model, small_layout, change, message):
+    good = [Request(f"good{i}", small_layout.encode_prompt("ok"), 32, 32, seed=i) for i in range(2)]
+    fields = dict(id="bad", prompt_ids=small_layout.encode_prompt("bad"), height=32, width=32, seed=9)
+    bad = Request(**{**fields, **change})
+    engine = Engine(model, small_layout, max_batch=2, window=4, kv_bucket=64)
+    results = list(engine.generate([good[0], bad, good[1]]))
+    assert results[0].id == "bad" and results[0].codes is None and results[0].steps == 0
+    assert "request 'bad'" in results[0].error
+    import re
+    assert re.search(message, results[0].error), results[0].error
+    assert {r.id for r in results[1:]} == {"good0", "good1"}
+    assert all(r.error is None and r.codes.shape == (4, 4) for r in results[1:])

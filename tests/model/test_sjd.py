@@ -1,0 +1,159 @@
+"""SJD is lossless: same distribution as plain sampling, and exactly greedy decoding near T = 0.
+
+    .venv/bin/python -m pytest -q tests/model/test_sjd.py
+"""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import sampling as S
+from model.decoder import ModelArgs
+from model.engine import Engine, Request
+from model.sjd import next_window, verify
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, speculative: bool):
+    """Drive verify / next_window with a known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}])."""
+    v = table.shape[0]
+    seed = torch.arange(rows) + (0 if speculative else 10**6)
+    step = torch.zeros(rows, dtype=torch.long)
+    idx = torch.arange(window).expand(rows, window)
+    last = torch.zeros(rows, dtype=torch.long)  # start token 0
+    drafts = (S.counter_uniform(seed, step - 1, idx, S.STREAM_DRAFT) * v).long()
+    q = F.one_hot(drafts, v).float()
+    out = torch.full((rows, n_tokens + window), -1)
+    n = torch.zeros(rows, dtype=torch.long)
+    spec = torch.full((rows,), speculative)
+    steps_to_n = torch.zeros(rows, dtype=torch.long)  # steps each row took to have n_tokens
+    while (n < n_tokens).any():
+        inputs = torch.cat([last[:, None], drafts[:, :-1]], 1)
+        p = torch.softmax(table[inputs], -1)
+        tokens, gained = verify(p, drafts, q, S.counter_uniform(seed, step, idx, S.STREAM_ACCEPT),
+                                S.counter_uniform(seed, step, idx[:, :1], S.STREAM_RESIDUAL)[:, 0],
+                                torch.full((rows,), window), spec)
+        assert (gained >= 1).all() and (gained <= window).all()
+        fresh = S.sample(p, S.counter_uniform(seed, step, idx, S.STREAM_FRESH))
+        rand = (S.counter_uniform(seed, step, idx, S.STREAM_DRAFT) * v).long()
+        drafts, q = next_window(p, fresh, gained, rand)
+        keep = torch.arange(window)[None] < gained[:, None]
+        pos = (n[:, None] + torch.arange(window)).clamp(max=out.shape[1] - 1)
+        out.scatter_(1, pos, torch.where(keep, tokens, out.gather(1, pos)))
+        last = tokens.gather(1, (gained - 1)[:, None])[:, 0]
+        steps_to_n = torch.where(n < n_tokens, step + 1, steps_to_n)
+        n, step = n + gained, step + 1
+    return out[:, :n_tokens], steps_to_n
+
+
+def test_speculative_rule_samples_the_target_distribution(chi_square):
+    torch.manual_seed(0)
+    v = 5
+    table = 2.5 * torch.randn(v, v)  # peaked, so accepting wrong drafts would show
+    p = torch.softmax(table, -1)
+    exact = torch.einsum("a,ab,bc->abc", p[0], p, p).reshape(-1)  # joint of the first three tokens
+    for speculative in (True, False):
+        tokens, steps = run_bigram_sjd(table, rows=20000, window=4, n_tokens=3, speculative=speculative)
+        codes = tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2]
+        counts = torch.bincount(codes, minlength=v ** 3)
+        assert chi_square(counts, exact) > 1e-3, speculative
+        if speculative:
+            assert steps.float().mean() < 3.0  # and it did speculate: fewer steps than tokens
+
+
+def test_verify_rejects_to_the_residual():
+    """One position, draft d with one-hot q: P(keep d) = p(d), otherwise p without d, renormalized."""
+    p = torch.tensor([[[0.5, 0.3, 0.2]]]).expand(30000, 1, 3)
+    drafts = torch.ones(30000, 1, dtype=torch.long)
+    u = torch.rand(30000, 1, generator=torch.Generator().manual_seed(0))
+    ur = torch.rand(30000, generator=torch.Generator().manual_seed(1))
+    tokens, gained = verify(p, drafts, F.one_hot(drafts, 3).float(), u, ur, torch.ones(30000, dtype=torch.long),
+                            torch.ones(30000, dtype=torch.bool))
+    assert (gained == 1).all()
+    freq = torch.bincount(tokens[:, 0], minlength=3) / 30000.0
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.012, rtol=0)
+
+
+# --- on the tiny decoder, through the engine -----------------------------------------------------
+
+def reference_logits(model, layout, prompt, prefix, body):
+    """Guided code logits of the next body position, from full forwards without a cache."""
+    cond = torch.tensor([prompt + prefix + body])
+    unc = torch.tensor([prefix + body])
+    with torch.no_grad():
+        c, u = model(cond)[0, -1], model(unc)[0, -1]
+    return c, u
+
+
+def guided_probs(c, u, layout, cfg, top_k, temperature):
+    lo = layout.code_offset
+    g = u[lo:lo + layout.codebook_size] + cfg * (c[lo:lo + layout.codebook_size] - u[lo:lo + layout.codebook_size])
+    kth = torch.topk(g, top_k).values[-1]
+    g = torch.where(g >= kth, g, torch.tensor(float("-inf")))
+    return torch.softmax(g / temperature, -1)
+
+
+@pytest.fixture
+def peaky_model(random_decoder, small_layout):
+    args = ModelArgs(vocab_size=small_layout.vocab_size, dim=64, n_layers=2, n_heads=4, intermediate_size=160,
+                     max_seq_len=256)
+    return random_decoder(args, seed=1, scale=0.35)
+
+
+def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout):
+    lay = small_layout
+    prompt = lay.encode_prompt("two squares")
+    h, w = 32, 64
+    prefix = lay.image_prefix(h, w)
+    body, gaps = [], []
+    for r in range(h // 8):
+        for _ in range(w // 8):
+            c, u = reference_logits(peaky_model, lay, prompt, prefix, body)
+            g = guided_probs(c, u, lay, 3.0, lay.codebook_size, 1.0).log()
+            top2 = torch.topk(g, 2).values
+            gaps.append(float(top2[0] - top2[1]))
+            body.append(lay.code_offset + int(g.argmax()))
+        body.append(lay.row_end)
+    want = (np.array(body).reshape(h // 8, w // 8 + 1)[:, :-1] - lay.code_offset)
+    assert min(gaps) > 1e-3  # no near-ties, so temperature 1e-5 is greedy
+    reqs = [Request(id=f"{sjd}", prompt_ids=prompt, height=h, width=w, seed=7, cfg=3.0, temperature=1e-5,
+                    top_k=lay.codebook_size, sjd=sjd) for sjd in (True, False)]
+    results = {r.id: r for r in Engine(peaky_model, lay, max_batch=2, window=8, kv_bucket=64).generate(reqs)}
+    for r in results.values():
+        assert r.error is None
+        np.testing.assert_array_equal(r.codes, want)
+    assert results["True"].steps < results["False"].steps == results["False"].tokens
+
+
+@pytest.mark.slow
+def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square):
+    """The first three codes over many seeds, SJD and plain, against the exact marginals."""
+    lay = small_layout
+    prompt, h, w, cfg, top_k = lay.encode_prompt("a circle"), 32, 32, 2.0, 10
+    prefix = lay.image_prefix(h, w)
+    c0, u0 = reference_logits(peaky_model, lay, prompt, prefix, [])
+    p0 = guided_probs(c0, u0, lay, cfg, top_k, 1.0)
+    p1_given = torch.stack([guided_probs(*reference_logits(peaky_model, lay, prompt, prefix, [lay.code_offset + a]),
+                                         lay, cfg, top_k, 1.0) for a in range(lay.codebook_size)])
+    pairs = list(itertools.product(range(lay.codebook_size), repeat=2))
+    with torch.no_grad():
+        cond = torch.tensor([prompt + prefix + [lay.code_offset + a, lay.code_offset + b] for a, b in pairs])
+        unc = torch.tensor([prefix + [lay.code_offset + a, lay.code_offset + b] for a, b in pairs])
+        c2, u2 = peaky_model(cond)[:, -1], peaky_model(unc)[:, -1]
+    p2_given = torch.stack([guided_probs(c2[i], u2[i], lay, cfg, top_k, 1.0) for i in range(len(pairs))])
+    joint01 = p0[:, None] * p1_given
+    marg = [p0, joint01.sum(0), (joint01.reshape(-1, 1) * p2_given).sum(0)]
+
+    n = 768
+    for sjd in (True, False):
+        reqs = [Request(id=str(i), prompt_ids=prompt, height=h, width=w, seed=1000 * sjd + i, cfg=cfg, top_k=top_k,
+                        sjd=sjd) for i in range(n)]
+        codes = torch.tensor(np.stack([r.codes.reshape(-1)[:3] for r in
+                                       Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64).generate(reqs)]))
+        for k in range(3):
+            counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
+            assert counts[marg[k] == 0].sum() == 0  # never outside the top-k support
+            assert chi_square(counts, marg[k]) > 1e-3, (sjd, k)
