@@ -35,22 +35,23 @@ ANNOTATORS = {
 
 
 def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """uint8 RGB -> uint8 [H, W] edges (255 on edges)."""
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    return cv2.Canny(grey, low, high)
+    """uint8 RGB -> uint8 [H, W] edges (255 on edges).
+
+    On the colour image, as ControlNet's annotator does: OpenCV takes the strongest channel's
+    gradient, so a green shape on a grey of the same brightness still has its outline."""
+    return cv2.Canny(np.ascontiguousarray(image), low, high)
 
 
 def soft_edge(image: np.ndarray, sigma: float = 1.5, gamma: float = 0.6) -> np.ndarray:
     """uint8 RGB -> uint8 [H, W] soft edges: graded, thicker than canny, near-black where flat."""
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    blur = cv2.GaussianBlur(grey, (0, 0), sigma)
+    blur = cv2.GaussianBlur(image.astype(np.float32) / 255.0, (0, 0), sigma)
     gx = cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3)
-    mag = np.sqrt(gx * gx + gy * gy)
+    mag = np.sqrt((gx * gx + gy * gy).max(axis=2))  # the strongest channel, like canny above
     # Normalised by a high percentile of the edge pixels, so one strong edge does not wash out the rest.
     ref = float(np.percentile(mag, 99.5))
     if ref < 1e-4:
-        return np.zeros(grey.shape, np.uint8)
+        return np.zeros(mag.shape, np.uint8)
     return np.round(255 * np.clip(mag / ref, 0, 1) ** gamma).astype(np.uint8)
 
 

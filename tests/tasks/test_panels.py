@@ -126,6 +126,10 @@ def test_annotators_draw_the_right_maps():
     soft = soft_edge(scene.image)
     assert soft.dtype == np.uint8 and soft[boundary > 0].mean() > 3 * soft[(labels > 0) & (boundary == 0)].mean()
     assert not soft_edge(np.full((32, 32, 3), 90, np.uint8)).any()  # flat image: no edges
+    # A green disc on a grey of the same brightness: a grey-level detector would see nothing.
+    iso = np.full((64, 64, 3), 140, np.uint8)
+    cv2.circle(iso, (32, 32), 16, (40, 170, 70), -1)
+    assert canny(iso).sum() // 255 > 60 and soft_edge(iso).max() == 255
 
 
 def test_task_pick_follows_weights_and_is_stable():
