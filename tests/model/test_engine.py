@@ -92,3 +92,26 @@ def test_bad_requests_fail_alone_before_any_work(model, small_layout, change, me
     assert re.search(message, results[0].error), results[0].error
     assert {r.id for r in results[1:]} == {"good0", "good1"}
     assert all(r.error is None and r.codes.shape == (4, 4) for r in results[1:])
+
+
+def test_int8_weight_only_on_cpu(model, small_layout):
+    import torch
+
+    from model.quantize import quantize_decoder, weight_bytes
+
+    tokens = torch.randint(0, small_layout.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)
+    before = weight_bytes(model)
+    quantize_decoder(model, "int8")
+    assert type(model.layers[0].feed_forward.w1.weight).__name__ != "Parameter"  # a torchao quantized tensor
+    assert weight_bytes(model) < 0.6 * before
+    with torch.no_grad():
+        got = model(tokens)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+    assert (got - want).abs().max() > 0  # it did change the weights
+    with pytest.raises(ValueError, match="needs the model on a CUDA GPU"):
+        quantize_decoder(model, "int4")
+    (res,) = Engine(model, small_layout, max_batch=1, window=4, kv_bucket=64).generate(
+        [Request("q", small_layout.encode_prompt("int8"), 32, 32, seed=0)])
+    assert res.error is None and res.codes.shape == (4, 4)
