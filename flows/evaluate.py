@@ -1,0 +1,66 @@
+"""Prefect flow: evaluate a generated dataset (pipeline step 5, issue 8).
+
+    panelforge evaluate --config configs/tiny.yaml
+    python -m flows.evaluate configs/tiny.yaml [KEY=VALUE ...]
+
+Scores every generated pair with the Ray job of tasks/evaluate.py (control fidelity in the style
+of the paper's Table 5, caption agreement on shapes, each beside an unconditioned floor), then
+publishes the figures as a table artifact and report.md (with its sheets) as a markdown
+artifact; report.md and the PNGs are written next to the generated dataset.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.build_panels import _thumbnail_data_uri
+from tasks.config import load_config
+from tasks.evaluate import run_evaluate
+
+
+@task(name="evaluate-job", retries=1, retry_delay_seconds=5)
+def evaluate_job(config_path: str, overrides: list[str], generated_uri: str | None) -> dict:
+    cfg = load_config(config_path, overrides)
+    logger = get_run_logger()
+
+    def progress(state: dict) -> None:
+        logger.info("evaluate: %d/%d units, %d figures", state["done_units"], state["total_units"], state["records"])
+
+    return run_evaluate(cfg, generated_uri, progress=progress)
+
+
+def _publish(summary: dict) -> None:
+    create_table_artifact(summary["table"], key="evaluate-figures", description=(
+        f"{summary['uri']}: each figure beside its unconditioned floor ({summary['rows']} rows)"))
+    md = [f"# Evaluation: {summary['uri']}", "",
+          "| figure | task | rows | generated | floor | better |", "|---|---|---:|---:|---:|---|"]
+    md += [f"| {r['figure']} | {r['task']} | {r['rows']} | {r['generated']} | {r['floor']} | {r['better']} |"
+           for r in summary["table"]]
+    md += ["", f"Report: `{summary['report']}`", ""]
+    for name, path in [("contact sheet", summary["contact_sheet"]), *summary["sheets"].items()]:
+        md += [f"{name}: `{path}`", "", f"![{name}]({_thumbnail_data_uri(path) or path})", ""]
+    create_markdown_artifact("\n".join(md), key="evaluate-report", description="evaluation report")
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
+             generated_uri: str | None = None) -> dict:
+    """Evaluate the config's generated dataset (or `generated_uri`); returns the figures and the
+    paths of report.md ("report") and the contact sheet ("contact_sheet")."""
+    overrides = list(overrides or [])
+    load_config(config_path, overrides)  # a bad config fails here, before Ray starts
+    summary = evaluate_job(config_path, overrides, generated_uri)
+    _publish(summary)
+    logger = get_run_logger()
+    for r in summary["table"]:
+        logger.info("evaluate: %s %s: %s (floor %s, %s is better)", r["figure"], r["task"], r["generated"],
+                    r["floor"], r["better"])
+    logger.info("evaluate: report %s; contact sheet %s", summary["report"], summary["contact_sheet"])
+    return summary
+
+
+if __name__ == "__main__":
+    print(json.dumps(evaluate(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))

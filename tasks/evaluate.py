@@ -1,0 +1,299 @@
+"""Evaluation of a generated/ dataset: control fidelity (paper Table 5) and caption agreement (issue 8).
+
+    python -m tasks.evaluate --config configs/tiny.yaml [--uri out/tiny/generated] [KEY=VALUE ...]
+
+Figures, each beside the same figure for an unconditioned floor (what chance gives):
+- control:canny  canny F1 between the control map (upper panel) and canny of the generated lower
+  panel (tasks/verify.py canny_f1, the verifier's own); dense:canny the other way round.
+- control:depth  depth RMSE (tasks/verify.py depth_rmse: both maps scaled to [0, 1]) between the
+  given depth map, which for shapes rows IS the scene's exact depth, and the depth of the
+  generated picture. For shapes rows that depth comes from the scene's truth: the renderer
+  re-draws the scene from its seed (tasks/shapes.py), the detector (tasks/shape_detector.py) finds
+  where each of the scene's colours lies in the generated picture and gives it that shape's z,
+  the rest is the background plane; so the figure measures whether the shapes stand where the
+  map puts them. Other rows use generate.depth_estimator when one is configured.
+  dense:depth  RMSE between the generated depth map and the re-rendered scene's exact depth.
+- t2i (and the lower panel of control rows)  caption agreement: the share of the shapes a caption
+  asks for whose colour is present, and whose colour and kind are present (tasks/shape_detector.py).
+The floor pairs each row with the next row of the same task (rows sorted by id, cyclically): the
+control map or caption of one row against the picture generated for ANOTHER row, i.e. a picture
+that is a plausible sample but not conditioned on this input.
+
+The rows are scored by a Ray Data job (tasks/ray_jobs.map_units), units of evaluate.rows_per_unit
+rows; only per-row figures travel back. The driver then writes report.md, the evaluation sheets
+and the pairs' contact sheet next to the dataset (its folder, or its object-store prefix).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+
+from model.prompts import is_dual
+from tasks.panels import decode_panel
+from tasks.shape_detector import COLOURS, agreement, asked_shapes, colour_labels, detect_shapes
+from tasks.verify import canny_f1, depth_rmse
+
+log = logging.getLogger(__name__)
+
+# metric -> (what it is, "higher"/"lower" is better)
+METRICS = {
+    "canny_f1": ("canny F1, control map vs edges of the generated panel", "higher"),
+    "depth_rmse": ("depth RMSE vs the exact depth (both scaled to [0, 1])", "lower"),
+    "caption_colour": ("share of the asked colours present", "higher"),
+    "caption_shape": ("share of the asked colour+shape present", "higher"),
+}
+PAPER = {("canny_f1", "control:canny"): "0.49 (7B, real photos)"}  # issue 8, from the paper's Table 5
+_SHAPES_SOURCE = re.compile(r"(?:^|:)shapes:(\d+):")  # generate's shapes rows: generated:shapes:<seed>:<task>
+
+
+def output_uri(cfg) -> str:
+    """The generated dataset a config evaluates (the one its generate step writes)."""
+    from tasks.generate import output_uri as generated_uri
+
+    return generated_uri(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row figures
+
+
+def scene_of(row: dict):
+    """The shapes scene a generated row was made from (re-rendered from its seed at the panel's
+    size), or None when the row does not come from the shapes source."""
+    from tasks.shapes import render_scene
+
+    m = _SHAPES_SOURCE.search(row.get("source") or "")
+    if not m:
+        return None
+    height = row["height"] // 2 if is_dual(row["task"]) else row["height"]
+    return render_scene(int(m.group(1)), row["width"], height)
+
+
+def shapes_depth(image: np.ndarray, scene) -> np.ndarray:
+    """uint8 depth map (near bright) of a picture of `scene`: each of the scene's colours found in
+    the picture gets its shape's z, everything else the background plane (tasks/shapes.py)."""
+    from tasks.shapes import BG_DEPTH
+
+    h, w = image.shape[:2]
+    depth = np.linspace(BG_DEPTH[0], BG_DEPTH[1], h, dtype=np.float32)[:, None].repeat(w, 1)
+    labels = colour_labels(image)
+    for s in sorted(scene.shapes, key=lambda s: -s["z"]):  # far first, as the renderer paints
+        depth[labels == COLOURS.index(s["colour"])] = s["z"]
+    return np.round(255 * (1 - depth)).astype(np.uint8)
+
+
+def caption_of(row: dict) -> str:
+    """What the user asked for: the caption before any prompt rewriting."""
+    params = json.loads(row.get("params") or "{}")
+    return params.get("input_caption") or row.get("caption") or ""
+
+
+def scene_image(row: dict, panels: dict) -> np.ndarray | None:
+    """The generated picture that should show the caption's scene: t2i's image, control's lower."""
+    if row["task"] == "t2i":
+        return panels["upper"]
+    if row["task"].startswith("control:"):
+        return panels["lower"]
+    return None
+
+
+class RowScorer:
+    """Figures of one row against its own inputs and against its partner's picture (the floor)."""
+
+    def __init__(self, evaluate_cfg: dict, depth_estimator: Callable | None = None):
+        self.low, self.high = evaluate_cfg["canny_low"], evaluate_cfg["canny_high"]
+        self.min_frac = evaluate_cfg["min_shape_frac"]
+        self.estimator = depth_estimator
+
+    def __call__(self, row: dict, partner: dict | None) -> list[dict]:
+        task = row["task"]
+        own = _panels(row)
+        other = _panels(partner) if partner is not None else None
+        out: list[dict] = []
+
+        def add(metric: str, fn: Callable[[dict], float | None]) -> None:
+            value = fn(own)
+            if value is None:
+                return
+            floor = fn(other) if other is not None else None
+            out.append({"id": row["id"], "task": task, "metric": metric, "value": value, "floor": floor})
+
+        if task == "control:canny":
+            add("canny_f1", lambda p: canny_f1(own["upper"], p["lower"], self.low, self.high))
+        elif task == "dense:canny":
+            add("canny_f1", lambda p: canny_f1(p["lower"], own["upper"], self.low, self.high))
+        elif task in ("control:depth", "dense:depth"):
+            scene = scene_of(row)
+            if task == "control:depth" and scene is not None and np.array_equal(scene.depth_vis, own["upper"][..., 0]):
+                add("depth_rmse", lambda p: depth_rmse(shapes_depth(p["lower"], scene), own["upper"]))
+            elif task == "control:depth" and self.estimator is not None:
+                add("depth_rmse", lambda p: depth_rmse(self.estimator(p["lower"]), own["upper"]))
+            elif task == "dense:depth" and scene is not None and np.array_equal(scene.image, own["upper"]):
+                add("depth_rmse", lambda p: depth_rmse(p["lower"], scene.depth_vis))
+        asked = asked_shapes(caption_of(row))
+        if asked and scene_image(row, own) is not None:
+            def agree(p: dict, i: int) -> float | None:
+                image = scene_image(row, p)
+                got = agreement(detect_shapes(image, self.min_frac), asked) if image is not None else None
+                return None if got is None else got[i]
+
+            add("caption_colour", lambda p: agree(p, 0))
+            add("caption_shape", lambda p: agree(p, 1))
+        return out
+
+
+def _panels(row: dict) -> dict:
+    return {"upper": decode_panel(row["upper"]),
+            "lower": decode_panel(row["lower"]) if row.get("lower") is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def partners(ids: list[str], tasks: list[str]) -> list[int | None]:
+    """For each row, the index of the next row of the same task (by id, cyclic); None if alone."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in sorted(range(len(ids)), key=lambda i: ids[i]):
+        groups[tasks[i]].append(i)
+    out: list[int | None] = [None] * len(ids)
+    for members in groups.values():
+        if len(members) > 1:
+            for k, i in enumerate(members):
+                out[i] = members[(k + 1) % len(members)]
+    return out
+
+
+def make_units(n_rows: int, partner: list[int | None], per_unit: int) -> list[dict]:
+    if per_unit < 1:
+        raise ValueError(f"evaluate.rows_per_unit {per_unit}: must be >= 1")
+    return [{"unit": f"e{k:05d}", "rows": list(range(s, min(s + per_unit, n_rows))),
+             "partners": [partner[i] for i in range(s, min(s + per_unit, n_rows))]}
+            for k, s in enumerate(range(0, n_rows, per_unit))]
+
+
+class EvaluateWorker:
+    """Ray actor: scores one unit of rows (reads them and their partners from the dataset)."""
+
+    def __init__(self, uri: str, cfg: dict):
+        import cv2
+
+        from storage import open_dataset
+        from tasks.config import PipelineConfig
+        from tasks.verify import load_factory
+
+        cv2.setNumThreads(1)  # the job's parallelism is the workers
+        config = PipelineConfig.model_validate(cfg)
+        self.ds = open_dataset(uri)
+        estimator = load_factory(config.generate.depth_estimator)(config) if config.generate.depth_estimator else None
+        self.scorer = RowScorer(config.evaluate.model_dump(), estimator)
+
+    def __call__(self, unit: dict) -> dict:
+        t0 = time.perf_counter()
+        wanted = sorted(set(unit["rows"]) | {p for p in unit["partners"] if p is not None})
+        table = self.ds.take(wanted)
+        rows = dict(zip(wanted, table.to_pylist()))
+        records, errors = [], []
+        for i, p in zip(unit["rows"], unit["partners"]):
+            try:
+                records += self.scorer(rows[i], rows[p] if p is not None else None)
+            except Exception as e:  # noqa: BLE001 - one undecodable row is reported, not the job's end
+                errors.append({"id": rows[i]["id"], "error": f"{type(e).__name__}: {e}"})
+        return {"unit": unit["unit"], "records": records, "errors": errors, "seconds": time.perf_counter() - t0}
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One table row per (metric, task): mean of the generated figure and of the floor."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["metric"], r["task"])].append(r)
+    order = list(METRICS)
+    table = []
+    for (metric, task), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        floors = [r["floor"] for r in rs if r["floor"] is not None]
+        table.append({
+            "figure": metric, "task": task, "rows": len(rs),
+            "generated": round(float(np.mean([r["value"] for r in rs])), 4),
+            "floor": round(float(np.mean(floors)), 4) if floors else None,
+            "better": METRICS[metric][1], "paper": PAPER.get((metric, task), ""),
+        })
+    return table
+
+
+def run_evaluate(cfg, uri: str | None = None, use_ray: bool = True,
+                 progress: Callable[[dict], None] | None = None) -> dict:
+    """Score every row of a generated dataset; write report.md and the sheets next to it.
+
+    Returns a small summary: the table, the paths of report.md, the contact sheet and the
+    evaluation sheets. use_ray=False runs the same units in this process, one after another.
+    """
+    from storage import open_dataset
+
+    t0 = time.perf_counter()
+    uri = uri or output_uri(cfg)
+    ds = open_dataset(uri)
+    if ds.kind != "generated":
+        raise ValueError(f"{uri}: a {ds.kind} dataset; evaluate needs a generated dataset (the generate step's output)")
+    index = ds.table(columns=["id", "task"])
+    ids, tasks = index.column("id").to_pylist(), index.column("task").to_pylist()
+    partner = partners(ids, tasks)
+    units = make_units(len(ids), partner, cfg.evaluate.rows_per_unit)
+    log.info("evaluate: %d rows of %s in %d units", len(ids), uri, len(units))
+
+    def results():
+        if not use_ray:
+            worker = EvaluateWorker(uri, cfg.model_dump())
+            for u in units:
+                yield worker(u)
+            return
+        from tasks.ray_jobs import map_units, ray_started
+
+        with ray_started(cfg.ray):
+            yield from map_units(units, EvaluateWorker, actor_args=(uri, cfg.model_dump()),
+                                 num_workers=cfg.evaluate.workers)
+
+    records, errors, done = [], [], 0
+    for res in results():
+        records += res["records"]
+        errors += res["errors"]
+        done += 1
+        log.info("evaluate: unit %s done (%d/%d), %d figures", res["unit"], done, len(units), len(records))
+        if progress:
+            progress({"done_units": done, "total_units": len(units), "records": len(records)})
+    for e in errors:
+        log.warning("evaluate: row %s could not be scored: %s", e["id"], e["error"])
+    table = summarize(records)
+    from tasks.evaluate_report import write_report
+
+    files = write_report(uri, ds, table, records, cfg, errors=len(errors))
+    return {"uri": uri, "rows": len(ids), "rows_per_task": ds.rows_per_task(), "table": table,
+            "errors": errors, "seconds": round(time.perf_counter() - t0, 2), **files}
+
+
+def main() -> None:
+    import argparse
+
+    from tasks.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--uri", default=None, help="the generated dataset (default: the config's generate output)")
+    ap.add_argument("--no-ray", action="store_true", help="score the rows in this process")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    summary = run_evaluate(load_config(args.config, args.overrides), args.uri, use_ray=not args.no_ray)
+    for r in summary["table"]:
+        print(f"{r['figure']:15s} {r['task']:14s} rows {r['rows']:4d}  generated {r['generated']:.4f}  "
+              f"floor {'-' if r['floor'] is None else format(r['floor'], '.4f')}  ({r['better']} is better)")
+    print(f"report: {summary['report']}\ncontact sheet: {summary['contact_sheet']}")
+
+
+if __name__ == "__main__":
+    main()
