@@ -180,10 +180,14 @@ class GenerateConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """evaluate (issue 8)."""
+    """evaluate (issue 8): figures of a generated dataset (docs/evaluate.md)."""
 
     canny_low: int = 100
     canny_high: int = 200
+    workers: int = 2  # scoring actors of the Ray job
+    rows_per_unit: int = 64  # generated rows per work unit
+    min_shape_frac: float = 0.004  # smallest region the shape detector counts, share of the picture
+    sheet_rows: int = 4  # examples per control task in eval_control.png (twice that in eval_captions.png)
 
 
 class PipelineConfig(Section):
