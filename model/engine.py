@@ -74,7 +74,7 @@ class _Job:
 class Engine:
     def __init__(self, model: Decoder, layout, max_batch: int = 8, device: str | torch.device = "cpu",
                  compile: bool = False, window: int = 16, max_seq: int | None = None, kv_bucket: int = 512,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, compile_backend: str = "inductor"):
         self.model, self.layout, self.device = model, layout, torch.device(device)
         self.max_batch, self.window, self.kv_bucket = max_batch, window, kv_bucket
         self.max_seq = max_seq or model.args.max_seq_len
@@ -88,7 +88,9 @@ class Engine:
             self.head = model.output.weight[self.local_to_global].detach().clone()
         self._forward = self._decode_logits
         if compile:
-            self._forward = torch.compile(self._decode_logits, mode="reduce-overhead", fullgraph=True,
+            # CUDA graphs of the static-shape step (paper 4.3.2); the tests trace it with "aot_eager"
+            mode = "reduce-overhead" if compile_backend == "inductor" else None
+            self._forward = torch.compile(self._decode_logits, mode=mode, backend=compile_backend, fullgraph=True,
                                           dynamic=False)
         b, L, dev = max_batch, window, self.device
         z = lambda dtype=torch.long: torch.zeros(b, dtype=dtype, device=dev)  # noqa: E731
@@ -102,6 +104,14 @@ class Engine:
         self.max_body = 0
         self.gen = torch.zeros(b, 1, dtype=torch.long, device=dev)  # local ids by body index, grown on demand
         self.jobs: list[_Job | None] = [None] * b
+        self._advance = advance
+        if compile:
+            # one CUDA graph per kv_len bucket: let dynamo keep them all
+            limit = 2 * math.ceil(self.max_seq / kv_bucket) + 8
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+            self._advance = torch.compile(advance, backend=compile_backend, fullgraph=True, dynamic=False)
         self.steps_run = 0
 
     # --- requests -----------------------------------------------------------------------------
@@ -203,8 +213,7 @@ class Engine:
         self.jobs[b] = job
 
     def _random_drafts(self, seed, step):
-        u = S.counter_uniform(seed, step, torch.arange(self.window, device=self.device), S.STREAM_DRAFT)
-        return (u * self.n_codes).long().clamp(max=self.n_codes - 1)
+        return random_drafts(seed, step, self.window, self.n_codes)
 
     def _body_index(self, slots):
         """Body index of each window input position [n, L] (the window predicts index + 1)."""
@@ -219,7 +228,6 @@ class Engine:
     def step(self) -> None:
         """One forward of every slot's window, then verify / sample / carry over, per slot."""
         b, L, dev = self.max_batch, self.window, self.device
-        all_slots = torch.arange(b, device=dev)
         act = self.active
         offs = torch.arange(L, device=dev)
         pos_c = torch.where(act, self.pos, 0)[:, None] + offs
@@ -229,18 +237,9 @@ class Engine:
         top = int(pos_c.max()) + 1
         kv_len = min(self.max_seq, math.ceil(top / self.kv_bucket) * self.kv_bucket)
         logits = self._forward(torch.cat([window_tokens, window_tokens]), torch.cat([pos_c, pos_u]), kv_len)
-        guided = S.cfg_mix(logits[:b], logits[b:], self.cfg)
-        kind = S.position_kinds(self._body_index(all_slots) + 1, self.rows, self.cols)
-        p = S.probs_from_logits(guided, S.allowed_local(kind, self.n_codes), self.temperature, self.top_k)
-
-        end = self.body0 + self.rows * (self.cols + 1)  # position of the image end
-        limit = torch.minimum(self.limit, (end - self.pos).clamp(min=1))
-        idx = offs.expand(b, L)
-        u_acc = S.counter_uniform(self.seed, self.nstep, idx, S.STREAM_ACCEPT)
-        u_res = S.counter_uniform(self.seed, self.nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
-        tokens, gained = verify(p, self.drafts, self.q, u_acc, u_res, limit, self.speculative)
-        fresh = S.sample(p, S.counter_uniform(self.seed, self.nstep, idx, S.STREAM_FRESH))
-        drafts, q = next_window(p, fresh, gained, self._random_drafts(self.seed, self.nstep))
+        tokens, gained, drafts, q = self._advance(
+            logits, self.pos, self.body0, self.rows, self.cols, self.cfg, self.temperature, self.top_k, self.limit,
+            self.speculative, self.seed, self.nstep, self.drafts, self.q)
 
         # Write the kept tokens by body index; move each row forward by what it gained.
         body_idx = (self.pos - self.body0 + 1)[:, None] + offs
@@ -251,8 +250,6 @@ class Engine:
         self.last_tok = torch.where(act, self.local_to_global[last], self.last_tok)
         self.pos = torch.where(act, self.pos + gained, self.pos)
         self.nstep = self.nstep + act.long()
-        kind_next = S.position_kinds(self._body_index(all_slots) + 1, self.rows, self.cols)
-        drafts, q = force_layout(drafts, q, kind_next, self.n_codes)
         self.drafts = torch.where(act[:, None], drafts, self.drafts)
         self.q = torch.where(act[:, None, None], q, self.q)
         self.steps_run += 1
@@ -301,3 +298,36 @@ class Engine:
         done_before = len(job.context) - len(job.request.prompt_ids) - 3
         return Result(id=job.request.id, codes=codes, steps=int(self.nstep[b]), tokens=n_body - done_before,
                       seconds=time.perf_counter() - job.started)
+
+
+def advance(logits, pos, body0, rows, cols, cfg, temperature, top_k, window, speculative, seed, nstep, drafts, q):
+    """Everything of a step after the forward, as one pure function (compiled on GPUs).
+
+    logits [2B, L, C+2] (cond rows, then uncond rows) -> (tokens [B, L] local ids valid up to
+    gained, gained [B], next drafts [B, L] and their q [B, L, C+2], both layout-forced).
+    """
+    b, length = drafts.shape
+    n_codes = q.shape[-1] - 2
+    offs = torch.arange(length, device=drafts.device)
+    guided = S.cfg_mix(logits[:b], logits[b:], cfg)
+    body_next = (pos - body0)[:, None] + offs + 1  # body index each window position predicts
+    kind = S.position_kinds(body_next, rows, cols)
+    p = S.probs_from_logits(guided, S.allowed_local(kind, n_codes), temperature, top_k)
+    end = body0 + rows * (cols + 1)  # position of the image end
+    limit = torch.minimum(window, (end - pos).clamp(min=1))
+    idx = offs.expand(b, length)
+    u_acc = S.counter_uniform(seed, nstep, idx, S.STREAM_ACCEPT)
+    u_res = S.counter_uniform(seed, nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
+    tokens, gained = verify(p, drafts, q, u_acc, u_res, limit, speculative)
+    fresh = S.sample(p, S.counter_uniform(seed, nstep, idx, S.STREAM_FRESH))
+    random = random_drafts(seed, nstep, length, n_codes)
+    new_drafts, new_q = next_window(p, fresh, gained, random)
+    kind_next = S.position_kinds(body_next + gained[:, None], rows, cols)
+    new_drafts, new_q = force_layout(new_drafts, new_q, kind_next, n_codes)
+    return tokens, gained, new_drafts, new_q
+
+
+def random_drafts(seed, step, length: int, n_codes: int):
+    """Uniformly random codes (local ids) to refill a window: SJD's initial drafts."""
+    u = S.counter_uniform(seed, step, torch.arange(length, device=seed.device), S.STREAM_DRAFT)
+    return (u * n_codes).long().clamp(max=n_codes - 1)

@@ -115,3 +115,16 @@ def test_int8_weight_only_on_cpu(model, small_layout):
     (res,) = Engine(model, small_layout, max_batch=1, window=4, kv_bucket=64).generate(
         [Request("q", small_layout.encode_prompt("int8"), 32, 32, seed=0)])
     assert res.error is None and res.codes.shape == (4, 4)
+
+
+@pytest.mark.slow
+def test_the_step_traces_as_whole_graphs_for_compile(model, small_layout):
+    """fullgraph=True: the forward and the sampling step have no graph break (CUDA graphs on GPUs);
+    the compiled engine gives the same images as the eager one."""
+    reqs = [Request(f"c{s}", small_layout.encode_prompt("compile"), 32, 64, seed=s, sjd=s != 1) for s in range(3)]
+    eager = {r.id: r.codes for r in Engine(model, small_layout, max_batch=2, window=4, kv_bucket=64).generate(reqs)}
+    model.clear_cache()
+    engine = Engine(model, small_layout, max_batch=2, window=4, kv_bucket=64, compile=True,
+                    compile_backend="aot_eager")
+    for r in engine.generate(reqs):
+        np.testing.assert_array_equal(r.codes, eager[r.id])
