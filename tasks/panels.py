@@ -89,7 +89,9 @@ def decode_image(data: bytes, ref: str, max_pixels: int = 50_000_000) -> np.ndar
         raise Reject("empty_file", f"{ref}: the file is empty (0 bytes); re-export or remove it")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit below decides; PIL's warning would only repeat it (its hard error at
+            # 2x Image.MAX_IMAGE_PIXELS, ~179 MP, still applies and becomes the same reject).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size
             # Checked before decoding: the header alone says how much memory the pixels would take.
@@ -104,7 +106,7 @@ def decode_image(data: bytes, ref: str, max_pixels: int = 50_000_000) -> np.ndar
         raise
     except UnidentifiedImageError:
         raise Reject("corrupt_image", f"{ref}: not a readable image (unknown or damaged format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise Reject("too_many_pixels", f"{ref}: {e}") from None
     except OSError as e:
         msg = str(e)
