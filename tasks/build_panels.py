@@ -165,16 +165,25 @@ class PanelMaker:
         return self._row(item, task, bucket, pair.subject.image, pair.scene.image, pair.scene.caption,
                          params, index, subject=pair.description)
 
-    def _load(self, path: str, ref: str) -> np.ndarray:
-        return decode_image(read_bytes(path, ref), ref, self.pc.max_pixels)
+    def _load(self, path: str, ref: str, dual: bool, size: tuple | None = None):
+        """Decode an image for a panel; returns (image, bucket, panel size). The bucket comes from
+        the full-size header (a JPEG may decode smaller, never below its panel); `size` fixes
+        (bucket, panel) instead, for the second image of a pair."""
+        chosen = {}
+
+        def panel_for(w: int, h: int) -> tuple[int, int]:
+            chosen["size"] = size or bucket_for(w, h, self.pc.stage_size, dual)
+            return chosen["size"][1]
+
+        image = decode_image(read_bytes(path, ref), ref, self.pc.max_pixels, panel_for)
+        bucket, psize = chosen["size"]
+        return fit(image, psize, ref, self.pc.max_upscale), bucket, psize
 
     def _folder(self, item: dict, task: str) -> dict:
         ref = item["ref"]
         caption = clean_caption(item.get("caption"), ref)
-        image = self._load(item["path"], ref)
+        image, bucket, _ = self._load(item["path"], ref, is_dual(task))
         kind, control = split_task(task)
-        bucket, psize = bucket_for(image.shape[1], image.shape[0], self.pc.stage_size, is_dual(task))
-        image = fit(image, psize, ref, self.pc.max_upscale)
         if kind == "t2i":
             return self._row(item, task, bucket, image, None, caption, {}, item["index"])
         cmap = self._map(control, image)
@@ -186,12 +195,9 @@ class PanelMaker:
         what = "instruction" if task == "edit" else "subject"
         text = clean_caption(item.get("text"), ref, what)
         caption = clean_caption(item.get("caption"), ref)
-        upper = self._load(item["upper_path"], ref)
-        lower = self._load(item["lower_path"], ref)
         # The panel size follows the picture the model must produce (the lower panel).
-        bucket, psize = bucket_for(lower.shape[1], lower.shape[0], self.pc.stage_size, dual=True)
-        upper = fit(upper, psize, ref, self.pc.max_upscale)
-        lower = fit(lower, psize, ref, self.pc.max_upscale)
+        lower, bucket, psize = self._load(item["lower_path"], ref, dual=True)
+        upper, _, _ = self._load(item["upper_path"], ref, dual=True, size=(bucket, psize))
         return self._row(item, task, bucket, upper, lower, caption, {}, item["index"], **{what: text})
 
     def _generated(self, item: dict) -> dict:

@@ -12,8 +12,10 @@ width x height/2 each (REFERENCE.md, "Sequence layout").
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -83,8 +85,14 @@ def _to_uint8_rgb(im: Image.Image, ref: str) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8).copy()
 
 
-def decode_image(data: bytes, ref: str, max_pixels: int = 50_000_000) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB [H, W, 3], upright (EXIF orientation applied). Raises Reject."""
+def decode_image(data: bytes, ref: str, max_pixels: int = 50_000_000,
+                 panel_for: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB [H, W, 3], upright (EXIF orientation applied). Raises Reject.
+
+    panel_for(width, height) -> the (w, h) panel the upright image will be fitted to (called with
+    the full size from the header, before decoding, whatever the format): a JPEG is then decoded at the smallest 1/2, 1/4 or 1/8 DCT scale that still covers it (a 12 MP photo
+    for a 512 px panel decodes several times faster, and the result still needs no upscaling).
+    """
     if not data:
         raise Reject("empty_file", f"{ref}: the file is empty (0 bytes); re-export or remove it")
     try:
@@ -99,6 +107,13 @@ def decode_image(data: bytes, ref: str, max_pixels: int = 50_000_000) -> np.ndar
                 raise Reject("too_many_pixels",
                              f"{ref}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
                              "(a decompression bomb, or raise panels.max_pixels)")
+            if panel_for is not None:
+                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF says: stored sideways
+                uw, uh = (h, w) if turned else (w, h)
+                pw, ph = panel_for(uw, uh)
+                scale = max(pw / uw, ph / uh)
+                if scale < 1 and im.format == "JPEG":
+                    im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             im.load()
             im = ImageOps.exif_transpose(im)  # EXIF-rotated phone photos come out upright
             return _to_uint8_rgb(im, ref)

@@ -215,3 +215,20 @@ def test_interrupted_build_finishes_only_the_remaining_units(tmp_path):
     assert a.equals(b)
     again = run_build(cfg, use_ray=False)
     assert again["units_run"] == 0 and again["rows_out"] == 40
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_panel():
+    img = cv2.resize(render_scene(2, 200, 150).image, (1600, 1200), interpolation=cv2.INTER_CUBIC)
+    ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    seen = []
+
+    def panel_for(w, h):
+        seen.append((w, h))
+        return (256, 192)
+
+    small = decode_image(jpg.tobytes(), "big.jpg", panel_for=panel_for)
+    assert seen == [(1600, 1200)]  # asked with the full size, before decoding
+    assert small.shape == (300, 400, 3)  # 1/4 scale: the smallest that still covers 256x192
+    full = decode_image(jpg.tobytes(), "big.jpg")
+    a, b = fit(small, (256, 192), "big.jpg"), fit(full, (256, 192), "big.jpg")
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 3  # the same panel, for a fraction of the decode
