@@ -156,6 +156,12 @@ class GenerateConfig(Section):
     top_k: int = 4096
     sjd: bool = True
     sjd_window: int = 16
+    # The engine (issue 6, model/engine.py, docs/generate.md): weight-only quantization (int8 on CPU,
+    # int4 on CUDA), torch.compile of the decode step (CUDA graphs, GPUs only), and the granularity
+    # of the attended cache length (one compiled graph per bucket).
+    quantize: Literal["none", "int8", "int4"] = "none"
+    compile: bool = False
+    kv_bucket: int = 512
     # Bulk jobs (issue 7): inputs, counts, best-of-N and the quality filter, work units.
     inputs: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
