@@ -25,6 +25,7 @@ FLOWS: dict[str, tuple[str, str, str]] = {
     "pretokenize": ("flows.pretokenize", "pretokenize", "encode panels into token shards with MoVQGAN (step 2)"),
     "train": ("flows.train", "train", "train the decoder stage by stage (step 3)"),
     "generate": ("flows.generate", "generate", "generate image pairs in bulk (step 4)"),
+    "evaluate": ("flows.evaluate", "evaluate", "control F1, depth RMSE, caption agreement of generated pairs (step 5)"),
     "retrain": ("flows.retrain", "retrain", "the whole pipeline end to end: panels, tokens, training, generation, evaluation"),
 }
 

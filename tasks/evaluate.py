@@ -15,9 +15,10 @@ Figures, each beside the same figure for an unconditioned floor (what chance giv
   dense:depth  RMSE between the generated depth map and the re-rendered scene's exact depth.
 - t2i (and the lower panel of control rows)  caption agreement: the share of the shapes a caption
   asks for whose colour is present, and whose colour and kind are present (tasks/shape_detector.py).
-The floor pairs each row with the next row of the same task (rows sorted by id, cyclically): the
-control map or caption of one row against the picture generated for ANOTHER row, i.e. a picture
-that is a plausible sample but not conditioned on this input.
+The floor pairs each row with the next row of the same task (rows sorted by id, cyclically; a
+t2i or control row alone in its task takes the next other t2i/control row, its picture resized):
+the control map or caption of one row against the picture generated for ANOTHER row, i.e. a
+picture that is a plausible sample but not conditioned on this input.
 
 The rows are scored by a Ray Data job (tasks/ray_jobs.map_units), units of evaluate.rows_per_unit
 rows; only per-row figures travel back. The driver then writes report.md, the evaluation sheets
@@ -32,6 +33,7 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from model.prompts import is_dual
@@ -94,13 +96,21 @@ def caption_of(row: dict) -> str:
     return params.get("input_caption") or row.get("caption") or ""
 
 
-def scene_image(row: dict, panels: dict) -> np.ndarray | None:
-    """The generated picture that should show the caption's scene: t2i's image, control's lower."""
-    if row["task"] == "t2i":
-        return panels["upper"]
-    if row["task"].startswith("control:"):
-        return panels["lower"]
-    return None
+def shows_scene(task: str) -> bool:
+    """Whether a task's generated picture should show the caption's scene (t2i, control:*)."""
+    return task == "t2i" or task.startswith("control:")
+
+
+def generated_picture(row: dict) -> np.ndarray:
+    """The picture the model drew: the whole image for t2i, else the lower panel."""
+    return decode_panel(row["upper"] if row.get("lower") is None else row["lower"])
+
+
+def _fit(picture: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A partner's picture at this row's size (rows of another task may differ in size)."""
+    if picture.shape[:2] == like.shape[:2]:
+        return picture
+    return cv2.resize(picture, (like.shape[1], like.shape[0]), interpolation=cv2.INTER_AREA)
 
 
 class RowScorer:
@@ -113,44 +123,42 @@ class RowScorer:
 
     def __call__(self, row: dict, partner: dict | None) -> list[dict]:
         task = row["task"]
-        own = _panels(row)
-        other = _panels(partner) if partner is not None else None
+        upper = decode_panel(row["upper"])
+        picture = generated_picture(row)
+        other = _fit(generated_picture(partner), picture) if partner is not None else None
         out: list[dict] = []
 
-        def add(metric: str, fn: Callable[[dict], float | None]) -> None:
-            value = fn(own)
+        def add(metric: str, fn: Callable[[np.ndarray], float | None]) -> None:
+            value = fn(picture)
             if value is None:
                 return
             floor = fn(other) if other is not None else None
             out.append({"id": row["id"], "task": task, "metric": metric, "value": value, "floor": floor})
 
         if task == "control:canny":
-            add("canny_f1", lambda p: canny_f1(own["upper"], p["lower"], self.low, self.high))
+            add("canny_f1", lambda pic: canny_f1(upper, pic, self.low, self.high))
         elif task == "dense:canny":
-            add("canny_f1", lambda p: canny_f1(p["lower"], own["upper"], self.low, self.high))
+            add("canny_f1", lambda pic: canny_f1(pic, upper, self.low, self.high))
         elif task in ("control:depth", "dense:depth"):
             scene = scene_of(row)
-            if task == "control:depth" and scene is not None and np.array_equal(scene.depth_vis, own["upper"][..., 0]):
-                add("depth_rmse", lambda p: depth_rmse(shapes_depth(p["lower"], scene), own["upper"]))
+            if task == "control:depth" and scene is not None and np.array_equal(scene.depth_vis, upper[..., 0]):
+                add("depth_rmse", lambda pic: depth_rmse(shapes_depth(pic, scene), upper))
             elif task == "control:depth" and self.estimator is not None:
-                add("depth_rmse", lambda p: depth_rmse(self.estimator(p["lower"]), own["upper"]))
-            elif task == "dense:depth" and scene is not None and np.array_equal(scene.image, own["upper"]):
-                add("depth_rmse", lambda p: depth_rmse(p["lower"], scene.depth_vis))
+                add("depth_rmse", lambda pic: depth_rmse(self.estimator(pic), upper))
+            elif task == "dense:depth" and scene is not None and np.array_equal(scene.image, upper):
+                add("depth_rmse", lambda pic: depth_rmse(pic, scene.depth_vis))
         asked = asked_shapes(caption_of(row))
-        if asked and scene_image(row, own) is not None:
-            def agree(p: dict, i: int) -> float | None:
-                image = scene_image(row, p)
-                got = agreement(detect_shapes(image, self.min_frac), asked) if image is not None else None
-                return None if got is None else got[i]
+        if asked and shows_scene(task):
+            found: dict[int, tuple[float, float]] = {}  # one detection per picture for both figures
 
-            add("caption_colour", lambda p: agree(p, 0))
-            add("caption_shape", lambda p: agree(p, 1))
+            def agree(pic: np.ndarray, i: int) -> float:
+                if id(pic) not in found:
+                    found[id(pic)] = agreement(detect_shapes(pic, self.min_frac), asked)
+                return found[id(pic)][i]
+
+            add("caption_colour", lambda pic: agree(pic, 0))
+            add("caption_shape", lambda pic: agree(pic, 1))
         return out
-
-
-def _panels(row: dict) -> dict:
-    return {"upper": decode_panel(row["upper"]),
-            "lower": decode_panel(row["lower"]) if row.get("lower") is not None else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,15 +166,21 @@ def _panels(row: dict) -> dict:
 
 
 def partners(ids: list[str], tasks: list[str]) -> list[int | None]:
-    """For each row, the index of the next row of the same task (by id, cyclic); None if alone."""
+    """For each row, the row whose picture gives its floor: the next row of the same task (by id,
+    cyclic); a row alone in its task whose picture shows a scene (t2i, control:*) takes the next
+    other such row; None when there is none."""
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
     groups: dict[str, list[int]] = defaultdict(list)
-    for i in sorted(range(len(ids)), key=lambda i: ids[i]):
+    for i in order:
         groups[tasks[i]].append(i)
+    scenes = [i for i in order if shows_scene(tasks[i])]
     out: list[int | None] = [None] * len(ids)
     for members in groups.values():
-        if len(members) > 1:
-            for k, i in enumerate(members):
+        for k, i in enumerate(members):
+            if len(members) > 1:
                 out[i] = members[(k + 1) % len(members)]
+            elif shows_scene(tasks[i]) and len(scenes) > 1:
+                out[i] = scenes[(scenes.index(i) + 1) % len(scenes)]
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from tasks.evaluate import METRICS, caption_of, scene_of, shapes_depth
 from tasks.panels import decode_panel
-from tasks.shape_detector import asked_shapes, detect_shapes
+from tasks.shape_detector import detect_shapes
 from tasks.verify import binary_map, canny_edges
 
 TILE = 160  # tile height in the sheets, pixels

@@ -98,10 +98,12 @@ def test_detector_finds_asked_colour_and_shape_on_rendered_scenes(size):
 
 
 def test_partners_pair_rows_of_the_same_task_never_themselves():
-    ids = ["d", "a", "c", "b", "e"]
-    tasks = ["t2i", "t2i", "control:canny", "t2i", "dense:depth"]
+    ids = ["d", "a", "c", "b", "e", "f"]
+    tasks = ["t2i", "t2i", "control:canny", "t2i", "dense:depth", "edit"]
     got = partners(ids, tasks)
-    assert got == [1, 3, None, 0, None]  # t2i by id: a -> b -> d -> a; lone tasks have no floor
+    # t2i by id: a -> b -> d -> a; the lone control row takes the next scene picture (d);
+    # lone dense/edit rows have no floor
+    assert got == [1, 3, 0, 0, None, None]
 
 
 def test_perfect_generator_beats_the_floor_and_report_is_written(tmp_path):
