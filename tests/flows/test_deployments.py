@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -160,15 +161,18 @@ def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path):
 
         overrides = [f"workdir={work}", "panels.source.count=6", "panels.rows_per_unit=3", "panels.workers=1",
                      "panels.stage_size=64", "panels.contact_sheet=4"]
-        run = _api(url, f"/deployments/{deployment['id']}/create_flow_run",
-                   {"parameters": {"config_path": "configs/tiny.yaml", "overrides": overrides}})
+        out = _run([str(BIN / "prefect"), "deployment", "run", "build-panels/build-panels",
+                    "-p", "overrides=" + json.dumps(overrides)], env)
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
         worker = subprocess.run(
             [str(BIN / "prefect"), "worker", "start", "--pool", "local-pool", "--run-once"],
             cwd=ROOT, env=_env(PREFECT_HOME=str(prefect_home), PREFECT_API_URL=url,
                                RAY_ADDRESS=f"127.0.0.1:{ray_port}"),
             capture_output=True, text=True, timeout=240)
         logs = worker.stdout + worker.stderr
-        state = _api(url, f"/flow_runs/{run['id']}")["state"]
+        flow_run = _api(url, f"/flow_runs/{run_id}")
+        assert flow_run["parameters"]["overrides"] == overrides
+        state = flow_run["state"]
         assert state["type"] == "COMPLETED", f"flow run {state['type']}: {state.get('message')}\n{logs[-5000:]}"
         # Ray's own line: the flow run joined this head instead of starting Ray in its process.
         assert "Connecting to existing Ray cluster at address:" in logs and f":{ray_port}..." in logs, logs[-5000:]
