@@ -354,6 +354,8 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
                     for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri), num_workers=workers,
                                             num_gpus=1 if gpus else 0, num_cpus=1):
                         writer.commit(result["info"])
+                        log.info("generate: unit %s committed (node %s, %.1f s)", result["info"]["unit"],
+                                 result["stats"].get("node"), result["stats"]["unit_s"])
                         _account(state, result["stats"])
                         _report(state, progress)
                 except Exception as e:  # a lost node can fail the whole Ray Data run: resume the rest
@@ -361,7 +363,8 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
                         raise
                     log.warning("generate: Ray failure (%s: %s); rerunning the %d units not committed",
                                 type(e).__name__, str(e)[:200], len([u for u in units if u["unit"] not in writer.done_units]))
-    manifest = writer.finalize(pairs=len(expanded.pairs), request_rejects=len(expanded.rejects))
+    fixed = reconcile(writer, {u["unit"] for u in units} - done)
+    manifest = writer.finalize(pairs=len(expanded.pairs), request_rejects=len(expanded.rejects), recommitted=fixed)
     elapsed = time.perf_counter() - t0
     rows = sum(e["rows"] for e in manifest["shards"])
     rej_by_reason: dict[str, int] = {}
@@ -379,6 +382,40 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
         "rows_per_task": _rows_per_task(manifest),
         "nodes": state["nodes"], "rewrite": rewriter.stats if rewriter else None,
     }
+
+
+def reconcile(writer, units: set[str]) -> int:
+    """Re-hash the files of the units run now; re-commit any that changed after its commit.
+
+    A worker on a node that Ray declared dead can still finish its unit and rename its shard over
+    the retry's (a zombie writer on shared storage). Either file is a whole, valid generation of
+    the unit (written atomically), but its sha256 is not the committed one (timings differ). Hashing
+    is negligible beside generating the images; returns the number of entries re-committed."""
+    import hashlib as _h
+
+    loc = writer.loc
+    fixed = 0
+    for unit in sorted(units & writer.done_units):
+        info = {"unit": unit, "shard": None, "rejects": None}
+        changed = False
+        for key, single in (("shards", "shard"), ("rejects", "rejects")):
+            entry = next((dict(e) for e in writer.manifest[key] if e["unit"] == unit), None)
+            if entry is None:
+                continue
+            hasher, size = _h.sha256(), 0
+            with loc.fs.open_input_stream(loc.join(entry["file"])) as f:
+                while chunk := f.read(8 << 20):
+                    hasher.update(chunk)
+                    size += len(chunk)
+            if hasher.hexdigest() != entry["sha256"]:
+                log.warning("generate: %s was rewritten after its commit (a worker of a lost node); re-committed", entry["file"])
+                entry.update(sha256=hasher.hexdigest(), bytes=size)
+                changed = True
+            info[single] = entry
+        if changed:
+            writer.commit(info)
+            fixed += 1
+    return fixed
 
 
 def _account(state: dict, s: dict) -> None:
