@@ -46,6 +46,7 @@ class Batch:
 
     inputs: torch.Tensor
     labels: torch.Tensor
+    tokens: int = 0  # real (unpadded) input positions
 
     @property
     def supervised(self) -> int:
@@ -86,7 +87,8 @@ def make_batch(samples: list[tuple[list[int], int]], pad_id: int = 0, pad_multip
         lab = x[1:].clone()
         lab[: max(loss_start - 1, 0)] = IGNORE  # label at position p is token p+1
         labels[i, :n] = lab
-    return Batch(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+    real = sum(len(ids) - 1 for ids, _ in samples)
+    return Batch(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True), real)
 
 
 def cfg_dropped(seed: int, *key, p: float = 0.1) -> bool:
@@ -133,7 +135,9 @@ def build_optimizer(model: nn.Module, lr: float, betas=(0.9, 0.95), weight_decay
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+        # The qk-norm gains and biases are [heads, head_dim] matrices but norms all the same.
+        matrix = p.ndim >= 2 and "tok_embeddings" not in name and "norm" not in name
+        (decay if matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if fused is None:
         fused = all(p.is_cuda for p in decay + no_decay)
@@ -226,12 +230,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     """One optimizer step over the micro batches of this rank -> metrics of the global batch.
 
     Returns loss (cross-entropy per supervised token), z_loss (mean logsumexp^2), tokens
-    (supervised, global), seq_tokens (inputs incl. prompt, global), grad_norm, lr.
+    (supervised, global), seq_tokens (real input positions incl. prompts, no padding, global),
+    grad_norm, lr.
     """
     device = micro_batches[0].inputs.device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     local = [b.supervised for b in micro_batches]
-    n_global, seq_global = _all_sum([float(sum(local)), float(sum(b.inputs.numel() for b in micro_batches))], device)
+    n_global, seq_global = _all_sum([float(sum(local)), float(sum(b.tokens for b in micro_batches))], device)
     if n_global == 0:
         raise ValueError("train_step: the global batch has no supervised tokens (all labels are -100)")
     for group in optimizer.param_groups:

@@ -1,0 +1,70 @@
+"""Prefect flow: train the decoder stage by stage on tokens/ (pipeline step 3; docs/train.md).
+
+    python -m flows.train configs/tiny.yaml
+    python -m flows.train configs/tiny.yaml train.workers=0     # in this process, without Ray
+
+Checks the whole plan before any compute (tasks/train.py: layout fingerprint, context length,
+stages without data, checkpoints of another preset), then runs each stage as its own Prefect
+task, each a Ray Train job. A stage that finished (its summary.json exists) returns at once
+when the flow is rerun; a stage that was interrupted resumes from its newest checkpoint.
+Publishes a table artifact (one row per stage) and a markdown artifact with the loss curve.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.config import load_config
+from tasks.train import plan_training, stage_done, train as run_train
+
+
+@task(name="train-stage", task_run_name="train {name}")
+def train_stage(config_path: str, overrides: list[str], index: int, name: str) -> dict:
+    cfg = load_config(config_path, overrides)
+    summary = run_train(cfg, stages=[index])
+    stage = summary["stages"][-1]
+    get_run_logger().info("%s: %s, final loss %.4f, %.0f tokens/s, MFU %.3f -> %s", name,
+                          "ran" if summary["ran"] else "already done", stage["final_loss"], stage["tokens_per_s"],
+                          stage["mfu"], stage["export"])
+    return {**stage, "ran": bool(summary["ran"]), "run_dir": summary["run_dir"]}
+
+
+def _publish(run_dir: str, stages: list[dict]) -> None:
+    create_table_artifact(
+        [{"stage": s["stage"], "steps": s["steps"], "final_loss": round(s["final_loss"], 4),
+          "tokens_per_s": round(s["tokens_per_s"]), "mfu": round(s["mfu"], 4), "ran_now": s["ran"],
+          "export": s["export"]} for s in stages],
+        key="train-stages", description=f"{run_dir}: one row per stage")
+    png = Path(run_dir) / "loss.png"
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode()
+        create_markdown_artifact(
+            f"# Loss curve: {run_dir}\n\n![loss curve](data:image/png;base64,{data})\n\n"
+            f"TensorBoard: `tensorboard --logdir {run_dir}/tb`", key="train-loss-curve",
+            description="cross-entropy on the image tokens per optimizer step, stages in order")
+
+
+@flow(name="train", log_prints=True)
+def train(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
+    """Run (or finish) every stage of the config's training; returns the run's summary."""
+    overrides = list(overrides or [])
+    cfg = load_config(config_path, overrides)
+    plan = plan_training(cfg)  # every bad-input error before any compute
+    stages = [train_stage(config_path, overrides, s["index"], s["name"]) for s in plan["stages"]]
+    _publish(plan["run_dir"], stages)
+    summary = {"run_dir": plan["run_dir"], "stages": stages, "final_loss": stages[-1]["final_loss"],
+               "export": stages[-1]["export"], "loss_curve": str(Path(plan["run_dir"]) / "loss.png"),
+               "ran": [s["stage"] for s in stages if s["ran"]],
+               "done": [s["name"] for s in plan["stages"] if stage_done(Path(plan["run_dir"]), s["name"])]}
+    get_run_logger().info("train: %d stages, final loss %.4f, export %s", len(stages), summary["final_loss"],
+                          summary["export"])
+    return summary
+
+
+if __name__ == "__main__":
+    print(json.dumps(train(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))

@@ -1,0 +1,647 @@
+"""Staged training of the decoder on tokens/ with Ray Train (issue 5; docs/train.md).
+
+    python -c "from tasks.config import load_config; from tasks.train import train; print(train(load_config('configs/tiny.yaml')))"
+
+The driver checks everything it can before any compute (layout fingerprint, context length,
+stages without data, checkpoints of another preset), then runs the pending stages in one Ray
+Train TorchTrainer (DDP on gloo on CPUs, FSDP2 on GPUs: model/training.py), or in this
+process when train.workers is 0 (a GPU machine without Ray).
+
+On disk, under <workdir>/runs/<run>/:
+    run.json                      the architecture and layout this run is bound to
+    stage-<k>/ckpt/step-<n>/      torch.distributed.checkpoint of model + optimizer, and
+                                  trainer.json (step, loader position, loss history) written last
+    stage-<k>/export/             the finished stage in the release's format (model/hf_checkpoint.py)
+    stage-<k>/summary.json        written last: the stage is done and is never run again
+    tb/                           TensorBoard events: loss, z_loss, lr, tokens_per_s, mfu
+    loss.png                      the loss curve of every stage so far
+
+Data: each worker reads its rows (Dataset.partition) of the stage's buckets; every optimizer
+step draws the whole global batch from ONE bucket (Lumina-mGPT FP-SFT: similar lengths in a
+batch), in an order that is a pure function of (seed, stage, step), so a run resumed from a
+checkpoint sees the same batches, CFG drops and losses as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from model.buckets import buckets_for
+from model.decoder import ModelArgs
+from model.layout import Layout
+from storage import StorageError, open_dataset
+from tasks.config import PipelineConfig, StageConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when run.json / trainer.json change incompatibly
+
+
+class TrainError(ValueError):
+    """Training cannot start (or continue): the message says what was wrong, where, and what to do."""
+
+
+# --- the plan: every check before compute ------------------------------------------------------
+
+def dataset_uri(cfg: PipelineConfig, name: str) -> str:
+    return name if "://" in name or name.startswith("/") else cfg.dataset_uri(name)
+
+
+def run_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.workdir) / "runs" / cfg.train.run
+
+
+def stage_names(cfg: PipelineConfig) -> list[str]:
+    return [s.name or f"stage-{k + 1}" for k, s in enumerate(cfg.train.stages)]
+
+
+def stage_buckets(stage: StageConfig) -> list[str]:
+    return list(stage.buckets) if stage.buckets else [f"{w}x{h}" for w, h in buckets_for(stage.px)]
+
+
+def model_args(cfg: PipelineConfig, layout: Layout) -> ModelArgs:
+    try:
+        return ModelArgs.from_name(cfg.models.decoder_preset, **{"vocab_size": layout.vocab_size,
+                                                                 **cfg.train.model_overrides})
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"models.decoder_preset / train.model_overrides: {e}") from None
+
+
+def dataset_fingerprint(meta: dict) -> str | None:
+    """The layout fingerprint a tokens manifest records (tasks/tokenize.py writes layout.meta())."""
+    return meta.get("layout_fingerprint") or meta.get("fingerprint")
+
+
+def _args_dict(args: ModelArgs) -> dict:
+    from dataclasses import asdict
+
+    return asdict(args)
+
+
+def _check_init(folder: str, args: ModelArgs, layout: Layout) -> None:
+    from model.hf_checkpoint import CheckpointError, args_from_hf_config
+
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise TrainError(f"train.init_from {folder!r}: no config.json (expected a transformers-format decoder folder)")
+    try:
+        theirs = args_from_hf_config(json.loads(cfg_path.read_text()), str(cfg_path))
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    diff = args.matches(theirs)
+    if diff:
+        raise TrainError(f"{folder}: a checkpoint of another architecture (differs in {diff}: "
+                         f"{ {k: getattr(theirs, k) for k in diff} } vs the config's "
+                         f"{ {k: getattr(args, k) for k in diff} }); set models.decoder_preset to its preset")
+    meta_path = Path(folder) / "panelforge.json"
+    fp = dataset_fingerprint(json.loads(meta_path.read_text())) if meta_path.is_file() else None
+    if fp and fp != layout.fingerprint:
+        raise TrainError(f"{folder}: trained with layout {fp}, the config's layout is {layout.fingerprint}")
+
+
+def bucket_index(table_buckets: list[str], buckets: list[str]) -> np.ndarray:
+    pos = {b: i for i, b in enumerate(buckets)}
+    return np.array([pos.get(b, -1) for b in table_buckets], dtype=np.int64)
+
+
+def rank_index(ds, world: int) -> np.ndarray:
+    rank_of = np.full(len(ds), -1, dtype=np.int64)
+    for r in range(world):
+        rank_of[np.asarray(ds.partition(r, world), dtype=np.int64)] = r
+    return rank_of
+
+
+class StageSchedule:
+    """Which rows each rank trains on at each step of a stage: a pure function of the step.
+
+    Per epoch, each (bucket, rank) row list is shuffled; a step takes per_rank rows of one
+    bucket on every rank; the bucket order of the epoch is shuffled with a seed all ranks
+    share. Rows left over (fewer than per_rank on some rank) wait for a later epoch's shuffle.
+    """
+
+    def __init__(self, bucket_of: np.ndarray, rank_of: np.ndarray, n_buckets: int, world: int, per_rank: int,
+                 seed: int, stage: int):
+        self.world, self.per_rank, self.seed, self.stage = world, per_rank, seed, stage
+        self.rows = [[np.flatnonzero((bucket_of == b) & (rank_of == r)) for r in range(world)]
+                     for b in range(n_buckets)]
+        self.per_bucket = [min(len(rr) for rr in self.rows[b]) // per_rank for b in range(n_buckets)]
+        self.steps_per_epoch = sum(self.per_bucket)
+        self._epoch: tuple[int, list] | None = None
+
+    def _order(self, epoch: int) -> list[tuple[int, int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = [(b, i) for b, n in enumerate(self.per_bucket) for i in range(n)]
+            perm = np.random.default_rng([self.seed, self.stage, epoch]).permutation(len(order))
+            self._epoch = (epoch, [order[j] for j in perm])
+        return self._epoch[1]
+
+    def position(self, step: int) -> dict:
+        return {"epoch": step // self.steps_per_epoch, "index": step % self.steps_per_epoch}
+
+    def rows_for(self, step: int, rank: int) -> tuple[int, list[int]]:
+        """(bucket index, the rank's per_rank global row indices) of a step."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        b, i = self._order(epoch)[j]
+        rows = self.rows[b][rank]
+        perm = np.random.default_rng([self.seed, self.stage, epoch, b, rank]).permutation(len(rows))
+        return b, rows[perm[i * self.per_rank:(i + 1) * self.per_rank]].tolist()
+
+
+def plan_training(cfg: PipelineConfig) -> dict:
+    """Check the config, the dataset and the run folder; return the JSON-able plan the workers run.
+
+    Raises TrainError before any compute for: no stages, a dataset of another layout, a
+    sequence longer than the model's context, a stage with no (or too little) data in its
+    buckets, a batch that does not divide, an init checkpoint or a run folder of another preset.
+    """
+    tc = cfg.train
+    if not tc.stages:
+        raise TrainError("train.stages is empty: list at least one stage (configs/tiny.yaml has an example)")
+    layout = Layout.from_config(cfg.models)
+    args = model_args(cfg, layout)
+    uri = dataset_uri(cfg, tc.dataset)
+    try:
+        ds = open_dataset(uri)
+    except StorageError as e:
+        raise TrainError(f"train.dataset {uri}: {e}; run pretokenize first") from None
+    if ds.kind != "tokens":
+        raise TrainError(f"{uri}: a {ds.kind!r} dataset, expected 'tokens' (the pretokenize output)")
+    fp = dataset_fingerprint(ds.meta)
+    if fp != layout.fingerprint:
+        raise TrainError(f"{uri}/manifest.json: tokens made with layout {fp}, the model's layout "
+                         f"(models.tokenizer={cfg.models.tokenizer}, movqgan_preset={cfg.models.movqgan_preset}) "
+                         f"is {layout.fingerprint}; pretokenize again with this config or point models at the "
+                         "tokenizer the dataset was made with")
+    world = max(1, tc.workers)
+    table = ds.table(columns=["id", "bucket", "loss_start"])
+    lengths = np.concatenate([pc.list_value_length(b.column(0)).to_numpy(zero_copy_only=False)
+                              for b in ds.iter_batches(columns=["tokens"])] or [np.zeros(0, np.int64)])
+    max_id = max((pc.max(pc.list_flatten(b.column(0))).as_py() or 0 for b in ds.iter_batches(columns=["tokens"])),
+                 default=0)
+    if max_id >= args.vocab_size:
+        raise TrainError(f"{uri}: token id {max_id} does not fit the model's vocabulary of {args.vocab_size}")
+    ids = table.column("id").to_pylist()
+    row_buckets = table.column("bucket").to_pylist()
+    loss_start = table.column("loss_start").to_numpy()
+    rank_of = rank_index(ds, world)
+    found = {b: row_buckets.count(b) for b in sorted(set(row_buckets))}
+    stages = []
+    for k, (name, st) in enumerate(zip(stage_names(cfg), tc.stages)):
+        where = f"train.stages[{k}] ({name})"
+        buckets = stage_buckets(st)
+        bucket_of = bucket_index(row_buckets, buckets)
+        mine = np.flatnonzero(bucket_of >= 0)
+        if mine.size == 0:
+            raise TrainError(f"{where}: no rows of {uri} fall in its buckets {buckets} (px {st.px}); the dataset "
+                             f"has {found}; pretokenize at this stage's size or list buckets in {where}.buckets")
+        too_long = mine[lengths[mine] > args.max_seq_len]
+        if too_long.size:
+            i = int(too_long[0])
+            raise TrainError(f"{uri}: row {ids[i]!r} (bucket {row_buckets[i]}) has {int(lengths[i])} tokens, more than "
+                             f"the model's context of {args.max_seq_len} ({too_long.size} rows in {where}); "
+                             "sequences are never truncated: drop them at pretokenize (tokenize.max_seq) or "
+                             "raise max_seq_len in train.model_overrides")
+        bad = mine[(loss_start[mine] < 1) | (loss_start[mine] >= lengths[mine])]
+        if bad.size:
+            i = int(bad[0])
+            raise TrainError(f"{uri}: row {ids[i]!r} has loss_start {int(loss_start[i])} outside 1..{int(lengths[i]) - 1}")
+        if st.global_batch % (st.micro_batch * world):
+            raise TrainError(f"{where}: global_batch {st.global_batch} is not a multiple of micro_batch "
+                             f"{st.micro_batch} x {world} workers")
+        accum = st.global_batch // (st.micro_batch * world)
+        if (st.steps is None) == (st.samples is None):
+            raise TrainError(f"{where}: give exactly one of steps or samples")
+        steps = st.steps if st.steps is not None else math.ceil(st.samples / st.global_batch)
+        sched = StageSchedule(bucket_of, rank_of, len(buckets), world, st.micro_batch * accum, tc.seed, k)
+        if sched.steps_per_epoch == 0:
+            counts = {buckets[b]: [len(r) for r in sched.rows[b]] for b in range(len(buckets)) if any(map(len, sched.rows[b]))}
+            raise TrainError(f"{where}: no bucket holds a whole global batch: each of {world} workers needs "
+                             f"{st.micro_batch * accum} rows of one bucket, rows per worker are {counts}; "
+                             "lower global_batch or add data")
+        stages.append({"index": k, "name": name, "buckets": buckets, "lr": st.lr, "warmup": st.warmup_steps,
+                       "decay": st.decay, "min_lr_ratio": st.min_lr_ratio, "steps": steps, "accum": accum,
+                       "micro_batch": st.micro_batch, "global_batch": st.global_batch, "rows": int(mine.size),
+                       "steps_per_epoch": sched.steps_per_epoch, "px": st.px})
+    root = run_dir(cfg)
+    binding = {"format": FORMAT, "preset": cfg.models.decoder_preset, "args": _args_dict(args),
+               "layout_fingerprint": layout.fingerprint, "dataset": uri}
+    run_json = root / "run.json"
+    if run_json.is_file():
+        old = json.loads(run_json.read_text())
+        if old.get("args") != binding["args"] or old.get("layout_fingerprint") != binding["layout_fingerprint"]:
+            diff = sorted(k for k in set(old.get("args", {})) | set(binding["args"])
+                          if old.get("args", {}).get(k) != binding["args"].get(k))
+            raise TrainError(f"{run_json}: this run's checkpoints are of preset {old.get('preset')!r} "
+                             f"(differs in {diff or ['layout_fingerprint']}), the config asks for "
+                             f"{cfg.models.decoder_preset!r}; use another train.run or delete {root}")
+    init = tc.init_from
+    if init:
+        _check_init(init, args, layout)
+    return {"run_dir": str(root), "dataset": uri, "binding": binding, "layout": layout.meta(),
+            "image_start": layout.image_start, "stages": stages, "world": world, "init_from": init,
+            "train": tc.model_dump(exclude={"stages"}), "device": "cuda" if tc.use_gpu else "cpu"}
+
+
+# --- the worker loop ---------------------------------------------------------------------------
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def stage_done(root: Path, name: str) -> dict | None:
+    p = root / name / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer.json exists (written after the weights: complete)."""
+    done = sorted(p for p in (stage_dir / "ckpt").glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+class Worker:
+    """One rank's training of the plan's pending stages (Ray Train calls run(); so can a script)."""
+
+    def __init__(self, plan: dict):
+        import torch
+
+        self.plan, self.tc = plan, plan["train"]
+        self.root = Path(plan["run_dir"])
+        self.rank, self.world = _dist()
+        if self.world != plan["world"]:
+            raise TrainError(f"plan for {plan['world']} workers run on {self.world}")
+        if plan["device"] == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.ds = open_dataset(plan["dataset"])
+        table = self.ds.table(columns=["bucket"])
+        self.row_buckets = table.column("bucket").to_pylist()
+        self.rank_of = rank_index(self.ds, self.world)
+        self.args = ModelArgs(**plan["binding"]["args"])
+        self.writer = None
+
+    # -- model ---------------------------------------------------------------------------------
+    def _build(self, stage: dict):
+        import torch
+
+        from model.decoder import Decoder
+        from model.training import build_optimizer, parallelize
+
+        torch.manual_seed(self.tc["seed"])
+        k = stage["index"]
+        if k == 0 and self.plan["init_from"]:
+            from model.hf_checkpoint import load_decoder
+
+            model, _ = load_decoder(self.plan["init_from"], dtype=torch.float32, expect=self.args)
+            model.train()
+        else:
+            model = Decoder(self.args)  # stage 1: the seeded init, identical on every rank
+        model = parallelize(model, self.device, mixed_precision=self.tc["mixed_precision"],
+                            activation_checkpointing=self.tc["activation_checkpointing"],
+                            compile=self.tc["compile"])
+        optimizer = build_optimizer(model, stage["lr"], betas=self.tc["betas"], weight_decay=self.tc["weight_decay"])
+        if k > 0:
+            prev = self.plan["all_stages"][k - 1]
+            ckpt = latest_checkpoint(self.root / prev)
+            if ckpt is None:
+                raise TrainError(f"{self.root / prev}: stage {prev} has no final checkpoint to continue from")
+            self._load(ckpt, model, None)
+        return model, optimizer
+
+    def _state(self, model, optimizer):
+        from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+
+        if optimizer is None:
+            return {"model": get_model_state_dict(model)}
+        m, o = get_state_dict(model, optimizer)
+        return {"model": m, "optim": o}
+
+    def _load(self, path: Path, model, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        state = self._state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def _save(self, stage_dir: Path, step: int, model, optimizer, trainer: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        path = stage_dir / "ckpt" / f"step-{step:07d}"
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # a half-written save of a killed run
+        _barrier()
+        dcp.save(self._state(model, optimizer), checkpoint_id=str(path))
+        _barrier()
+        if self.rank == 0:
+            _write_json(path / "trainer.json", trainer)
+            done = sorted(p for p in (stage_dir / "ckpt").glob("step-*") if (p / "trainer.json").is_file())
+            for old in done[:-max(1, self.tc["keep_checkpoints"])]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def _export(self, stage: dict, model, history: list[dict]) -> None:
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from model.decoder import Decoder
+        from model.hf_checkpoint import save_decoder
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            with torch.device("meta"):
+                plain = Decoder(self.args)
+            plain.load_state_dict(full, assign=True)
+            meta = {"preset": self.plan["binding"]["preset"], "args": self.plan["binding"]["args"],
+                    "layout_fingerprint": self.plan["layout"]["fingerprint"], "layout": self.plan["layout"],
+                    "stage": stage["name"], "stage_index": stage["index"], "steps": stage["steps"],
+                    "px": stage["px"], "dataset": self.plan["dataset"], "final_loss": history[-1]["loss"]}
+            save_decoder(plain, self.root / stage["name"] / "export", meta,
+                         dtype=getattr(torch, self.tc["export_dtype"]))
+        _barrier()
+
+    # -- data ----------------------------------------------------------------------------------
+    def _fetch(self, sched: StageSchedule, stage: dict, step: int):
+        from model.training import cfg_dropped, drop_context, make_batch
+
+        b, rows = sched.rows_for(step, self.rank)
+        table = self.ds.take(rows, columns=["id", "tokens", "loss_start"])
+        samples = []
+        for rid, ids, start in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist(),
+                                   table.column("loss_start").to_pylist()):
+            if cfg_dropped(self.tc["seed"], stage["index"], step, rid, p=self.tc["cfg_drop"]):
+                ids, start = drop_context(ids, start, self.plan["image_start"])
+            samples.append((ids, start))
+        mb = stage["micro_batch"]
+        return b, [make_batch(samples[i:i + mb], pad_multiple=self.tc["pad_multiple"], device=self.device)
+                   for i in range(0, len(samples), mb)]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        for stage in self.plan["stages"]:
+            if stage_done(self.root, stage["name"]):
+                continue
+            self.run_stage(stage)
+
+    def run_stage(self, stage: dict) -> None:
+        import torch
+
+        from model.training import flops_per_token, lr_at, peak_flops, train_step
+
+        stage_dir = self.root / stage["name"]
+        if self.rank == 0:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        model, optimizer = self._build(stage)
+        sched = StageSchedule(bucket_index(self.row_buckets, stage["buckets"]), self.rank_of, len(stage["buckets"]),
+                              self.world, stage["micro_batch"] * stage["accum"], self.tc["seed"], stage["index"])
+        start, history = 0, []
+        ckpt = latest_checkpoint(stage_dir)
+        if ckpt is not None:
+            trainer = json.loads((ckpt / "trainer.json").read_text())
+            self._load(ckpt, model, optimizer)
+            start, history = trainer["step"], trainer["history"]
+            log.info("%s: resumed at step %d from %s", stage["name"], start, ckpt)
+        peak, peak_how = peak_flops(self.device, self.tc["peak_tflops"])
+        tb = self._tb(stage, start)
+        fault = self._fault(stage)
+        pool = ThreadPoolExecutor(1)  # reads the next step's rows while this one computes
+        pending = pool.submit(self._fetch, sched, stage, start) if start < stage["steps"] else None
+        for step in range(start, stage["steps"]):
+            b, batches = pending.result()
+            if step + 1 < stage["steps"]:
+                pending = pool.submit(self._fetch, sched, stage, step + 1)
+            lr = lr_at(step, peak=stage["lr"], total=stage["steps"], warmup=stage["warmup"], decay=stage["decay"],
+                       min_ratio=stage["min_lr_ratio"])
+            torch.manual_seed(hash((self.tc["seed"], stage["index"], step, self.rank)) & 0x7FFFFFFF)  # dropout
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m = train_step(model, optimizer, batches, lr, z_loss=self.tc["z_loss"], loss_chunk=self.tc["loss_chunk"],
+                           grad_clip=self.tc["grad_clip"])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            seq = m["seq_tokens"] / (stage["global_batch"])
+            m.update(step=step + 1, bucket=stage["buckets"][b], seconds=dt, tokens_per_s=m["seq_tokens"] / dt,
+                     mfu=m["seq_tokens"] / dt * flops_per_token(model, int(seq)) / (peak * self.world))
+            history.append({k: m[k] for k in ("step", "loss", "z_loss", "lr", "tokens", "seq_tokens", "bucket",
+                                              "grad_norm", "tokens_per_s", "mfu")})
+            if self.rank == 0:
+                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s mfu %.3f", stage["name"], step + 1,
+                         stage["steps"], m["loss"], lr, m["tokens_per_s"], m["mfu"])
+                for key in ("loss", "z_loss", "lr", "tokens_per_s", "mfu", "grad_norm"):
+                    tb.add_scalar(f"{stage['name']}/{key}", m[key], step + 1)
+                tb.flush()
+            last = step + 1 == stage["steps"]
+            if last or (step + 1) % self.tc["checkpoint_every"] == 0:
+                trainer = {"format": FORMAT, "stage": stage["name"], "step": step + 1,
+                           "loader": sched.position(step + 1), "history": history, "binding": self.plan["binding"]}
+                self._save(stage_dir, step + 1, model, optimizer, trainer)
+            if fault == step + 1:
+                self._inject_fault(stage_dir)
+        pool.shutdown()
+        self._export(stage, model, history)
+        if self.rank == 0:
+            tb.close()
+            summary = {"stage": stage["name"], "index": stage["index"], "steps": stage["steps"],
+                       "final_loss": history[-1]["loss"], "losses": [h["loss"] for h in history],
+                       "export": str(stage_dir / "export"), "peak_flops": peak, "peak_flops_from": peak_how,
+                       "tokens_per_s": float(np.median([h["tokens_per_s"] for h in history])),
+                       "mfu": float(np.median([h["mfu"] for h in history])), "history": history}
+            _write_json(stage_dir / "summary.json", summary)
+            draw_loss_curve(collect_history(self.root, self.plan["all_stages"]), self.root / "loss.png")
+        _barrier()
+
+    def _tb(self, stage: dict, start: int):
+        if self.rank != 0:
+            return None
+        from tensorboardX import SummaryWriter
+
+        # purge_step drops events past the checkpoint that a killed run had logged.
+        return SummaryWriter(str(self.root / "tb" / stage["name"]), purge_step=start + 1 if start else None)
+
+    def _fault(self, stage: dict) -> int | None:
+        spec = self.tc.get("fault")
+        if not spec or (self.root / "fault-fired").exists():
+            return None
+        name, _, step = spec.partition(":")
+        return int(step) if name in (stage["name"], str(stage["index"] + 1)) else None
+
+    def _inject_fault(self, stage_dir: Path) -> None:
+        _barrier()
+        if self.rank == 0:
+            (self.root / "fault-fired").write_text(str(stage_dir))
+        _barrier()
+        if self.world > 1 and self.rank == self.world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies as in a preemption
+        raise RuntimeError(f"fault injected after {stage_dir.name} step (train.fault)")
+
+
+def train_loop_per_worker(plan: dict) -> None:
+    """Ray Train's entry point on each worker (the process group is already set up)."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if plan["device"] == "cpu":
+        torch.set_num_threads(plan["threads"])
+    Worker(plan).run()
+
+
+# --- metrics on disk ---------------------------------------------------------------------------
+
+def collect_history(root: Path, stages: list[str]) -> list[tuple[str, list[float]]]:
+    out = []
+    for name in stages:
+        s = stage_done(root, name)
+        if s:
+            out.append((name, s["losses"]))
+    return out
+
+
+def draw_loss_curve(curves: list[tuple[str, list[float]]], path: Path, size=(640, 360)) -> Path:
+    """Loss per optimizer step, stages one after another, drawn with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 50, w - 10, 20, h - 30
+    d.rectangle([left, top, right, bottom], outline="black")
+    values = [v for _, vs in curves for v in vs]
+    if values:
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1
+        n = len(values)
+        colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+
+        def xy(i, v):
+            return (left + (right - left) * i / max(1, n - 1), bottom - (bottom - top) * (v - lo) / (hi - lo))
+
+        i0 = 0
+        for k, (name, vs) in enumerate(curves):
+            pts = [xy(i0 + i, v) for i, v in enumerate(vs)]
+            color = colors[k % len(colors)]
+            if len(pts) > 1:
+                d.line(pts, fill=color, width=2)
+            else:
+                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+            d.text((pts[0][0] + 3, top + 3 + 12 * k), name, fill=color)
+            if i0:
+                d.line([xy(i0, lo)[0], top, xy(i0, lo)[0], bottom], fill="#bbbbbb")
+            i0 += len(vs)
+        d.text((2, top), f"{hi:.2f}", fill="black")
+        d.text((2, bottom - 10), f"{lo:.2f}", fill="black")
+        d.text((left, bottom + 8), f"loss over {n} steps", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def train(cfg: PipelineConfig, stages: list[int] | None = None) -> dict:
+    """Run the config's stages (all, or those indices) that are not done yet; return a summary.
+
+    A stage whose summary.json exists is skipped; one with checkpoints resumes from the newest.
+    """
+    plan = plan_training(cfg)
+    names = [s["name"] for s in plan["stages"]]
+    plan["all_stages"] = names
+    wanted = [s for s in plan["stages"] if stages is None or s["index"] in stages]
+    for s in wanted:  # a later stage starts from the previous one's final checkpoint
+        if s["index"] > 0 and not stage_done(Path(plan["run_dir"]), names[s["index"] - 1]) \
+                and plan["stages"][s["index"] - 1] not in wanted:
+            raise TrainError(f"stage {s['name']} needs stage {names[s['index'] - 1]} finished first")
+    root = Path(plan["run_dir"])
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "run.json").is_file():
+        _write_json(root / "run.json", plan["binding"])
+    pending = [s for s in wanted if not stage_done(root, s["name"])]
+    plan["stages"] = pending
+    t0 = time.time()
+    if pending:
+        log.info("train: stages %s of %s on %d %s worker(s) -> %s", [s["name"] for s in pending], names,
+                 plan["world"], plan["device"], root)
+        if cfg.train.workers == 0:
+            train_loop_local(plan)
+        else:
+            _fit_ray(cfg, plan)
+    done = {s["name"]: stage_done(root, s["name"]) for s in wanted}
+    missing = [n for n, s in done.items() if s is None]
+    if missing:
+        raise TrainError(f"stages {missing} did not finish; rerun to resume from their checkpoints in {root}")
+    summaries = [{k: v for k, v in s.items() if k != "history"} for s in done.values()]
+    return {"run_dir": str(root), "stages": summaries, "ran": [s["name"] for s in pending],
+            "loss_curve": str(root / "loss.png"), "tensorboard": str(root / "tb"),
+            "final_loss": summaries[-1]["final_loss"] if summaries else None, "seconds": time.time() - t0}
+
+
+def train_loop_local(plan: dict) -> None:
+    """The same loop in this process, without Ray or a process group (one CPU, or one GPU with a
+    one-rank group that parallelize() needs for FSDP2)."""
+    import torch
+    import torch.distributed as dist
+
+    if plan["device"] == "cuda" and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    Worker(plan).run()
+    del torch
+
+
+def _fit_ray(cfg: PipelineConfig, plan: dict) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tasks.ray_jobs import ray_started
+
+    plan["threads"] = 1  # one core per CPU worker: reproducible sums, no oversubscription
+    root = Path(plan["run_dir"])
+    with ray_started(cfg.ray):
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=plan,
+            scaling_config=ScalingConfig(num_workers=plan["world"], use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker=None if cfg.train.use_gpu else {"CPU": 1}),
+            run_config=RunConfig(name="ray", storage_path=str((root / "ray").resolve()),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps the worker's error; keep its message, say how to resume
+            raise TrainError(f"training failed in Ray Train ({type(e).__name__}: {str(e)[:2000]}); rerun to resume "
+                             f"from the newest checkpoint under {root}") from e
