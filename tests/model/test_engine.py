@@ -128,3 +128,21 @@ def test_the_step_traces_as_whole_graphs_for_compile(model, small_layout):
                     compile_backend="aot_eager")
     for r in engine.generate(reqs):
         np.testing.assert_array_equal(r.codes, eager[r.id])
+
+
+def test_with_the_real_shapes_layout(random_decoder):
+    """model/layout.py's Layout (the demo's shapes tokenizer): the engine's output parses under it."""
+    from model.layout import Layout
+
+    lay = Layout.shapes(codebook_size=16)
+    args = ModelArgs(vocab_size=lay.vocab_size, dim=64, n_layers=2, n_heads=4, intermediate_size=160,
+                     max_seq_len=256)
+    model = random_decoder(args, seed=4, scale=0.3)
+    upper = np.arange(16).reshape(2, 8) % 16
+    reqs = [Request("t", lay.encode_prompt("a red circle"), 32, 64, seed=1, task="t2i"),
+            Request("e", lay.encode_prompt("make it blue"), 32, 64, upper_codes=upper, seed=2, task="edit")]
+    out = {r.id: r for r in Engine(model, lay, max_batch=2, window=8, kv_bucket=64).generate(reqs)}
+    assert out["t"].error is None and out["t"].codes.shape == (4, 8)
+    np.testing.assert_array_equal(out["e"].codes[:2], upper)
+    ids, _ = lay.encode_sample("x", out["e"].codes)
+    np.testing.assert_array_equal(lay.parse_image(ids), out["e"].codes)
