@@ -176,3 +176,37 @@ def test_ray_job_gives_the_same_figures(tmp_path, ray_local):
     uri = write_generated(tmp_path, cfg, "oracle")
     local = run_evaluate(cfg, uri, use_ray=False)["table"]
     assert run_evaluate(cfg, uri, use_ray=True)["table"] == local
+
+
+def test_rows_written_by_the_generate_worker_get_every_figure(tmp_path):
+    """The real GenerateWorker's rows (stand-in engine, random tiny MoVQGAN): their source names the
+    shapes seed and the re-rendered scene reproduces the given maps, so every figure is computed;
+    a model that ignores its input scores at its floor."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gen_fixtures import StandInEngine, engine_types, write_config, write_tiny_models
+
+    from model.layout import Layout
+    from model.movqgan import load_movqgan
+    from tasks.generate import GenerateWorker, Parts, make_units, output_uri
+
+    models = write_tiny_models(tmp_path / "models")
+    inputs = {"kind": "shapes", "count": 8, "seed": 3, "tasks": TASKS[:4], "size": "64x64"}
+    cfg = load_config(write_config(tmp_path, models, {"inputs": inputs, "scorer": "none"}))
+    engine_types()
+    movq = load_movqgan(models[1], "tiny")
+    worker = GenerateWorker(cfg.model_dump(), output_uri(cfg),
+                            parts=Parts(StandInEngine(movq.n_embed), Layout.from_config(cfg.models), movq, "fp"))
+    w = DatasetWriter(output_uri(cfg), kind="generated")
+    for u in make_units(expand_inputs(cfg).pairs, 4):
+        w.commit(worker(u)["info"])
+    w.finalize()
+    summary = run_evaluate(cfg, use_ray=False)
+    assert summary["rows"] == 8 and not summary["errors"]
+    fig = _by(summary["table"])
+    for key in [("canny_f1", "control:canny"), ("depth_rmse", "control:depth"), ("depth_rmse", "dense:depth"),
+                ("caption_shape", "t2i"), ("caption_colour", "control:canny")]:
+        assert fig[key]["rows"] == 2 and fig[key]["floor"] is not None, key
+    assert fig[("caption_shape", "t2i")]["generated"] == 0.0  # random codes draw no palette shapes
+    assert abs(fig[("depth_rmse", "control:depth")]["generated"] - fig[("depth_rmse", "control:depth")]["floor"]) < 0.1
