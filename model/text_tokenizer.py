@@ -157,6 +157,8 @@ class HFTokenizer(TextTokenizer):
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{file}: not a valid tokenizer.json ({e})") from None
         self.path = file
+        # Text that spells a special token stays text (see the module docstring).
+        self._tok.encode_special_tokens = True
         self.bos_token = _bos_from_config(file.parent / "tokenizer_config.json") if p.is_dir() else None
         if self.bos_token is None:
             self.bos_token = self._declared_bos()
@@ -172,8 +174,6 @@ class HFTokenizer(TextTokenizer):
         return None
 
     def encode(self, text: str) -> list[int]:
-        # split_special_tokens: text that spells a special token stays text (see module docstring).
-        self._tok.encode_special_tokens = True
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
