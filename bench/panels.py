@@ -61,10 +61,18 @@ def run_side(name: str, photos: Path, out: Path, workers: int, rows_per_unit: in
         f"panels.workers={workers}", "ray.num_cpus=" + str(os.cpu_count() or 2),
     ])
     marks: list[tuple[float, int]] = []  # (time, rows done) after each committed unit
+    units: list[dict] = []
+
+    def progress(state: dict) -> None:
+        marks.append((time.perf_counter(), state["rows_in"]))
+        units.append(state["unit_counts"])
+
     t0 = time.perf_counter()
-    summary = run_build(cfg, progress=lambda s: marks.append((time.perf_counter(), s["rows_in"])),
-                        use_ray=name == "ray")
+    summary = run_build(cfg, progress=progress, use_ray=name == "ray")
     seconds = time.perf_counter() - t0
+    # Busy time of the units over the span they ran in: 2.0 = two workers busy all along.
+    span = max(u["started"] + u["seconds"] for u in units) - min(u["started"] for u in units)
+    busy = sum(u["seconds"] for u in units)
     ds = open_dataset(summary["dataset"])
     assert summary["rows_out"] == len(ds) and summary["rejects"] == 0, summary
     # Steady state: the rows after the first unit over the time after it (no start-up in it).
@@ -74,6 +82,8 @@ def run_side(name: str, photos: Path, out: Path, workers: int, rows_per_unit: in
             "panels_per_s": round(summary["rows_out"] / seconds, 2),
             "first_unit_after_s": round(t_first - t0, 3),
             "steady_panels_per_s": round(steady, 2) if steady else None,
+            "unit_seconds_mean": round(busy / len(units), 3), "workers_seen": len({u["pid"] for u in units}),
+            "concurrency": round(busy / span, 2),
             "bytes": sum(s["bytes"] for s in ds.shards)}
 
 

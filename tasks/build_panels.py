@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 import traceback
@@ -224,7 +225,7 @@ class PanelMaker:
 
     def run_unit(self, unit: dict, out: str) -> dict:
         """Make every row of a unit, write its shard and rejects; return the info to commit."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         rows, rejects = [], []
         items = self.source.rows(unit["start"], unit["end"])
         for item in items:
@@ -239,8 +240,9 @@ class PanelMaker:
                                 "detail": f"{type(e).__name__}: {e} ({tb}); please report it"})
         table = pa.Table.from_pylist(rows, schema=PANELS) if rows else None
         info = write_shard(out, unit["unit"], table, rejects or None, kind="panels")
+        # Which process ran it, and when (wall clock): how parallel a run really was.
         info["counts"] = {"rows_in": len(items), "rows_out": len(rows), "rejects": len(rejects),
-                          "seconds": time.perf_counter() - t0}
+                          "seconds": time.perf_counter() - t0, "pid": os.getpid(), "started": started}
         return info
 
 
@@ -321,7 +323,7 @@ def run_build(cfg: PipelineConfig, progress: Callable[[dict], None] | None = Non
                  info["unit"], state["units_done"], state["units_total"], state["rows_out"], state["rejects"],
                  state["rows_per_s"])
         if progress is not None:
-            progress(dict(state))
+            progress(dict(state, unit=info["unit"], unit_counts=counts))
     seconds = time.perf_counter() - t0
     ds = open_dataset(out)
     rows_out, rejects = len(ds), sum(e["rows"] for e in ds.manifest["rejects"])
