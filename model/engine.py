@@ -79,6 +79,16 @@ class Engine:
         self.max_batch, self.window, self.kv_bucket = max_batch, window, kv_bucket
         self.max_seq = max_seq or model.args.max_seq_len
         self.n_codes = layout.codebook_size
+        if self.device.type == "cuda":
+            elem = torch.finfo(cache_dtype or model.output.weight.dtype).bits // 8
+            need = 2 * max_batch * self.max_seq * model.args.n_layers * 2 * model.args.n_kv_heads * \
+                model.args.head_dim * elem
+            model.clear_cache()
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if need > free:
+                raise ValueError(f"Engine: a KV cache of {2 * max_batch} rows x {self.max_seq} slots needs "
+                                 f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free: lower max_batch or "
+                                 f"max_seq (the longest prompt + image + window)")
         model.setup_cache(2 * max_batch, self.max_seq, dtype=cache_dtype, device=self.device)
         # The image span only holds codes, row ends and the image end: the head keeps those rows.
         local = list(range(layout.code_offset, layout.code_offset + self.n_codes)) + [layout.row_end,
