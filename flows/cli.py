@@ -38,6 +38,9 @@ def _env_defaults() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "RAY_AUTH_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
+        # The temporary local server of Prefect's local mode needs more than its default 20 s
+        # to start on a busy 2-core laptop.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }.items():
         os.environ.setdefault(key, value)
 
