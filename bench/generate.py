@@ -83,8 +83,13 @@ def kv_bytes_per_token(args: ModelArgs, elem: int) -> int:
 
 def build_model(args: ModelArgs, device, dtype) -> Decoder:
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Decoder(args)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # never hold the 7B in fp32
+    try:
+        with torch.device(device):
+            model = Decoder(args)
+    finally:
+        torch.set_default_dtype(before)
     return model.to(dtype).eval()
 
 
@@ -137,8 +142,13 @@ def reference_times(args: ModelArgs, contexts, steps, device, dtype, uncond_offs
                                           if k not in ("architectures", "model_type", "torch_dtype")})
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.ChameleonForConditionalGeneration(cfg).to(dtype).eval()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.ChameleonForConditionalGeneration(cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(before)
     out = []
     for c in contexts:
         ids = torch.randint(0, 1000, (1, c), device=device)

@@ -100,8 +100,10 @@ class Engine:
         if compile:
             # CUDA graphs of the static-shape step (paper 4.3.2); the tests trace it with "aot_eager"
             mode = "reduce-overhead" if compile_backend == "inductor" else None
+            # dynamic=None: the second kv bucket recompiles once with kv_len symbolic, later buckets only
+            # record their CUDA graph (a 7B graph takes about a minute to compile, REFERENCE.md)
             self._forward = torch.compile(self._decode_logits, mode=mode, backend=compile_backend, fullgraph=True,
-                                          dynamic=False)
+                                          dynamic=None)
         b, L, dev = max_batch, window, self.device
         z = lambda dtype=torch.long: torch.zeros(b, dtype=dtype, device=dev)  # noqa: E731
         self.active, self.speculative = z(torch.bool), z(torch.bool)
