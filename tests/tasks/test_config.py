@@ -46,3 +46,12 @@ def test_bad_yaml_missing_file_and_bad_override(tmp_path):
         load_config(None, ["train.workers"])
     with pytest.raises(ConfigError, match="'name' is not a section"):
         load_config(None, ["name=run1", "name.x=1"])
+
+
+def test_overrides_index_lists(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  stages:\n    - {px: 64, steps: 3}\n    - {px: 96, steps: 3}\n")
+    cfg = load_config(cfg_file, ["train.stages.1.steps=7"])
+    assert [s.steps for s in cfg.train.stages] == [3, 7]
+    with pytest.raises(ConfigError, match="'5' is not an index of a list of 2"):
+        load_config(cfg_file, ["train.stages.5.steps=7"])
