@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("httpx", "httpcore", "urllib3"):  # one line per Prefect API call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from storage import StorageError
     from tasks.config import ConfigError, load_config
 
