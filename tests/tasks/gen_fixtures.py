@@ -1,6 +1,6 @@
 """Helpers for the bulk-generation tests: small random checkpoints in the real formats, configs,
-and a stand-in engine obeying model/engine.py's interface (used only where a test needs
-outputs it controls, e.g. best-of-N choice; the job itself always runs the real Engine)."""
+and a stand-in engine with model/engine.py's interface, used only where a test needs outputs it
+controls (which best-of-N sample wins, an engine error); the job tests run the real Engine."""
 from __future__ import annotations
 
 import json
@@ -62,44 +62,9 @@ def write_prompts(path: Path, rows: list[dict]) -> Path:
 
 
 def engine_types():
-    """Request and Result of model/engine.py. Until that file lands (issue 6, written in parallel),
-    a module with the contract's two dataclasses stands in for it in THIS test process only."""
-    import sys
-    import types
-    from dataclasses import dataclass as dc
+    """Request and Result of model/engine.py."""
+    from model.engine import Request, Result
 
-    try:
-        from model.engine import Request, Result
-    except ImportError:
-        if "model.engine" not in sys.modules:
-            @dc
-            class Request:  # noqa: F811 - contracts2.md
-                id: str
-                prompt_ids: list
-                height: int
-                width: int
-                upper_codes: object
-                seed: int
-                cfg: float = 4.0
-                temperature: float = 1.0
-                top_k: int = 4096
-                sjd: bool = True
-                window: int = 16
-
-            @dc
-            class Result:  # noqa: F811
-                id: str
-                codes: object
-                steps: int
-                tokens: int
-                seconds: float
-                error: str | None
-
-            mod = types.ModuleType("model.engine")
-            mod.Request, mod.Result = Request, Result
-            sys.modules["model.engine"] = mod
-        mod = sys.modules["model.engine"]
-        Request, Result = mod.Request, mod.Result
     return Request, Result
 
 
