@@ -25,6 +25,7 @@ from flows.generate import generate
 from flows.pretokenize import pretokenize
 from flows.train import train
 from tasks.config import load_config
+from tasks.ray_jobs import ray_started
 
 
 @flow(name="retrain", log_prints=True)
@@ -43,13 +44,14 @@ def retrain(config_path: str = "configs/tiny.yaml", overrides: list[str] | None 
         log.info("retrain: %s done in %.0f s", name, timings[name])
         return out
 
-    panels = step("build-panels", build_panels, config_path, overrides)
-    tokens = step("pretokenize", pretokenize, config_path, overrides)
-    trained = step("train", train, config_path, overrides)
-    # Generation and evaluation use the model this run just trained.
-    with_model = overrides + [f"models.decoder_path={trained['export']}"]
-    generated = step("generate", generate, config_path, with_model)
-    evaluation = step("evaluate", evaluate, config_path, with_model, generated_uri=generated["uri"])
+    with ray_started(cfg.ray):  # one Ray for every step's job, not one start per job
+        panels = step("build-panels", build_panels, config_path, overrides)
+        tokens = step("pretokenize", pretokenize, config_path, overrides)
+        trained = step("train", train, config_path, overrides)
+        # Generation and evaluation use the model this run just trained.
+        with_model = overrides + [f"models.decoder_path={trained['export']}"]
+        generated = step("generate", generate, config_path, with_model)
+        evaluation = step("evaluate", evaluate, config_path, with_model, generated_uri=generated["uri"])
 
     summary = {
         "config": config_path,

@@ -139,8 +139,11 @@ class PanelMaker:
     def _shapes(self, item: dict, task: str) -> dict:
         seed, index = item["scene_seed"], item["index"]
         kind, control = split_task(task)
-        stage = self.pc.stage_size
-        bucket = (stage, stage) if self.source.aspect == "square" else self.buckets[seed % len(self.buckets)]
+        # Rows spread over the stages of a staged training (panels.stage_sizes), else one stage.
+        sizes = self.pc.stage_sizes or [self.pc.stage_size]
+        stage = sizes[index % len(sizes)]
+        buckets = self.buckets if stage == self.pc.stage_size else buckets_for(stage)
+        bucket = (stage, stage) if self.source.aspect == "square" else buckets[seed % len(buckets)]
         pw, ph = panel_size(bucket, is_dual(task))
         params = {"scene_seed": seed}
         if kind in ("t2i", "control", "dense"):
@@ -288,7 +291,7 @@ def run_build(cfg: PipelineConfig, progress: Callable[[dict], None] | None = Non
     out = dataset_uri(cfg)
     units = list_units(len(source), pc.rows_per_unit)
     config = {k: v for k, v in pc.model_dump().items() if k not in RUN_ONLY}
-    meta = {"stage_size": pc.stage_size, "source": source.name, "image_format": pc.image_format,
+    meta = {"stage_size": pc.stage_size, "stage_sizes": pc.stage_sizes, "source": source.name, "image_format": pc.image_format,
             "tasks": sorted(mix) if mix else ["(as generated)"]}
     writer = DatasetWriter(out, "panels", config=config, inputs=source.inputs(), meta=meta, overwrite=pc.overwrite)
     done = writer.done_units

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,9 @@ class PanelsConfig(Section):
     source: dict[str, Any] = Field(default_factory=lambda: {"kind": "shapes", "count": 64, "seed": 0})
     rows_per_unit: int = 32
     stage_size: int = 256  # buckets of about stage_size^2 pixels (model/buckets.py)
+    # Shapes rows spread round-robin over these stage sizes, so one dataset feeds every stage of a
+    # staged training (e.g. [64, 96, 128]); None: every row at stage_size.
+    stage_sizes: list[int] | None = None
     output: str = "panels"  # dataset name under the workdir, or a URI
     # The mix: task -> weight; tasks a source cannot make are left out (docs/panels.md).
     tasks: dict[str, float] = Field(default_factory=lambda: {
@@ -207,6 +210,21 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _absolute_local_paths(self) -> "PipelineConfig":
+        """Relative local paths mean relative to where the command runs; Ray workers run in other
+        folders, so they travel as absolute paths."""
+        def absolute(value: str | None) -> str | None:
+            if value is None or "://" in value:
+                return value
+            return str(Path(value).expanduser().resolve())
+
+        self.workdir = absolute(self.workdir)
+        for name in ("movqgan_path", "tokenizer_path", "decoder_path"):
+            setattr(self.models, name, absolute(getattr(self.models, name)))
+        self.train.init_from = absolute(self.train.init_from)
+        return self
 
     def dataset_uri(self, name: str) -> str:
         """URI of a named dataset (panels, tokens, generated, ...) under the workdir."""
