@@ -98,7 +98,22 @@ class ShapesSource:
         return []
 
 
-class FolderSource:
+class _ListSource:
+    """A source whose rows are listed up front in self._rows (folders, edit/subject tables)."""
+
+    _rows: list[dict]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self, start: int, end: int) -> list[dict]:
+        return [dict(r, index=i) for i, r in enumerate(self._rows[start:end], start)]
+
+    def inputs(self) -> list[dict]:
+        return []
+
+
+class FolderSource(_ListSource):
     """Images in a folder with captions. Rows: every captions-table entry in order, then every
     image file the table does not name (so an image without a caption becomes a reject, not a gap)."""
 
@@ -143,17 +158,8 @@ class FolderSource:
             caption = side.read_text(encoding="utf-8", errors="replace") if side.is_file() else None
             self._rows.append({"id": rel, "path": str(p), "caption": caption, "ref": rel})
 
-    def __len__(self) -> int:
-        return len(self._rows)
 
-    def rows(self, start: int, end: int) -> list[dict]:
-        return [dict(r, index=i) for i, r in enumerate(self._rows[start:end], start)]
-
-    def inputs(self) -> list[dict]:
-        return []
-
-
-class PairsSource:
+class PairsSource(_ListSource):
     """Editing triplets (edits) or subject pairs (subjects) from a jsonl or parquet table."""
 
     COLUMNS = {
@@ -187,15 +193,6 @@ class PairsSource:
                 "text": row.get(cols["text"]), "caption": _get(row, CAPTION_KEYS),
                 "ref": f"{rid} ({row[cols['upper']]} -> {row[cols['lower']]})",
             })
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def rows(self, start: int, end: int) -> list[dict]:
-        return [dict(r, index=i) for i, r in enumerate(self._rows[start:end], start)]
-
-    def inputs(self) -> list[dict]:
-        return []
 
 
 class GeneratedSource:
