@@ -48,6 +48,12 @@ _UNIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 _HASH_CHUNK = 8 << 20
 
 
+def unit_order(unit: str) -> list:
+    """Sort key of unit names, numbers compared as numbers: "64x64-00001" < "96x96-00000" <
+    "128x128-00000" (the stages' order), "g9" < "g10"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", unit) if part]
+
+
 def _check_unit(unit: str) -> str:
     if not isinstance(unit, str) or not _UNIT.match(unit) or ".." in unit:
         raise ValueError(
@@ -250,7 +256,6 @@ class DatasetWriter:
                         "location, or overwrite it deliberately (--overwrite)"
                     )
             self.manifest = existing
-            self.manifest["status"] = "writing"
         else:
             self.loc.fs.create_dir(self.loc.path, recursive=True)
             self.manifest = {
@@ -272,7 +277,11 @@ class DatasetWriter:
         for sub in ("shards", "rejects"):
             self.loc.fs.create_dir(self.loc.join(sub), recursive=True)
         self._clean_temporaries()
-        write_manifest(self.loc, self.manifest)
+        # A complete dataset opened again (a rerun) stays as it is until a unit is committed:
+        # a rerun with nothing left to do rewrites nothing.
+        if self.manifest.get("status") != "complete":
+            self.manifest["status"] = "writing"
+            write_manifest(self.loc, self.manifest)
 
     @property
     def done_units(self) -> set[str]:
@@ -286,6 +295,7 @@ class DatasetWriter:
     def commit(self, info: dict) -> None:
         """List a unit written by write_shard. Committing a unit again replaces it (no duplicates)."""
         unit = _check_unit(info["unit"])
+        self.manifest["status"] = "writing"
         for key in ("shards", "rejects"):
             self.manifest[key] = [e for e in self.manifest[key] if e["unit"] != unit]
         if info.get("shard"):
@@ -294,10 +304,19 @@ class DatasetWriter:
             self.manifest["rejects"].append(info["rejects"])
         if unit not in self.manifest["units"]:
             self.manifest["units"].append(unit)
+        # Listed in unit order, not commit order: parallel workers finish units in any order, and
+        # a global row index (what training batches are drawn by) must not depend on timing.
+        for key in ("shards", "rejects"):
+            self.manifest[key].sort(key=lambda e: unit_order(e["unit"]))
+        self.manifest["units"].sort(key=unit_order)
         write_manifest(self.loc, self.manifest)
 
     def finalize(self, **summary: Any) -> dict:
-        """Mark the dataset complete; extra keyword values go to the manifest's summary."""
+        """Mark the dataset complete; extra keyword values go to the manifest's summary. A dataset
+        that was complete when opened and got no new unit is left untouched (its summary is the
+        run's that made it)."""
+        if self.manifest.get("status") == "complete":
+            return self.manifest
         self.manifest["status"] = "complete"
         self.manifest["summary"] = json.loads(json.dumps(summary, default=str))
         write_manifest(self.loc, self.manifest)

@@ -90,6 +90,30 @@ def test_rerun_skips_done_units_and_never_duplicates(tmp_path):
     assert len(ids) == 40 == len(set(ids))
 
 
+def test_rows_follow_unit_order_not_commit_order(tmp_path):
+    # Parallel workers finish units in any order; global row indices must not depend on it.
+    names = ["128x128-00000", "64x64-00001", "96x96-00000", "64x64-00000"]
+    w = DatasetWriter(tmp_path / "a", "tokens")
+    infos = {n: write_shard(tmp_path / "a", n, token_rows(i, 3), kind="tokens") for i, n in enumerate(names)}
+    for n in names:  # committed in this (timing) order
+        w.commit(infos[n])
+    w.finalize()
+    ds = open_dataset(tmp_path / "a", verify=True)
+    assert ds.manifest["units"] == ["64x64-00000", "64x64-00001", "96x96-00000", "128x128-00000"]
+    assert [ds[i]["id"] for i in (0, 3, 6, 9)] == ["u003-r000", "u001-r000", "u002-r000", "u000-r000"]
+
+
+def test_rerun_of_a_complete_dataset_rewrites_nothing(tmp_path):
+    path = tmp_path / "ds"
+    _write(path).finalize(rows_in=44)
+    before = (path / "manifest.json").read_bytes()
+    mtime = (path / "manifest.json").stat().st_mtime_ns
+    manifest = _write(path).finalize(rows_in=0)  # every unit done: nothing to write
+    assert manifest["summary"] == {"rows_in": 44} and manifest["status"] == "complete"
+    assert (path / "manifest.json").read_bytes() == before
+    assert (path / "manifest.json").stat().st_mtime_ns == mtime
+
+
 def test_worker_writes_driver_commits(tmp_path):
     path = tmp_path / "ds"
     w = DatasetWriter(path, "tokens")
