@@ -10,51 +10,25 @@ sample panels, also saved as contact_sheet.png in the dataset's folder.
 """
 from __future__ import annotations
 
-import base64
 import json
 import sys
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.build_panels import contact_sheet, run_build
+from flows.artifacts import contact_sheet_task, image_markdown, job_progress, units_fraction
+from tasks.build_panels import run_build
 from tasks.config import load_config
 
 
 @task(name="build-panels-job", retries=2, retry_delay_seconds=5)
 def build_panels_job(config_path: str, overrides: list[str]) -> dict:
-    cfg = load_config(config_path, overrides)
-    logger = get_run_logger()
-    bar = create_progress_artifact(0.0, key="build-panels-progress", description="work units committed")
-
-    def progress(state: dict) -> None:
-        pct = 100.0 * state["units_done"] / max(state["units_total"], 1)
-        update_progress_artifact(bar, pct)
-        logger.info("panels: %d/%d units, %d rows, %d rejects this run (%.1f rows/s)", state["units_done"],
-                    state["units_total"], state["rows_out"], state["rejects"], state["rows_per_s"])
-
-    summary = run_build(cfg, progress=progress)
-    update_progress_artifact(bar, 100.0)
+    progress = job_progress("build-panels-progress", "panels", fraction=units_fraction, line=lambda s: (
+        f"{s['units_done']}/{s['units_total']} units, {s['rows_out']} rows, {s['rejects']} rejects this run "
+        f"({s['rows_per_s']:.1f} rows/s)"))
+    summary = run_build(load_config(config_path, overrides), progress=progress)
+    progress.finish()
     return summary
-
-
-@task(name="contact-sheet", retries=1)
-def contact_sheet_task(uri: str, count: int) -> str:
-    return contact_sheet(uri, count)
-
-
-def _thumbnail_data_uri(path: str, width: int = 1200) -> str:
-    """A small JPEG of the sheet, inline, so the artifact shows it without a file server."""
-    import cv2
-
-    img = cv2.imread(path)
-    if img is None:  # an object-store sheet: the artifact links it instead
-        return ""
-    if img.shape[1] > width:
-        img = cv2.resize(img, (width, round(img.shape[0] * width / img.shape[1])), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
-    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
 
 
 def _publish(summary: dict) -> None:
@@ -66,7 +40,6 @@ def _publish(summary: dict) -> None:
     create_table_artifact(rows, key="panels-rows", description=(
         f"{summary['dataset']}: {summary['rows_in']} rows in = {summary['rows_out']} panels + "
         f"{summary['rejects']} rejects ({'balanced' if summary['balanced'] else 'NOT BALANCED'})"))
-    inline = _thumbnail_data_uri(summary["contact_sheet"])
     tasks = ", ".join(f"{t} {n}" for t, n in sorted(summary["rows_per_task"].items()))
     md = [
         f"# Panels: {summary['dataset']}",
@@ -76,9 +49,8 @@ def _publish(summary: dict) -> None:
         "",
         f"Rows per task: {tasks or '(none)'}",
         "",
-        f"Contact sheet (upper over lower; a magenta line where the halves meet): `{summary['contact_sheet']}`",
-        "",
-        f"![contact sheet]({inline or summary['contact_sheet']})",
+        *image_markdown("Contact sheet (upper over lower; a magenta line where the halves meet)",
+                        summary["contact_sheet"]),
     ]
     create_markdown_artifact("\n".join(md), key="panels-contact-sheet", description="sample panels")
 

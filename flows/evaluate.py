@@ -16,20 +16,19 @@ import sys
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.build_panels import _thumbnail_data_uri
+from flows.artifacts import image_markdown, job_progress
 from tasks.config import load_config
 from tasks.evaluate import run_evaluate
 
 
 @task(name="evaluate-job", retries=1, retry_delay_seconds=5)
 def evaluate_job(config_path: str, overrides: list[str], generated_uri: str | None) -> dict:
-    cfg = load_config(config_path, overrides)
-    logger = get_run_logger()
-
-    def progress(state: dict) -> None:
-        logger.info("evaluate: %d/%d units, %d figures", state["done_units"], state["total_units"], state["records"])
-
-    return run_evaluate(cfg, generated_uri, progress=progress)
+    progress = job_progress("evaluate-progress", "evaluate",
+                            fraction=lambda s: s["done_units"] / max(s["total_units"], 1),
+                            line=lambda s: f"{s['done_units']}/{s['total_units']} units, {s['records']} figures")
+    summary = run_evaluate(load_config(config_path, overrides), generated_uri, progress=progress)
+    progress.finish()
+    return summary
 
 
 def _publish(summary: dict) -> None:
@@ -41,7 +40,7 @@ def _publish(summary: dict) -> None:
            for r in summary["table"]]
     md += ["", f"Report: `{summary['report']}`", ""]
     for name, path in [("contact sheet", summary["contact_sheet"]), *summary["sheets"].items()]:
-        md += [f"{name}: `{path}`", "", f"![{name}]({_thumbnail_data_uri(path) or path})", ""]
+        md += image_markdown(name, path)
     create_markdown_artifact("\n".join(md), key="evaluate-report", description="evaluation report")
 
 

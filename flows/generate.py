@@ -14,11 +14,9 @@ import json
 import sys
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.build_panels import _thumbnail_data_uri
-from tasks.build_panels import contact_sheet
+from flows.artifacts import contact_sheet_task, image_markdown, job_progress
 from tasks.config import load_config
 from tasks.generate import run_generate
 
@@ -31,21 +29,11 @@ def progress_line(snap: dict) -> str:
 
 @task(name="generate-job", retries=2, retry_delay_seconds=5)
 def generate_job(config_path: str, overrides: list[str]) -> dict:
-    cfg = load_config(config_path, overrides)
-    logger = get_run_logger()
-    bar = create_progress_artifact(0.0, key="generate-progress", description="starting")
-
-    def progress(snap: dict) -> None:
-        line = progress_line(snap)
-        update_progress_artifact(bar, 100.0 * snap["done_pairs"] / max(snap["total_pairs"], 1), description=line)
-        logger.info("generate: %s", line)
-
-    return run_generate(cfg, progress=progress)
-
-
-@task(name="generate-contact-sheet", retries=1)
-def contact_sheet_task(uri: str, count: int) -> str:
-    return contact_sheet(uri, count)
+    progress = job_progress("generate-progress", "generate", line=progress_line,
+                            fraction=lambda s: s["done_pairs"] / max(s["total_pairs"], 1))
+    summary = run_generate(load_config(config_path, overrides), progress=progress)
+    progress.finish()
+    return summary
 
 
 def statistics_rows(summary: dict) -> list[dict]:
@@ -78,15 +66,12 @@ def generate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
     summary["contact_sheet"] = contact_sheet_task(summary["uri"], cfg.generate.contact_sheet_pairs)
     create_table_artifact(statistics_rows(summary), key="generate-statistics",
                           description=f"{summary['uri']}: acceptance and filter statistics")
-    inline = _thumbnail_data_uri(summary["contact_sheet"])
     md = [
         f"# Generated pairs: {summary['uri']}",
         "",
         f"{summary['rows']} pairs written of {summary['pairs']} requested; rejects {summary['rejects'] or 'none'}.",
         "",
-        f"Contact sheet (upper over lower): `{summary['contact_sheet']}`",
-        "",
-        f"![contact sheet]({inline or summary['contact_sheet']})",
+        *image_markdown("Contact sheet (upper over lower)", summary["contact_sheet"]),
     ]
     create_markdown_artifact("\n".join(md), key="generate-contact-sheet", description="generated pairs")
     get_run_logger().info("generate: %d pairs in %s; contact sheet %s", summary["rows"], summary["uri"],

@@ -14,26 +14,20 @@ import json
 import sys
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.artifacts import job_progress, units_fraction
 from tasks.config import load_config
 from tasks.tokenize import run_tokenize
 
 
 @task(name="pretokenize-job", retries=2, retry_delay_seconds=5)
 def pretokenize_job(config_path: str, overrides: list[str]) -> dict:
-    cfg = load_config(config_path, overrides)
-    logger = get_run_logger()
-    bar = create_progress_artifact(0.0, key="pretokenize-progress", description="work units committed")
-
-    def progress(state: dict) -> None:
-        update_progress_artifact(bar, 100.0 * state["units_done"] / max(state["units_total"], 1))
-        logger.info("tokens: %d/%d units, %d rows, %d rejects this run (%.2f rows/s)", state["units_done"],
-                    state["units_total"], state["rows_out"], state["rejects"], state["rows_per_s"])
-
-    summary = run_tokenize(cfg, progress=progress)
-    update_progress_artifact(bar, 100.0)
+    progress = job_progress("pretokenize-progress", "tokens", fraction=units_fraction, line=lambda s: (
+        f"{s['units_done']}/{s['units_total']} units, {s['rows_out']} rows, {s['rejects']} rejects this run "
+        f"({s['rows_per_s']:.2f} rows/s)"))
+    summary = run_tokenize(load_config(config_path, overrides), progress=progress)
+    progress.finish()
     return summary
 
 
