@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -82,8 +83,6 @@ def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:
 def check_models(cfg) -> None:
     """Fail before Ray or any GPU is claimed when the weights the config names are absent or do
     not fit its layout (cheap: reads file headers only)."""
-    from pathlib import Path
-
     from model.layout import Layout
 
     m = cfg.models
@@ -126,8 +125,21 @@ def load_parts(cfg) -> Parts:
     movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device)
     engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda",
                     window=cfg.generate.sjd_window)
-    digest = hashlib.sha256(f"{m.decoder_path}|{json.dumps(meta, sort_keys=True, default=str)}|{layout.fingerprint}".encode())
-    return Parts(engine, layout, movq, digest.hexdigest()[:16], device)
+    return Parts(engine, layout, movq, model_fingerprint(m.decoder_path, m.movqgan_path, layout.fingerprint), device)
+
+
+def model_fingerprint(decoder_path: str, movqgan_path: str, layout_fingerprint: str) -> str:
+    """16 hex digits naming what made the images: the decoder's weights and config, the MoVQGAN's
+    weights and the layout, by content (the same files anywhere give the same fingerprint)."""
+    h = hashlib.sha256(layout_fingerprint.encode())
+    folder = Path(decoder_path)
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    for path in [*files, Path(movqgan_path)]:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 class GenerateWorker:
