@@ -135,7 +135,7 @@ def model_fingerprint(decoder_path: str, movqgan_path: str, layout_fingerprint: 
     folder = Path(decoder_path)
     files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
     for path in [*files, Path(movqgan_path)]:
-        h.update(path.name.encode())
+        h.update(path.name.encode() if path.parent == folder else b"movqgan")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)

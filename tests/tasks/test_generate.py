@@ -104,3 +104,26 @@ def test_a_unit_writes_its_shard_and_rejects_in_the_generated_schema(tmp_path, m
     ds = open_dataset(output_uri(cfg), verify=True)
     assert ds.kind == "generated" and sorted(ds.table(["id"]).column("id").to_pylist()) == sorted(p.id for p in pairs)
     assert ds.rows_per_task() == {"t2i": 1, "control:canny": 1, "edit": 1}
+
+
+def test_model_fingerprint_follows_content_not_paths(tmp_path):
+    import shutil
+
+    from tasks.generate import model_fingerprint
+
+    assets = Path(__file__).resolve().parents[2] / "assets"
+    copy = tmp_path / "copy"
+    shutil.copytree(assets / "decoder-tiny", copy / "decoder")
+    shutil.copy(assets / "movqgan-tiny.safetensors", copy / "movq.safetensors")
+    here = model_fingerprint(str(assets / "decoder-tiny"), str(assets / "movqgan-tiny.safetensors"), "L")
+    assert len(here) == 16
+    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "L") == here
+    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "M") != here  # the layout counts
+    (copy / "decoder" / "panelforge.json").write_text("{}")  # provenance only: not part of the weights
+    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "L") == here
+    with open(copy / "decoder" / "model.safetensors", "r+b") as f:  # one byte of the weights
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "L") != here
