@@ -82,7 +82,8 @@ def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:
 
 def check_models(cfg) -> None:
     """Fail before Ray or any GPU is claimed when the weights the config names are absent or do
-    not fit its layout (cheap: reads file headers only)."""
+    not fit its layout or MoVQGAN (reads the decoder's small JSON files and hashes the MoVQGAN file:
+    about a second for the release's 270M one)."""
     from model.layout import Layout
 
     m = cfg.models
@@ -92,11 +93,26 @@ def check_models(cfg) -> None:
     if not m.movqgan_path or not Path(m.movqgan_path).is_file():
         raise RequestError(f"models.movqgan_path {m.movqgan_path!r}: no such MoVQGAN checkpoint file")
     meta_file = Path(m.decoder_path) / "panelforge.json"
-    fp = checkpoint_layout_fingerprint(json.loads(meta_file.read_text())) if meta_file.is_file() else None
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    fp = checkpoint_layout_fingerprint(meta)
     layout = Layout.from_config(m)
     if fp and fp != layout.fingerprint:
         raise RequestError(f"{m.decoder_path}: decoder was trained with layout {fp}, the config's layout is "
                            f"{layout.fingerprint}; use the tokenizer it was trained with (models.tokenizer[_path])")
+    check_movqgan(meta, m.decoder_path, m.movqgan_path)
+
+
+def check_movqgan(meta: dict, decoder_path: str, movqgan_path: str) -> None:
+    """A decoder learned one MoVQGAN's codes; another MoVQGAN decodes them to noise. Our exports
+    record the sha256 of the MoVQGAN that tokenized their data (the release's folder records none:
+    nothing to check)."""
+    from tasks.tokenize import file_sha256
+
+    want = (meta.get("movqgan") or {}).get("sha256")
+    if want and file_sha256(movqgan_path) != want:
+        raise RequestError(f"{decoder_path}: decoder was trained on the codes of MoVQGAN "
+                           f"{meta['movqgan'].get('weights')!r} (sha256 {want[:12]}...), models.movqgan_path "
+                           f"{movqgan_path!r} is another; use the MoVQGAN its tokens were made with")
 
 
 def load_parts(cfg) -> Parts:

@@ -248,7 +248,7 @@ def plan_training(cfg: PipelineConfig) -> dict:
     if init:
         _check_init(init, args, layout)
     return {"run_dir": str(root), "dataset": uri, "binding": binding, "layout": layout.meta(),
-            "image_start": layout.image_start, "stages": stages, "world": world, "init_from": init,
+            "movqgan": ds.meta.get("movqgan"), "image_start": layout.image_start, "stages": stages, "world": world, "init_from": init,
             "train": tc.model_dump(exclude={"stages"}), "device": "cuda" if tc.use_gpu else "cpu"}
 
 
@@ -389,6 +389,8 @@ class Worker:
                     "layout_fingerprint": self.plan["layout"]["fingerprint"], "layout": self.plan["layout"],
                     "stage": stage["name"], "stage_index": stage["index"], "steps": stage["steps"],
                     "px": stage["px"], "dataset": self.plan["dataset"], "final_loss": history[-1]["loss"]}
+            if self.plan.get("movqgan"):  # whose codes it learned: generate refuses another MoVQGAN
+                meta["movqgan"] = self.plan["movqgan"]
             save_decoder(plain, self.root / stage["name"] / "export", meta,
                          dtype=getattr(torch, self.tc["export_dtype"]))
         _barrier()

@@ -1,6 +1,7 @@
 """The whole job on Ray with the real engine: every pair once, resumable, errors before models."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -67,3 +68,22 @@ def test_bad_inputs_and_models_fail_before_ray_or_any_model(tmp_path, models, mo
     with pytest.raises(RequestError, match="decoder_path"):
         run_generate(cfg)
     assert not Path(output_uri(cfg)).exists()
+    # A decoder whose tokens came from another MoVQGAN: its codes would decode to noise.
+    import shutil
+
+    other = tmp_path / "decoder-other"
+    shutil.copytree(models[0], other)
+    meta = json.loads((other / "panelforge.json").read_text())
+    meta["movqgan"] = {"preset": "tiny", "weights": "movqgan-old.safetensors", "sha256": "0" * 64}
+    (other / "panelforge.json").write_text(json.dumps(meta))
+    cfg = load_config(write_config(tmp_path, (str(other),) + tuple(models[1:]), {"inputs": {"kind": "file", "path": str(good)}}))
+    with pytest.raises(RequestError, match="codes of MoVQGAN 'movqgan-old.safetensors'.*another"):
+        run_generate(cfg)
+    assert not Path(output_uri(cfg)).exists()
+    from tasks.tokenize import file_sha256
+
+    meta["movqgan"]["sha256"] = file_sha256(models[1])  # the right one: accepted
+    (other / "panelforge.json").write_text(json.dumps(meta))
+    from tasks.generate import check_models
+
+    check_models(cfg)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import STAGES, TINY, tiny_config, tokens_table, write_tokens  # noqa: E402
+from train_fixtures import MOVQGAN_RECORD, STAGES, TINY, tiny_config, tokens_table, write_tokens  # noqa: E402
 
 from model.layout import Layout  # noqa: E402
 from tasks.config import load_config  # noqa: E402
@@ -172,6 +172,7 @@ def test_three_stages_golden_curve_then_kill_in_stage_2_and_resume(tmp_path, lay
     model, meta = load_decoder(run / "stage-3" / "export")
     assert meta["preset"] == "tiny" and meta["layout_fingerprint"] == layout.fingerprint
     assert meta["stage"] == "stage-3" and model.args.dim == TINY["dim"]
+    assert meta["movqgan"] == MOVQGAN_RECORD  # generate checks its MoVQGAN against this
     assert (run / "loss.png").stat().st_size > 1000
     events = list((run / "tb").rglob("events.out.tfevents.*"))
     assert {p.parent.name for p in events} == {"stage-1", "stage-2", "stage-3"}

@@ -37,10 +37,15 @@ def tokens_table(layout, bucket: str, n: int, seed: int, prefix: str = "") -> pa
     return pa.table(out, schema=TOKENS)
 
 
+MOVQGAN_RECORD = {"preset": "tiny", "weights": "movqgan-tiny.safetensors", "sha256": "ab" * 32}
+
+
 def write_tokens(uri: Path, layout, sizes: dict[str, int] = SIZES, meta: dict | None = None) -> str:
     from storage import DatasetWriter
 
-    w = DatasetWriter(uri, kind="tokens", config={"test": True}, meta=meta if meta is not None else layout.meta())
+    # What tasks/tokenize.py records: the layout and the MoVQGAN whose codes the rows hold.
+    meta = meta if meta is not None else {**layout.meta(), "movqgan": MOVQGAN_RECORD}
+    w = DatasetWriter(uri, kind="tokens", config={"test": True}, meta=meta)
     for k, (bucket, n) in enumerate(sizes.items()):
         w.write_unit(f"u{k}", tokens_table(layout, bucket, n, seed=k))
     w.finalize()
