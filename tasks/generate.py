@@ -170,6 +170,11 @@ class GenerateWorker:
         self.parts = parts or load_parts(self.cfg)
         self.scorers = make_scorers(self.cfg)
         self.node = _node_id()
+        # pyarrow's first conversion from Python objects imports pandas (about 0.3 s): an actor's
+        # start-up cost, paid here with the models' loading rather than in its first unit.
+        import pyarrow as pa
+
+        pa.array([0])
 
     def __call__(self, unit: dict) -> dict:
         from storage import write_shard
