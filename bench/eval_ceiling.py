@@ -37,14 +37,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/eval-ceiling.json")
     args = ap.parse_args()
 
-    from model.movqgan import load_movqgan
+    from model.movqgan import load_movqgan, to_uint8
 
     movq = load_movqgan(args.movqgan, args.preset)
     min_frac = EvaluateConfig().min_shape_frac
 
     def through(image: np.ndarray) -> np.ndarray:
-        rec = movq.decode(movq.encode(image[None]))[0].permute(1, 2, 0).cpu().numpy()
-        return np.clip(np.round((rec + 1) * 127.5), 0, 255).astype(np.uint8)
+        return to_uint8(movq.decode(movq.encode(image[None])))[0]
 
     seeds = range(args.seed, args.seed + args.scenes)
     t0 = time.perf_counter()

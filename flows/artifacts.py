@@ -36,7 +36,8 @@ class job_progress:  # noqa: N801 - used like a function
 
 
 def units_fraction(state: dict) -> float:
-    """Progress of the unit-based jobs (build_panels, pretokenize, evaluate)."""
+    """Progress of the unit-based jobs (build_panels, pretokenize, evaluate): their snapshots
+    carry units_done and units_total."""
     return state["units_done"] / max(state["units_total"], 1)
 
 

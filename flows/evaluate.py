@@ -16,16 +16,15 @@ import sys
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.artifacts import image_markdown, job_progress
+from flows.artifacts import image_markdown, job_progress, units_fraction
 from tasks.config import load_config
 from tasks.evaluate import run_evaluate
 
 
 @task(name="evaluate-job", retries=1, retry_delay_seconds=5)
 def evaluate_job(config_path: str, overrides: list[str], generated_uri: str | None) -> dict:
-    progress = job_progress("evaluate-progress", "evaluate",
-                            fraction=lambda s: s["done_units"] / max(s["total_units"], 1),
-                            line=lambda s: f"{s['done_units']}/{s['total_units']} units, {s['records']} figures")
+    progress = job_progress("evaluate-progress", "evaluate", fraction=units_fraction,
+                            line=lambda s: f"{s['units_done']}/{s['units_total']} units, {s['records']} figures")
     summary = run_evaluate(load_config(config_path, overrides), generated_uri, progress=progress)
     progress.finish()
     return summary

@@ -279,7 +279,7 @@ def run_evaluate(cfg, uri: str | None = None, use_ray: bool = True,
         done += 1
         log.info("evaluate: unit %s done (%d/%d), %d figures", res["unit"], done, len(units), len(records))
         if progress:
-            progress({"done_units": done, "total_units": len(units), "records": len(records)})
+            progress({"units_done": done, "units_total": len(units), "records": len(records)})
     for e in errors:
         log.warning("evaluate: row %s could not be scored: %s", e["id"], e["error"])
     table = summarize(records)

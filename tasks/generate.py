@@ -80,11 +80,12 @@ def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:
     return meta.get("layout_fingerprint") or (layout.get("fingerprint") if isinstance(layout, dict) else None) or meta.get("fingerprint")
 
 
-def check_models(cfg) -> None:
+def check_models(cfg) -> str:
     """Fail before Ray or any GPU is claimed when the weights the config names are absent or do
-    not fit its layout or MoVQGAN (reads the decoder's small JSON files and hashes the MoVQGAN file:
-    about a second for the release's 270M one)."""
+    not fit its layout or MoVQGAN; returns the model fingerprint, computed here once for every
+    actor. It reads every weight file once (sha256 at about 1 GB/s: seconds for the 7B release)."""
     from model.layout import Layout
+    from tasks.tokenize import file_sha256
 
     m = cfg.models
     if not m.decoder_path or not (Path(m.decoder_path) / "config.json").is_file():
@@ -99,24 +100,20 @@ def check_models(cfg) -> None:
     if fp and fp != layout.fingerprint:
         raise RequestError(f"{m.decoder_path}: decoder was trained with layout {fp}, the config's layout is "
                            f"{layout.fingerprint}; use the tokenizer it was trained with (models.tokenizer[_path])")
-    check_movqgan(meta, m.decoder_path, m.movqgan_path)
-
-
-def check_movqgan(meta: dict, decoder_path: str, movqgan_path: str) -> None:
-    """A decoder learned one MoVQGAN's codes; another MoVQGAN decodes them to noise. Our exports
-    record the sha256 of the MoVQGAN that tokenized their data (the release's folder records none:
-    nothing to check)."""
-    from tasks.tokenize import file_sha256
-
+    # A decoder learned one MoVQGAN's codes; another MoVQGAN decodes them to noise. Our exports
+    # record the sha256 of the MoVQGAN that tokenized their data (the release's folder: none).
+    movqgan_sha256 = file_sha256(m.movqgan_path)
     want = (meta.get("movqgan") or {}).get("sha256")
-    if want and file_sha256(movqgan_path) != want:
-        raise RequestError(f"{decoder_path}: decoder was trained on the codes of MoVQGAN "
+    if want and movqgan_sha256 != want:
+        raise RequestError(f"{m.decoder_path}: decoder was trained on the codes of MoVQGAN "
                            f"{meta['movqgan'].get('weights')!r} (sha256 {want[:12]}...), models.movqgan_path "
-                           f"{movqgan_path!r} is another; use the MoVQGAN its tokens were made with")
+                           f"{m.movqgan_path!r} is another; use the MoVQGAN its tokens were made with")
+    return model_fingerprint(m.decoder_path, movqgan_sha256, layout.fingerprint)
 
 
-def load_parts(cfg) -> Parts:
-    """Load the decoder named by the config (transformers-format folder), wrap it in the engine."""
+def load_parts(cfg, fingerprint: str | None = None) -> Parts:
+    """Load the decoder named by the config (transformers-format folder), wrap it in the engine.
+    `fingerprint`: check_models' answer, from the driver (None: computed here)."""
     import torch
 
     from model.engine import Engine
@@ -141,33 +138,32 @@ def load_parts(cfg) -> Parts:
     movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device)
     engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda",
                     window=cfg.generate.sjd_window)
-    return Parts(engine, layout, movq, model_fingerprint(m.decoder_path, m.movqgan_path, layout.fingerprint), device)
+    return Parts(engine, layout, movq, fingerprint or check_models(cfg), device)
 
 
-def model_fingerprint(decoder_path: str, movqgan_path: str, layout_fingerprint: str) -> str:
+def model_fingerprint(decoder_path: str, movqgan_sha256: str, layout_fingerprint: str) -> str:
     """16 hex digits naming what made the images: the decoder's weights and config, the MoVQGAN's
-    weights and the layout, by content (the same files anywhere give the same fingerprint)."""
-    h = hashlib.sha256(layout_fingerprint.encode())
+    weights (their sha256) and the layout, by content (the same files anywhere give the same
+    fingerprint)."""
+    from tasks.tokenize import file_sha256
+
+    h = hashlib.sha256(f"{layout_fingerprint}|{movqgan_sha256}".encode())
     folder = Path(decoder_path)
-    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
-    for path in [*files, Path(movqgan_path)]:
-        h.update(path.name.encode() if path.parent == folder else b"movqgan")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
+    for path in sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"):
+        h.update(f"|{path.name}:{file_sha256(str(path))}".encode())
     return h.hexdigest()[:16]
 
 
 class GenerateWorker:
     """Ray actor: one unit of pairs -> samples -> best-of-N -> one shard + rejects."""
 
-    def __init__(self, cfg: dict, out_uri: str, parts: Parts | None = None):
+    def __init__(self, cfg: dict, out_uri: str, parts: Parts | None = None, fingerprint: str | None = None):
         from tasks.config import PipelineConfig
         from tasks.verify import make_scorers
 
         self.cfg = PipelineConfig.model_validate(cfg)
         self.out_uri = out_uri
-        self.parts = parts or load_parts(self.cfg)
+        self.parts = parts or load_parts(self.cfg, fingerprint)
         self.scorers = make_scorers(self.cfg)
         self.node = _node_id()
         # pyarrow's first conversion from Python objects imports pandas (about 0.3 s): an actor's
@@ -356,7 +352,7 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
         raise RequestError(f"generate: no valid input rows ({reasons}); see the rejects above and fix the inputs")
     for r in expanded.rejects:
         log.warning("rejected %s: %s (%s)", r["input_ref"], r["reason"], r["detail"])
-    check_models(cfg)
+    fingerprint = check_models(cfg)
     units = make_units(expanded.pairs, gen.pairs_per_unit)
     uri = output_uri(cfg)
     job_digest = hashlib.sha256("\n".join(p.id for p in expanded.pairs).encode()).hexdigest()[:16]
@@ -384,7 +380,8 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
                 if not todo:
                     break
                 try:
-                    for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri), num_workers=workers,
+                    for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri),
+                                            actor_kwargs={"fingerprint": fingerprint}, num_workers=workers,
                                             num_gpus=1 if gpus else 0, num_cpus=1):
                         writer.commit(result["info"])
                         log.info("generate: unit %s committed (node %s, %.1f s)", result["info"]["unit"],

@@ -248,7 +248,8 @@ def plan_training(cfg: PipelineConfig) -> dict:
     if init:
         _check_init(init, args, layout)
     return {"run_dir": str(root), "dataset": uri, "binding": binding, "layout": layout.meta(),
-            "movqgan": ds.meta.get("movqgan"), "image_start": layout.image_start, "stages": stages, "world": world, "init_from": init,
+            "movqgan": ds.meta.get("movqgan"), "image_start": layout.image_start, "stages": stages,
+            "world": world, "init_from": init,
             "train": tc.model_dump(exclude={"stages"}), "device": "cuda" if tc.use_gpu else "cpu"}
 
 

@@ -110,20 +110,22 @@ def test_model_fingerprint_follows_content_not_paths(tmp_path):
     import shutil
 
     from tasks.generate import model_fingerprint
+    from tasks.tokenize import file_sha256
 
     assets = Path(__file__).resolve().parents[2] / "assets"
+    movq = file_sha256(str(assets / "movqgan-tiny.safetensors"))
     copy = tmp_path / "copy"
     shutil.copytree(assets / "decoder-tiny", copy / "decoder")
-    shutil.copy(assets / "movqgan-tiny.safetensors", copy / "movq.safetensors")
-    here = model_fingerprint(str(assets / "decoder-tiny"), str(assets / "movqgan-tiny.safetensors"), "L")
+    here = model_fingerprint(str(assets / "decoder-tiny"), movq, "L")
     assert len(here) == 16
-    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "L") == here
-    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "M") != here  # the layout counts
+    assert model_fingerprint(str(copy / "decoder"), movq, "L") == here
+    assert model_fingerprint(str(copy / "decoder"), movq, "M") != here  # the layout counts
+    assert model_fingerprint(str(copy / "decoder"), "0" * 64, "L") != here  # the MoVQGAN counts
     (copy / "decoder" / "panelforge.json").write_text("{}")  # provenance only: not part of the weights
-    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "L") == here
+    assert model_fingerprint(str(copy / "decoder"), movq, "L") == here
     with open(copy / "decoder" / "model.safetensors", "r+b") as f:  # one byte of the weights
         f.seek(-1, 2)
         last = f.read(1)
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
-    assert model_fingerprint(str(copy / "decoder"), str(copy / "movq.safetensors"), "L") != here
+    assert model_fingerprint(str(copy / "decoder"), movq, "L") != here
