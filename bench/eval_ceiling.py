@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.annotators import canny
 from tasks.config import EvaluateConfig
-from tasks.evaluate import shapes_depth
+from tasks.evaluate_figures import shapes_depth
 from tasks.shape_detector import agreement, asked_shapes, detect_shapes
 from tasks.shapes import render_scene
 from tasks.verify import canny_f1, depth_rmse

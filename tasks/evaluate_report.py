@@ -17,7 +17,7 @@ import textwrap
 import cv2
 import numpy as np
 
-from tasks.evaluate import METRICS, caption_of, scene_of, shapes_depth
+from tasks.evaluate_figures import METRICS, caption_of, scene_of, shapes_depth
 from tasks.panels import decode_panel
 from tasks.shape_detector import detect_shapes
 from tasks.verify import binary_map, canny_edges
