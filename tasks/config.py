@@ -35,6 +35,9 @@ class ModelsConfig(Section):
 
     movqgan_preset: str = "tiny"  # tiny, 67m, 102m, 270m
     movqgan_path: str | None = None  # .ckpt/.pt flat state_dict or .safetensors
+    # Any other MoVQGAN (issue 17): its architecture in the official keys (ch, ch_mult, num_res_blocks,
+    # attn_resolutions, z_channels, embed_dim, n_embed); else a config beside the weights, else the preset.
+    movqgan: dict[str, Any] | None = None
     tokenizer: str = "shapes"  # shapes | qwen-offline | hf (a local folder in tokenizer_path)
     tokenizer_path: str | None = None
     # First image-code id; None: 155000 for the release's tokenizers, right after the vocabulary for

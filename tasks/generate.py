@@ -135,7 +135,7 @@ def load_parts(cfg, fingerprint: str | None = None) -> Parts:
             f"{m.decoder_path}: decoder was trained with layout {fp}, the config's layout is {layout.fingerprint}; "
             "use the tokenizer the checkpoint was trained with (models.tokenizer, models.tokenizer_path)"
         )
-    movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device)
+    movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device, config=m.movqgan)
     engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda",
                     window=cfg.generate.sjd_window)
     return Parts(engine, layout, movq, fingerprint or check_models(cfg), device)
