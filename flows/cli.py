@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from storage import StorageError
     from tasks.config import ConfigError, load_config
+    from tasks.requests import RequestError
 
     try:
         if args.command == "datasets":
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_summary(run_flow("retrain", DEFAULT_CONFIG, args.overrides))
         else:
             _print_summary(run_flow(args.command, args.config, args.overrides))
-    except (ConfigError, StorageError) as e:
+    except (ConfigError, StorageError, RequestError) as e:
         print(f"panelforge: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -173,6 +173,7 @@ class GenerateConfig(Section):
         default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
     )  # {kind: file, path} | {kind: panels, uri} | {kind: shapes, count, seed, tasks}
     output: str = "generated"  # dataset name under the workdir, or a URI
+    task: str = "t2i"  # the task of prompt rows that name none (benchmark files: GenEval, DPG-Bench)
     size: str | None = None  # default WIDTHxHEIGHT for prompt rows that name none
     count_per_prompt: int = 1
     best_of: int = 1  # samples per pair; a verifier keeps the best (when one applies)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tasks.requests import PairSpec, RequestError, expand_inputs, sample_seed
+from tasks.requests import PairSpec, RequestError, expand_inputs, no_valid_rows_message, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +348,7 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
     rewriter = make_rewriter(cfg)
     expanded = expand_inputs(cfg, rewrite=rewriter)  # all validation happens here, before any model
     if not expanded.pairs:
-        reasons = ", ".join(f"{k}: {v}" for k, v in expanded.summary()["reject_reasons"].items()) or "no rows"
-        raise RequestError(f"generate: no valid input rows ({reasons}); see the rejects above and fix the inputs")
+        raise RequestError(no_valid_rows_message(expanded))
     for r in expanded.rejects:
         log.warning("rejected %s: %s (%s)", r["input_ref"], r["reason"], r["detail"])
     fingerprint = check_models(cfg)
