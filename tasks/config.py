@@ -151,6 +151,8 @@ class RewriteConfig(Section):
     api_key_env: str | None = "OPENAI_API_KEY"  # read from this environment variable, or
     api_key_secret: str | None = None  # the name of a Prefect Secret block
     timeout_s: float = 30.0
+    retries: int = 3  # further attempts after a transient failure (timeout, connection, 429, 5xx)
+    backoff_s: float = 1.0  # first wait; doubles each attempt (with jitter, at least Retry-After)
     cache_path: str | None = None  # default: <workdir>/rewrites.jsonl when the workdir is local
 
 

@@ -354,6 +354,9 @@ def expand_row(
     if rewrite is not None:
         caption = rewrite(caption)
         params["rewritten"] = caption != params["input_caption"]
+        failed = getattr(rewrite, "failure", lambda _: None)(params["input_caption"])
+        if failed:  # the pair keeps its own prompt; say why, so that it can be redone on purpose
+            params["rewrite_error"] = failed
     extra = {k: str(row[k]).strip() for k in ("instruction", "subject") if row.get(k) is not None}
     params.update(extra)
     if fields := unused_fields(row):
