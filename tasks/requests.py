@@ -327,7 +327,7 @@ def expand_row(
         elif gen.size:
             width, height = parse_size(gen.size)
         else:
-            return [], _reject(ref, "missing_size", "no size/width+height in the row and no generate.size default")
+            return [], _reject(ref, "missing_size", "no size/width+height in the row and no generate.size default; set generate.size, e.g. 512x512")
         count = _as_int(row.get("count", gen.count_per_prompt), "count")
         seed = _as_int(row["seed"], "seed") if row.get("seed") is not None else None
     except ValueError as e:
