@@ -207,6 +207,7 @@ class PairsSource(_ListSource):
 # ---------------------------------------------------------------- shards: webdataset tars and Parquet
 
 IMAGE_MEMBER_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 << 20  # a member this large is not a picture to decode in memory: a reject
 _BRACE = __import__("re").compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -336,9 +337,12 @@ class WebDatasetSource(_ShardSource):
             for key, members in samples.items():
                 row = {"id": f"{shard}/{key}", "ref": f"{uri}:{key}", "shard": k, "members": members}
                 image = [e for e in IMAGE_MEMBER_EXTS if e in members]
+                large = [f"{key}.{e} ({size:,} bytes)" for e, (_, size) in members.items() if size > MAX_MEMBER_BYTES]
                 if not image:
                     row["error"] = ("missing_image", f"{uri}:{key}: no image member (.{', .'.join(IMAGE_MEMBER_EXTS)}); "
                                     f"found {sorted(members)}")
+                elif large:
+                    row["error"] = ("too_large", f"{uri}: {', '.join(large)} over {MAX_MEMBER_BYTES >> 20} MiB")
                 self._rows.append(row)
             if error:
                 self._broken(k, "truncated_shard", error)

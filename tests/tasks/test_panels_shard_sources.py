@@ -209,3 +209,14 @@ def test_webdataset_through_the_ray_job(tmp_path, ray_local):
     local = run_build(_cfg(tmp_path, {"kind": "webdataset", "path": pattern}, out="local", rows_per_unit=5),
                       use_ray=False)
     assert {r["id"]: r for r in open_dataset(local["dataset"]).table(["id", "task", "caption"]).to_pylist()} == rows
+
+
+def test_a_tar_member_too_large_to_hold_is_a_reject_not_a_read(tmp_path, monkeypatch):
+    import tasks.sources
+
+    monkeypatch.setattr(tasks.sources, "MAX_MEMBER_BYTES", 500)  # instead of writing a 256 MiB member
+    write_tar(tmp_path / "big.tar", [("a.jpg", photo(1)), ("a.txt", txt("big")), ("b.jpg", b"x" * 100),
+                                     ("b.txt", txt("small"))])
+    rows = open_source({"kind": "webdataset", "path": str(tmp_path / "big.tar")}).rows(0, 2)
+    assert rows[0]["error"][0] == "too_large" and "a.jpg" in rows[0]["error"][1] and "image" not in rows[0]
+    assert "error" not in rows[1] and rows[1]["image"] == b"x" * 100 and rows[1]["caption"] == "small"
