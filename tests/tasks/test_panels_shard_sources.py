@@ -8,7 +8,9 @@ rows with the same tasks wherever it is built.
 """
 import io
 import json
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,9 @@ from storage import open_dataset
 from tasks.build_panels import run_build
 from tasks.config import load_config
 from tasks.sources import SourceError, expand_braces, open_source
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
+from test_s3 import s3_server  # noqa: E402,F401 - the fixture: moto on 127.0.0.1, stopped by its pid
 
 
 def photo(seed: int, fmt: str = "JPEG") -> bytes:
@@ -220,3 +225,32 @@ def test_a_tar_member_too_large_to_hold_is_a_reject_not_a_read(tmp_path, monkeyp
     rows = open_source({"kind": "webdataset", "path": str(tmp_path / "big.tar")}).rows(0, 2)
     assert rows[0]["error"][0] == "too_large" and "a.jpg" in rows[0]["error"][1] and "image" not in rows[0]
     assert "error" not in rows[1] and rows[1]["image"] == b"x" * 100 and rows[1]["caption"] == "small"
+
+
+def test_shards_on_an_object_store(tmp_path, s3_server):
+    """The same sources over s3:// (moto on 127.0.0.1, started and stopped by tests/storage/test_s3.py's
+    fixture): a brace range with a missing shard, a Parquet folder."""
+    make_shards(tmp_path / "shards")
+    pq_folder = make_parquet(tmp_path / "pq")
+    for name in ("00000.tar", "00001.tar"):
+        with s3_server.open_output_stream(f"panelforge-test/wds/{name}") as f:
+            f.write((tmp_path / "shards" / name).read_bytes())
+    for name in ("a.parquet", "b.parquet"):
+        with s3_server.open_output_stream(f"panelforge-test/pq/{name}") as f:
+            f.write((tmp_path / "pq" / name).read_bytes())
+    del pq_folder
+
+    src = open_source({"kind": "webdataset", "path": "s3://panelforge-test/wds/{00000..00002}.tar"})
+    rows = src.rows(0, len(src))
+    assert [r["id"] for r in rows] == [k for k in WDS_EXPECTED if k.startswith(("00000", "00001"))] + [
+        "00002.tar#missing_shard"]
+    outcome = {r["id"]: (r["error"][0] if r.get("error") else "ok") for r in rows}
+    assert outcome["00000.tar/k3"] == "missing_image" and outcome["00002.tar#missing_shard"] == "missing_shard"
+    assert rows[0]["image"] == photo(0) and rows[0]["caption"] == "a grey box on a plain wall"
+    assert rows[1]["caption"] == "a box, captioned in json"
+
+    src = open_source({"kind": "parquet", "path": "s3://panelforge-test/pq", "image_column": "picture",
+                       "caption_column": "alt_text"})
+    rows = src.rows(0, len(src))
+    assert len(rows) == 8 and rows[0]["image"] == photo(20) and rows[5]["caption"] == "a box from the second file"
+    assert rows[2]["error"][0] == "missing_image" and rows[6]["error"][0] == "missing_image"
