@@ -23,9 +23,8 @@ import json
 import sys
 import uuid
 
-import pyarrow.fs as pafs
-
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from storage.dataset import open_dataset
@@ -112,9 +111,9 @@ def export_dataset(src: str, out: str, fmt: str = "parquet", row_group_mb: float
     loc = resolve(out)
     if loc.uri.rstrip("/") == ds.uri.rstrip("/"):
         raise StorageError(f"{out}: the export must go to another folder than its dataset")
-    if loc.fs.get_file_info(loc.path).type.name == "Directory" and loc.fs.get_file_info(pafs.FileSelector(loc.path)):
-        if not _is_export(loc):  # never write over someone's folder, or over a dataset
-            raise StorageError(f"{loc.uri}: exists and is not a PanelForge export; choose an empty or new folder")
+    busy = loc.fs.get_file_info(loc.path).type.name == "Directory" and loc.fs.get_file_info(pafs.FileSelector(loc.path))
+    if busy and not _is_export(loc):  # never write over someone's folder, or over a dataset
+        raise StorageError(f"{loc.uri}: exists and is not a PanelForge export; choose an empty or new folder")
     loc.fs.create_dir(loc.join("data"), recursive=True)
     files, rows, written = [], 0, 0
     for i, entry in enumerate(ds.shards):

@@ -339,8 +339,8 @@ class WebDatasetSource(_ShardSource):
                 image = [e for e in IMAGE_MEMBER_EXTS if e in members]
                 large = [f"{key}.{e} ({size:,} bytes)" for e, (_, size) in members.items() if size > MAX_MEMBER_BYTES]
                 if not image:
-                    row["error"] = ("missing_image", f"{uri}:{key}: no image member (.{', .'.join(IMAGE_MEMBER_EXTS)}); "
-                                    f"found {sorted(members)}")
+                    row["error"] = ("missing_image", (f"{uri}:{key}: no image member "
+                                                      f"(.{', .'.join(IMAGE_MEMBER_EXTS)}); found {sorted(members)}"))
                 elif large:
                     row["error"] = ("too_large", f"{uri}: {', '.join(large)} over {MAX_MEMBER_BYTES >> 20} MiB")
                 self._rows.append(row)
@@ -350,22 +350,13 @@ class WebDatasetSource(_ShardSource):
     def _read(self, f, uri: str, items: list[dict]) -> None:
         for item in items:
             members, ref = item.pop("members"), item["ref"]
-
-            def member(ext: str) -> bytes:
-                offset, size = members[ext]
-                f.seek(offset)
-                data = f.read(size)
-                if len(data) != size:
-                    raise EOFError(f"{ref}.{ext}: {len(data)} of {size} bytes (the shard is cut short)")
-                return data
-
             try:
                 ext = next(e for e in IMAGE_MEMBER_EXTS if e in members)
-                item["image"] = member(ext)
+                item["image"] = _member(f, members, ref, ext)
                 if "txt" in members:
-                    item["caption"] = member("txt").decode("utf-8")
+                    item["caption"] = _member(f, members, ref, "txt").decode("utf-8")
                 elif "json" in members:
-                    meta = json.loads(member("json"))
+                    meta = json.loads(_member(f, members, ref, "json"))
                     item["caption"] = meta.get(self.caption_field) if isinstance(meta, dict) else None
             except EOFError as e:
                 item["error"] = ("truncated_member", str(e))
@@ -373,6 +364,16 @@ class WebDatasetSource(_ShardSource):
                 item["error"] = ("bad_caption", f"{ref}.txt: not UTF-8 text")
             except json.JSONDecodeError as e:
                 item["error"] = ("bad_caption", f"{ref}.json: not valid JSON ({e.msg})")
+
+
+def _member(f, members: dict, ref: str, ext: str) -> bytes:
+    """The bytes of member <key>.<ext> of an open tar, by its offset; EOFError when cut short."""
+    offset, size = members[ext]
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"{ref}.{ext}: {len(data)} of {size} bytes (the shard is cut short)")
+    return data
 
 
 class ParquetSource(_ShardSource):
@@ -441,16 +442,17 @@ class ParquetSource(_ShardSource):
             value = values[image][row - lo]
             if isinstance(value, dict):  # the Hugging Face Image layout
                 if value.get("bytes") is None and value.get("path"):
-                    item["error"] = ("missing_image", f"{item['ref']}: the image is stored by path only "
-                                     f"({value['path']!r}); export the dataset with embedded image bytes")
+                    item["error"] = ("missing_image", (f"{item['ref']}: the image is stored by path only "
+                                                       f"({value['path']!r}); export the dataset with embedded "
+                                                       "image bytes"))
                     continue
                 value = value.get("bytes")
             if value is None:
                 item["error"] = ("missing_image", f"{item['ref']}: column {image!r} is empty")
                 continue
             if not isinstance(value, (bytes, bytearray)):
-                item["error"] = ("missing_image", f"{item['ref']}: column {image!r} holds {type(value).__name__}, "
-                                 "not image bytes")
+                item["error"] = ("missing_image", (f"{item['ref']}: column {image!r} holds "
+                                                   f"{type(value).__name__}, not image bytes"))
                 continue
             item["image"] = bytes(value)
             item["caption"] = values[caption][row - lo]

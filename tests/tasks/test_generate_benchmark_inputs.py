@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_requests import geneval_rows, write_jsonl  # noqa: E402
+from test_requests import geneval_rows, write_jsonl
 
-from storage import open_dataset  # noqa: E402
-from tasks.config import load_config  # noqa: E402
-from tasks.generate import run_generate  # noqa: E402
-from tasks.requests import RequestError  # noqa: E402
+from storage import open_dataset
+from tasks.config import load_config
+from tasks.generate import run_generate
+from tasks.requests import RequestError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,9 @@ from tasks.config import load_config
 from tasks.sources import SourceError, expand_braces, open_source
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
-from test_s3 import s3_server  # noqa: E402,F401 - the fixture: moto on 127.0.0.1, stopped by its pid
+import test_s3  # its fixture: moto on 127.0.0.1, started and stopped by its pid
+
+s3_server = test_s3.s3_server
 
 
 def photo(seed: int, fmt: str = "JPEG") -> bytes:
