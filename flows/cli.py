@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path", help="dataset folder or URI (s3://bucket/prefix)")
     show.add_argument("--verify", action="store_true", help="recompute every shard's sha256")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+    export = ds_sub.add_parser(
+        "export",
+        help="write a dataset as Parquet (zstd) that duckdb, Spark, pandas and datasets read",
+        description="Export a dataset to Parquet: OUT/data/*.parquet, OUT/rejects.parquet, OUT/manifest.json "
+        "(docs/data.md).",
+    )
+    export.add_argument("path", help="dataset folder or URI")
+    export.add_argument("--format", default="parquet", choices=["parquet"])
+    export.add_argument("--row-group-mb", type=float, default=64, help="uncompressed MiB per row group (default 64)")
+    export.add_argument("out", help="output folder or URI")
     cfg = sub.add_parser("config", help="print the resolved config", description="Validate and print a config.")
     cfg.add_argument("--config", default=DEFAULT_CONFIG)
     cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -146,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from storage import StorageError
     from tasks.config import ConfigError, load_config
+    from tasks.requests import RequestError
 
     try:
-        if args.command == "datasets":
+        if args.command == "datasets" and args.datasets_command == "export":
+            from storage.export import export_dataset
+
+            print(json.dumps(export_dataset(args.path, args.out, args.format, args.row_group_mb), indent=2))
+        elif args.command == "datasets":
             _show_dataset(args.path, args.verify, args.json)
         elif args.command == "config":
             print(json.dumps(load_config(args.config, args.overrides).model_dump(), indent=2))
@@ -156,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_summary(run_flow("retrain", DEFAULT_CONFIG, args.overrides))
         else:
             _print_summary(run_flow(args.command, args.config, args.overrides))
-    except (ConfigError, StorageError) as e:
+    except (ConfigError, StorageError, RequestError) as e:
         print(f"panelforge: error: {e}", file=sys.stderr)
         return 2
     return 0

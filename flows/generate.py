@@ -27,7 +27,14 @@ def progress_line(snap: dict) -> str:
             f"{snap['pairs_per_hour']:.0f} pairs/hour, ETA {eta}, {snap['rejected']} rejected this run")
 
 
-@task(name="generate-job", retries=2, retry_delay_seconds=5)
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retries resume a job after a crash; inputs or weights that cannot work fail once, with one message."""
+    from tasks.requests import RequestError
+
+    return not isinstance(state.result(raise_on_failure=False), RequestError)
+
+
+@task(name="generate-job", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
 def generate_job(config_path: str, overrides: list[str]) -> dict:
     progress = job_progress("generate-progress", "generate", line=progress_line,
                             fraction=lambda s: s["done_pairs"] / max(s["total_pairs"], 1))

@@ -35,6 +35,13 @@ RELEASE_CODEBOOK = 16384
 SIZE_UNIT = 32  # pixels per size-token unit; panel sides are multiples of it
 
 
+def image_span_length(height_px: int, width_px: int, patch: int = 8) -> int:
+    """Tokens of an image span: image start, two size tokens, rows of (cols + row end), image end.
+    Prompt validation (tasks/requests.py) counts the context a request needs with it, before any
+    model loads; the engine counts the same span."""
+    return 4 + (height_px // patch) * (width_px // patch + 1)
+
+
 class LayoutError(ValueError):
     """A malformed token sequence, a bad image size, or a tokenizer lacking the layout's tokens."""
 
@@ -92,18 +99,25 @@ class Layout:
         return cls(tok, len(tok), codebook_size or PRESETS["tiny"]["n_embed"], name="shapes")
 
     @classmethod
-    def from_config(cls, models_cfg) -> "Layout":
-        """From a ModelsConfig (tasks/config.py): tokenizer, tokenizer_path, movqgan_preset, code_offset."""
-        from model.movqgan import PRESETS
+    def from_config(cls, models_cfg, codebook_size: int | None = None) -> "Layout":
+        """From a ModelsConfig (tasks/config.py): tokenizer, tokenizer_path, code_offset, and the codebook
+        size of the MoVQGAN: `codebook_size` (a loaded model's n_embed), else its architecture
+        (models.movqgan, a config beside models.movqgan_path, or models.movqgan_preset; no weights read)."""
+        from model.movqgan import MoVQGANError, resolve_architecture
 
-        if models_cfg.movqgan_preset not in PRESETS:
-            raise LayoutError(f"models.movqgan_preset {models_cfg.movqgan_preset!r}: expected one of {sorted(PRESETS)}")
+        if codebook_size is None:
+            try:
+                arch, _ = resolve_architecture(getattr(models_cfg, "movqgan_path", None), models_cfg.movqgan_preset,
+                                               getattr(models_cfg, "movqgan", None))
+            except MoVQGANError as e:
+                raise LayoutError(f"models.movqgan: {e}") from None
+            codebook_size = arch["n_embed"]
         tok = load_text_tokenizer(models_cfg.tokenizer, models_cfg.tokenizer_path)
         offset = getattr(models_cfg, "code_offset", None)
         if offset is None:
             offset = len(tok) if models_cfg.tokenizer == "shapes" else RELEASE_CODE_OFFSET
         name = "shapes" if models_cfg.tokenizer == "shapes" else "release"
-        return cls(tok, offset, PRESETS[models_cfg.movqgan_preset]["n_embed"], name=name)
+        return cls(tok, offset, codebook_size, name=name)
 
     # --- ids --------------------------------------------------------------------------------
     def _code_range(self) -> str:
@@ -156,7 +170,7 @@ class Layout:
 
     def image_length(self, height_px: int, width_px: int) -> int:
         """Tokens of an image span: 3 + rows * (cols + 1) + 1."""
-        return 4 + (height_px // self.patch) * (width_px // self.patch + 1)
+        return image_span_length(height_px, width_px, self.patch)
 
     def encode_sample(self, prompt: str, grid: np.ndarray) -> tuple[list[int], int]:
         """(ids, loss_start): the user turn then the answer; ids[loss_start:] are supervised (the

@@ -15,6 +15,7 @@ On a GPU, `prepare("cuda")` runs it in bf16 autocast and channels-last (optional
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -44,6 +45,114 @@ PATCH = 8  # pixels per code: ch_mult has 4 levels, 3 downsamplings
 
 class MoVQGANError(ValueError):
     """Bad input to the tokenizer or a checkpoint that does not fit the preset."""
+
+
+# The architecture in the official repo's keys (its configs/*.yaml: model.params.{embed_dim, n_embed,
+# ddconfig}). Any MoVQGAN is these numbers; the presets above are names for the known ones.
+ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed")
+ARCH_DEFAULTS = dict(resolution=256, in_channels=3, out_ch=3)
+# Keys of the official configs that do not change the network's weights (training or loader options).
+ARCH_IGNORED = {"double_z", "dropout", "target", "ckpt_path", "ignore_keys", "image_key", "monitor", "lossconfig",
+                "remap", "sane_index_shape", "colorize_nlabels", "learning_rate", "use_ema", "base_learning_rate"}
+# Files read beside a checkpoint <stem>.safetensors (first found wins).
+CONFIG_NAMES = ("{stem}.json", "{stem}.yaml", "{stem}.yml", "config.json", "config.yaml", "config.yml")
+
+
+def architecture(spec: dict, where: str = "MoVQGAN config") -> dict:
+    """The full architecture from a config in the official layout: flat keys, or {embed_dim, n_embed,
+    ddconfig: {...}}, or a whole official YAML ({model: {params: ...}}). Every error names the key."""
+    if not isinstance(spec, dict):
+        raise MoVQGANError(f"{where}: expected a mapping of the official keys {ARCH_KEYS}, got {type(spec).__name__}")
+    if isinstance(spec.get("model"), dict):
+        spec = spec["model"].get("params", spec["model"])
+    flat = {k: v for k, v in spec.items() if k != "ddconfig"}
+    if isinstance(spec.get("ddconfig"), dict):
+        flat.update(spec["ddconfig"])
+    if flat.get("double_z"):
+        raise MoVQGANError(f"{where}: double_z=true is a KL autoencoder's encoder, not MoVQGAN's; set it false")
+    unknown = sorted(set(flat) - set(ARCH_KEYS) - set(ARCH_DEFAULTS) - ARCH_IGNORED)
+    if unknown:
+        raise MoVQGANError(f"{where}: unknown keys {unknown}; expected {list(ARCH_KEYS)} (+ {sorted(ARCH_DEFAULTS)})")
+    missing = [k for k in ARCH_KEYS if k not in flat]
+    if missing:
+        raise MoVQGANError(f"{where}: missing {missing}; a MoVQGAN config names {list(ARCH_KEYS)}")
+    cfg = dict(ARCH_DEFAULTS)
+    try:
+        cfg.update({k: int(flat[k]) for k in ("ch", "num_res_blocks", "z_channels", "embed_dim", "n_embed")})
+        cfg.update({k: int(flat[k]) for k in ARCH_DEFAULTS if k in flat})
+        cfg["ch_mult"] = tuple(int(m) for m in flat["ch_mult"])
+        cfg["attn_resolutions"] = tuple(int(r) for r in flat["attn_resolutions"])
+    except (TypeError, ValueError) as e:
+        raise MoVQGANError(f"{where}: {e}; ch, num_res_blocks, z_channels, embed_dim, n_embed are integers, "
+                           "ch_mult and attn_resolutions lists of integers") from None
+    if 2 ** (len(cfg["ch_mult"]) - 1) != PATCH:
+        raise MoVQGANError(f"{where}: ch_mult {list(cfg['ch_mult'])} downsamples x{2 ** (len(cfg['ch_mult']) - 1)}; "
+                           f"the token layout needs x{PATCH} (four levels, as every released MoVQGAN)")
+    bad = [cfg["ch"] * m for m in cfg["ch_mult"] if (cfg["ch"] * m) % 32]
+    if bad:
+        raise MoVQGANError(f"{where}: channel widths {bad} are not multiples of 32 (GroupNorm's 32 groups)")
+    if cfg["n_embed"] < 2 or min(cfg["ch"], cfg["num_res_blocks"], cfg["z_channels"], cfg["embed_dim"]) < 1:
+        raise MoVQGANError(f"{where}: sizes must be positive and n_embed >= 2")
+    return cfg
+
+
+def preset_of(cfg: dict) -> str | None:
+    """The preset name of an architecture, when it is one of the known ones."""
+    for name, p in PRESETS.items():
+        if architecture(p, name) == cfg:
+            return name
+    return None
+
+
+def config_beside(weights: str | Path) -> tuple[dict, str] | None:
+    """(architecture, file) from a config file next to the weights, or from the architecture that
+    save_movqgan writes into a .safetensors header; None when there is neither."""
+    import yaml
+
+    p = Path(weights)
+    for pattern in CONFIG_NAMES:
+        f = p.parent / pattern.format(stem=p.stem)
+        if not f.is_file() or f == p:
+            continue
+        try:
+            data = json.loads(f.read_text()) if f.suffix == ".json" else yaml.safe_load(f.read_text())
+        except (ValueError, yaml.YAMLError) as e:
+            raise MoVQGANError(f"{f}: not valid {f.suffix[1:].upper()} ({e})") from None
+        # A shared name (config.json) may belong to something else in the folder, e.g. a decoder.
+        if pattern.startswith("config.") and not _names_movqgan(data):
+            continue
+        return architecture(data, str(f)), str(f)
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as sf:
+            meta = sf.metadata() or {}
+        if meta.get("architecture"):
+            return architecture(json.loads(meta["architecture"]), f"{p} (header)"), f"{p} (header)"
+    return None
+
+
+def _names_movqgan(data) -> bool:
+    if not isinstance(data, dict):
+        return False
+    params = data["model"].get("params", {}) if isinstance(data.get("model"), dict) else data
+    return isinstance(params, dict) and ("n_embed" in params or isinstance(params.get("ddconfig"), dict))
+
+
+def resolve_architecture(weights: str | Path | None, preset: str | None = "270m",
+                         config: dict | None = None) -> tuple[dict, str]:
+    """(architecture, where it came from): `config` (models.movqgan) first, then a config beside the
+    weights, then the preset's name. Reads no weights."""
+    if config:
+        return architecture(config, "models.movqgan"), "models.movqgan"
+    if weights is not None:
+        found = config_beside(weights)
+        if found:
+            return found
+    if preset not in PRESETS:
+        raise MoVQGANError(f"unknown MoVQGAN preset {preset!r}: expected one of {sorted(PRESETS)}, or give the "
+                           "architecture in a config beside the weights or under models.movqgan")
+    return architecture(PRESETS[preset], preset), f"preset {preset!r}"
 
 
 def swish(x):
@@ -244,11 +353,14 @@ class VQOutput:
 
 
 class MoVQGAN(nn.Module):
-    def __init__(self, preset: str = "tiny", **overrides):
+    def __init__(self, preset: str = "tiny", config: dict | None = None, **overrides):
+        """A preset by name, or any architecture (`config`: the official keys, see architecture())."""
         super().__init__()
-        if preset not in PRESETS:
+        if config is None and preset not in PRESETS:
             raise MoVQGANError(f"unknown MoVQGAN preset {preset!r}: expected one of {sorted(PRESETS)}")
-        cfg = dict(PRESETS[preset], **overrides)
+        cfg = dict(architecture(config) if config is not None else PRESETS[preset], **overrides)
+        if config is not None:
+            preset = preset_of(cfg) or "custom"
         self.preset, self.config = preset, cfg
         self.encoder = Encoder(**cfg)
         self.quant_conv = nn.Conv2d(cfg["z_channels"], cfg["embed_dim"], 1)
@@ -435,11 +547,16 @@ class LoadReport:
     ignored: list[str]  # training-only keys (loss, EMA) that were skipped
 
 
-def load_movqgan(path: str | Path, preset: str = "270m", device: str | torch.device = "cpu") -> MoVQGAN:
-    """A MoVQGAN of `preset` with the weights of an official-layout checkpoint; every missing,
-    unexpected or wrong-shape key is an error that names it. The report is at model.load_report."""
+def load_movqgan(path: str | Path, preset: str | None = "270m", device: str | torch.device = "cpu",
+                 config: dict | None = None) -> MoVQGAN:
+    """A MoVQGAN with the weights of an official-layout checkpoint. Its architecture: `config` (the
+    official keys), else a config beside the weights (<stem>.json/.yaml, config.json/.yaml, or the
+    .safetensors header written by save_movqgan), else `preset`. Every missing, unexpected or
+    wrong-shape key is an error that names it. The report is at model.load_report."""
+    arch, where = resolve_architecture(path, preset, config)
     sd = read_state_dict(path)
-    model = MoVQGAN(preset)
+    model = MoVQGAN(config=arch)
+    preset = f"{model.preset} (from {where})"
     expected = model.state_dict()
     ignored = sorted(k for k in sd if k not in expected and k.startswith(IGNORED_PREFIXES))
     unexpected = sorted(k for k in sd if k not in expected and k not in ignored)
@@ -451,9 +568,11 @@ def load_movqgan(path: str | Path, preset: str = "270m", device: str | torch.dev
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "") if items else ""
 
         raise CheckpointError(
-            f"{path}: does not fit MoVQGAN preset {preset!r}"
+            f"{path}: does not fit MoVQGAN {preset}"
             + names("missing", missing) + names("unexpected", unexpected) + names("wrong shape", shapes)
-            + "\n  check models.movqgan_preset (tiny, 67m, 102m, 270m) against the file"
+            + "\n  check models.movqgan_preset (tiny, 67m, 102m, 270m), or give the architecture in a config "
+            "beside the weights (<name>.json with ch, ch_mult, num_res_blocks, attn_resolutions, z_channels, "
+            "embed_dim, n_embed) or under models.movqgan"
         )
     model.load_state_dict({k: sd[k].float() for k in expected}, strict=True)
     if ignored:
@@ -467,7 +586,9 @@ def save_movqgan(model: MoVQGAN, path: str | Path, dtype: torch.dtype = torch.fl
     from safetensors.torch import save_file
 
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"preset": model.preset, **{k: str(v) for k, v in (meta or {}).items()}})
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}
+    save_file(sd, str(path), metadata={"preset": model.preset, "architecture": json.dumps(arch),
+                                       **{k: str(v) for k, v in (meta or {}).items()}})
 
 
 if __name__ == "__main__":

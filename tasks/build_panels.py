@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 SOURCE_TASKS = {
     "shapes": lambda t: t in ("t2i", "edit", "subject") or (split_task(t)[1] in ("canny", "depth", "hed")),
     "folder": lambda t: split_task(t)[0] in ("t2i", "control", "dense"),
+    "webdataset": lambda t: split_task(t)[0] in ("t2i", "control", "dense"),
+    "parquet": lambda t: split_task(t)[0] in ("t2i", "control", "dense"),
     "edits": lambda t: t == "edit",
     "subjects": lambda t: t == "subject",
 }
@@ -132,7 +134,7 @@ class PanelMaker:
         task = pick_task(item["index"], self.mix)
         if kind == "shapes":
             return self._shapes(item, task)
-        if kind == "folder":
+        if kind in ("folder", "webdataset", "parquet"):  # one captioned image per row
             return self._folder(item, task)
         return self._pair(item, task)
 
@@ -169,7 +171,7 @@ class PanelMaker:
         return self._row(item, task, bucket, pair.subject.image, pair.scene.image, pair.scene.caption,
                          params, index, subject=pair.description)
 
-    def _load(self, path: str, ref: str, dual: bool, size: tuple | None = None):
+    def _load(self, path: str | bytes, ref: str, dual: bool, size: tuple | None = None):
         """Decode an image for a panel; returns (image, bucket, panel size). The bucket comes from
         the full-size header (a JPEG may decode smaller, never below its panel); `size` fixes
         (bucket, panel) instead, for the second image of a pair."""
@@ -179,14 +181,15 @@ class PanelMaker:
             chosen["size"] = size or bucket_for(w, h, self.pc.stage_size, dual)
             return chosen["size"][1]
 
-        image = decode_image(read_bytes(path, ref), ref, self.pc.max_pixels, panel_for)
+        data = path if isinstance(path, bytes) else read_bytes(path, ref)  # shard sources hand over the bytes
+        image = decode_image(data, ref, self.pc.max_pixels, panel_for)
         bucket, psize = chosen["size"]
         return fit(image, psize, ref, self.pc.max_upscale), bucket, psize
 
     def _folder(self, item: dict, task: str) -> dict:
         ref = item["ref"]
         caption = clean_caption(item.get("caption"), ref)
-        image, bucket, _ = self._load(item["path"], ref, is_dual(task))
+        image, bucket, _ = self._load(item["image"] if "image" in item else item["path"], ref, is_dual(task))
         kind, control = split_task(task)
         if kind == "t2i":
             return self._row(item, task, bucket, image, None, caption, {}, item["index"])

@@ -35,6 +35,9 @@ class ModelsConfig(Section):
 
     movqgan_preset: str = "tiny"  # tiny, 67m, 102m, 270m
     movqgan_path: str | None = None  # .ckpt/.pt flat state_dict or .safetensors
+    # Any other MoVQGAN (issue 17): its architecture in the official keys (ch, ch_mult, num_res_blocks,
+    # attn_resolutions, z_channels, embed_dim, n_embed); else a config beside the weights, else the preset.
+    movqgan: dict[str, Any] | None = None
     tokenizer: str = "shapes"  # shapes | qwen-offline | hf (a local folder in tokenizer_path)
     tokenizer_path: str | None = None
     # First image-code id; None: 155000 for the release's tokenizers, right after the vocabulary for
@@ -148,6 +151,8 @@ class RewriteConfig(Section):
     api_key_env: str | None = "OPENAI_API_KEY"  # read from this environment variable, or
     api_key_secret: str | None = None  # the name of a Prefect Secret block
     timeout_s: float = 30.0
+    retries: int = 3  # further attempts after a transient failure (timeout, connection, 429, 5xx)
+    backoff_s: float = 1.0  # first wait; doubles each attempt (with jitter, at least Retry-After)
     cache_path: str | None = None  # default: <workdir>/rewrites.jsonl when the workdir is local
 
 
@@ -170,6 +175,7 @@ class GenerateConfig(Section):
         default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
     )  # {kind: file, path} | {kind: panels, uri} | {kind: shapes, count, seed, tasks}
     output: str = "generated"  # dataset name under the workdir, or a URI
+    task: str = "t2i"  # the task of prompt rows that name none (benchmark files: GenEval, DPG-Bench)
     size: str | None = None  # default WIDTHxHEIGHT for prompt rows that name none
     count_per_prompt: int = 1
     best_of: int = 1  # samples per pair; a verifier keeps the best (when one applies)

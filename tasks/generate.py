@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tasks.requests import PairSpec, RequestError, expand_inputs, sample_seed
+from tasks.requests import PairSpec, RequestError, expand_inputs, no_valid_rows_message, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def load_parts(cfg, fingerprint: str | None = None) -> Parts:
             f"{m.decoder_path}: decoder was trained with layout {fp}, the config's layout is {layout.fingerprint}; "
             "use the tokenizer the checkpoint was trained with (models.tokenizer, models.tokenizer_path)"
         )
-    movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device)
+    movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device, config=m.movqgan)
     engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda",
                     window=cfg.generate.sjd_window)
     return Parts(engine, layout, movq, fingerprint or check_models(cfg), device)
@@ -348,8 +348,7 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
     rewriter = make_rewriter(cfg)
     expanded = expand_inputs(cfg, rewrite=rewriter)  # all validation happens here, before any model
     if not expanded.pairs:
-        reasons = ", ".join(f"{k}: {v}" for k, v in expanded.summary()["reject_reasons"].items()) or "no rows"
-        raise RequestError(f"generate: no valid input rows ({reasons}); see the rejects above and fix the inputs")
+        raise RequestError(no_valid_rows_message(expanded))
     for r in expanded.rejects:
         log.warning("rejected %s: %s (%s)", r["input_ref"], r["reason"], r["detail"])
     fingerprint = check_models(cfg)

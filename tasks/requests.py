@@ -3,18 +3,24 @@
     python -m tasks.requests --config configs/tiny.yaml     # prints the pairs and the rejects
 
 A job's input is one of (config `generate.inputs`):
-  {kind: file, path: prompts.jsonl}  a jsonl, csv or parquet file of prompt rows:
-      prompt (required), task (t2i, pair, control:<map>, dense:<map>, edit, subject),
-      size ("512x256") or width + height, upper (an image path relative to the file, or bytes
-      in parquet), control_source (an image whose control map becomes the upper panel),
-      seed, count, id, instruction (edit: the instruction; pair: the lower panel's description),
-      subject (subject: the object's description).
+  {kind: file, path: prompts.jsonl, count: N?}  a jsonl, csv or parquet file of prompt rows, or a
+      folder of <id>.txt prompt files (DPG-Bench's prompts/); `count` takes its first N rows:
+      prompt (required; or `text`, `caption`), task (default: generate.task, t2i; t2i, pair,
+      control:<map>, dense:<map>, edit, subject), size ("512x256") or width + height, upper (an
+      image path relative to the file, or bytes in parquet), control_source (an image whose
+      control map becomes the upper panel), seed, count, id (or `item_id`), instruction (edit: the
+      instruction; pair: the lower panel's description), subject (subject: the object's description).
+      Every other field (GenEval's tag/include/exclude, DPG-Bench's category/question) is kept in
+      each pair's params["fields"], for an evaluator to read later. Consecutive rows with the same
+      id and prompt (DPG-Bench's dpg_bench.csv: one row per question) are one prompt; their
+      differing fields become lists.
   {kind: panels, uri: ...}          a panels dataset: re-generate the generated part of each row.
   {kind: shapes, count, seed, tasks} the synthetic shapes source (the embedded default).
 
 Each valid row expands to `count` pairs with stable ids `<row id>#<k>` and deterministic seeds;
-each bad row becomes a reject {input_ref, stage: "request", reason, detail}. Nothing is skipped
-silently: rows in = rows expanded + rows rejected.
+each bad row becomes a reject {input_ref, stage: "request", reason, detail}, among them a prompt
+whose pair would not fit the decoder's context (`too_long`: counted with the config's tokenizer,
+before any model loads). Nothing is skipped silently: rows in = rows expanded + rows rejected.
 """
 from __future__ import annotations
 
@@ -35,6 +41,10 @@ from model.prompts import PromptError, is_dual, render_prompt, split_task
 
 UPPER_TASKS = ("edit", "subject")  # plus control:<map>, dense:<map>: the upper panel is given
 MIN_SIDE = 64
+# Fields a prompt row may use; the first alias present wins (benchmark files name them differently).
+PROMPT_KEYS = ("prompt", "text", "caption")
+ID_KEYS = ("id", "item_id")
+USED_KEYS = {"task", "size", "width", "height", "upper", "control_source", "seed", "count", "instruction", "subject"}
 MAX_PIXELS = 64_000_000  # decompression-bomb guard for upper images
 
 
@@ -168,6 +178,14 @@ def control_map(img: Image.Image, control: str, panels) -> Image.Image:
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(row index, raw dict) from jsonl, csv or parquet; a malformed jsonl line yields {'_error': ...}."""
     p = Path(path)
+    if p.is_dir():  # DPG-Bench's prompts/: one <id>.txt per prompt, in name order
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".txt")
+        if not files:
+            raise RequestError(f"{p}: a folder without .txt prompt files; give a jsonl, csv or parquet file or a "
+                               "folder of <id>.txt prompts")
+        for i, f in enumerate(files):
+            yield i, {"id": f.stem, "prompt": f.read_text(encoding="utf-8", errors="replace").strip()}
+        return
     if not p.is_file():
         raise RequestError(f"{p}: prompts file not found; set generate.inputs.path to a jsonl, csv or parquet file")
     suffix = p.suffix.lower()
@@ -208,6 +226,61 @@ class Expanded:
         return {"rows": self.rows, "pairs": len(self.pairs), "rejected_rows": len(self.rejects), "reject_reasons": reasons}
 
 
+def no_valid_rows_message(ex: Expanded, first: int = 5) -> str:
+    """What a job whose every row was rejected says: the counts per reason, then the first rejects
+    with their reasons, so the user sees what to fix without opening the rejects table."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in ex.summary()["reject_reasons"].items()) or "no rows"
+    lines = [f"generate: no valid input rows ({reasons}) among {ex.rows} rows read; the first rejects:"]
+    lines += [f"  {r['input_ref']}: {r['reason']}: {r['detail']}" for r in ex.rejects[:first]]
+    if len(ex.rejects) > first:
+        lines.append(f"  ... and {len(ex.rejects) - first} more")
+    lines.append("fix the inputs (rows without a task take generate.task) and run again")
+    return "\n".join(lines)
+
+
+@dataclass
+class PromptContext:
+    """Counts the positions a pair needs in the decoder's context, as the engine does: the prompt's
+    tokens (BOS + text + turn end), the whole image span, and the SJD window."""
+
+    encode: Callable[[str], list[int]]
+    max_positions: int
+    window: int
+    where: str  # where max_positions comes from, for the reject's detail
+
+    def check(self, prompt: str, width: int, height: int) -> str | None:
+        from model.layout import image_span_length
+
+        text = len(self.encode(prompt)) + 2
+        need = text + image_span_length(height, width) + self.window
+        if need <= self.max_positions:
+            return None
+        return (f"the prompt ({text} tokens) and a {width}x{height} image need {need} positions (with the "
+                f"{self.window}-token SJD window); {self.where} holds {self.max_positions}: shorten the prompt or "
+                "the size")
+
+
+def prompt_context(cfg) -> PromptContext:
+    """The config's tokenizer and the decoder's context length (its config.json, else tokenize.max_seq);
+    loads no model weights."""
+    from model.text_tokenizer import load_text_tokenizer
+
+    m = cfg.models
+    try:
+        tok = load_text_tokenizer(m.tokenizer, m.tokenizer_path)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure means the same to the user
+        raise RequestError(f"models.tokenizer {m.tokenizer!r}: cannot load it to count prompt tokens ({e})") from None
+    max_positions, where = cfg.tokenize.max_seq, "tokenize.max_seq"
+    conf = Path(m.decoder_path) / "config.json" if m.decoder_path else None
+    if conf is not None and conf.is_file():
+        try:
+            max_positions = int(json.loads(conf.read_text())["max_position_embeddings"])
+            where = f"the decoder's context ({conf})"
+        except (ValueError, KeyError, TypeError):
+            pass  # check_models reports a broken decoder folder; the config's length stands in here
+    return PromptContext(tok.encode, max_positions, cfg.generate.sjd_window, where)
+
+
 def _reject(ref: str, reason: str, detail: str) -> dict:
     return {"input_ref": ref, "stage": "request", "reason": reason, "detail": detail}
 
@@ -231,17 +304,19 @@ def expand_row(
     maps,
     base_dir: Path | None,
     rewrite: Callable[[str], str] | None = None,
+    context: PromptContext | None = None,
 ) -> tuple[list[PairSpec], dict | None]:
     """Validate one raw row and expand it to its pairs, or return a reject (never raises)."""
     if "_error" in row:
         return [], _reject(ref, "malformed_row", row["_error"])
-    row_id = str(row.get("id") or ref)
-    prompt = row.get("prompt")
+    row_id = str(_first(row, ID_KEYS) or ref)
+    prompt = _first(row, PROMPT_KEYS)
     if not isinstance(prompt, str) or not prompt.strip():
-        return [], _reject(ref, "empty_prompt", "column 'prompt' is missing or empty; give the caption or instruction")
-    task = str(row.get("task") or "").strip()
+        return [], _reject(ref, "empty_prompt", "column 'prompt' (or 'text', 'caption') is missing or empty; give the "
+                           "caption or instruction")
+    task = str(row.get("task") or getattr(gen, "task", "") or "").strip()
     if not task:
-        return [], _reject(ref, "missing_task", "column 'task' is missing; e.g. t2i, control:canny, edit")
+        return [], _reject(ref, "missing_task", "column 'task' is missing and generate.task is empty; e.g. t2i")
     if (err := check_task(task)) is not None:
         return [], _reject(ref, "unknown_task", err)
     try:
@@ -252,7 +327,7 @@ def expand_row(
         elif gen.size:
             width, height = parse_size(gen.size)
         else:
-            return [], _reject(ref, "missing_size", "no size/width+height in the row and no generate.size default")
+            return [], _reject(ref, "missing_size", "no size/width+height in the row and no generate.size default; set generate.size, e.g. 512x512")
         count = _as_int(row.get("count", gen.count_per_prompt), "count")
         seed = _as_int(row["seed"], "seed") if row.get("seed") is not None else None
     except ValueError as e:
@@ -279,12 +354,19 @@ def expand_row(
     if rewrite is not None:
         caption = rewrite(caption)
         params["rewritten"] = caption != params["input_caption"]
+        failed = getattr(rewrite, "failure", lambda _: None)(params["input_caption"])
+        if failed:  # the pair keeps its own prompt; say why, so that it can be redone on purpose
+            params["rewrite_error"] = failed
     extra = {k: str(row[k]).strip() for k in ("instruction", "subject") if row.get(k) is not None}
     params.update(extra)
+    if fields := unused_fields(row):
+        params["fields"] = fields
     try:
         rendered = render_prompt(task, width, height, caption=caption, **extra)
     except PromptError as e:
         return [], _reject(ref, "malformed_row", f"{e}; edit and pair rows need 'instruction', subject rows 'subject'")
+    if context is not None and (err := context.check(rendered, width, height)) is not None:
+        return [], _reject(ref, "too_long", err)
     pairs = [
         PairSpec(
             id=f"{row_id}#{k}",
@@ -302,6 +384,32 @@ def expand_row(
         for k in range(count)
     ]
     return pairs, None
+
+
+def _first(row: dict, keys: tuple[str, ...]):
+    return next((row[k] for k in keys if row.get(k) not in (None, "")), None)
+
+
+def unused_fields(row: dict) -> dict:
+    """The row's fields the job does not read (GenEval's tag/include/exclude, ...), JSON-able."""
+    used = set(USED_KEYS)
+    used.update(k for keys in (PROMPT_KEYS, ID_KEYS) for k in keys[:1])
+    for keys in (PROMPT_KEYS, ID_KEYS):  # the alias that was read is used; the others are kept
+        hit = next((k for k in keys if row.get(k) not in (None, "")), None)
+        if hit:
+            used.add(hit)
+    out = {}
+    for k, v in row.items():
+        if k in used or k.startswith("_"):
+            continue
+        if isinstance(v, (bytes, bytearray)):
+            v = f"<{len(v)} bytes>"  # parquet blobs stay out of params: they are JSON
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            v = str(v)
+        out[str(k)] = v
+    return out
 
 
 def _upper_panel(row: dict, task: str, width: int, height: int, base_dir: Path | None, maps) -> bytes:
@@ -337,27 +445,30 @@ def expand_inputs(cfg, rewrite: Callable[[str], str] | None = None) -> Expanded:
     spec = dict(gen.inputs)
     kind = spec.get("kind")
     if kind == "file":
-        return _expand_rows(_file_rows(spec), gen, cfg.panels, rewrite)
-    if kind == "panels":
-        return _expand_rows(_panels_rows(cfg, spec), gen, cfg.panels, rewrite)
-    if kind == "shapes":
-        return _expand_rows(_shapes_rows(cfg, spec), gen, cfg.panels, rewrite)
-    raise RequestError(f"generate.inputs.kind {kind!r}: expected file, panels or shapes")
+        rows = _file_rows(spec)
+    elif kind == "panels":
+        rows = _panels_rows(cfg, spec)
+    elif kind == "shapes":
+        rows = _shapes_rows(cfg, spec)
+    else:
+        raise RequestError(f"generate.inputs.kind {kind!r}: expected file, panels or shapes")
+    return _expand_rows(rows, gen, cfg.panels, rewrite, prompt_context(cfg))
 
 
-def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, maps, rewrite) -> Expanded:
+def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, maps, rewrite,
+                 context: PromptContext | None = None) -> Expanded:
     pairs: list[PairSpec] = []
     rejects: list[dict] = []
     seen: dict[str, str] = {}
     n = 0
     for ref, row, base_dir in rows:
         n += 1
-        rid = str(row.get("id") or ref) if "_error" not in row else ref
+        rid = str(_first(row, ID_KEYS) or ref) if "_error" not in row else ref
         if rid in seen:
             rejects.append(_reject(ref, "duplicate_id", f"row id {rid!r} already used by {seen[rid]}; ids must be unique"))
             continue
         seen[rid] = ref
-        got, rej = expand_row(row, ref, gen=gen, maps=maps, base_dir=base_dir, rewrite=rewrite)
+        got, rej = expand_row(row, ref, gen=gen, maps=maps, base_dir=base_dir, rewrite=rewrite, context=context)
         pairs.extend(got)
         if rej:
             rejects.append(rej)
@@ -367,11 +478,48 @@ def _expand_rows(rows: Iterable[tuple[str, dict, Path | None]], gen, maps, rewri
 
 
 def _file_rows(spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
+    """(ref, row, folder) of a prompt file: consecutive rows with the same id and prompt merged (one
+    prompt of DPG-Bench's csv per question), the first generate.inputs.count rows when it is set."""
+    unknown = sorted(set(spec) - {"kind", "path", "count"})
+    if unknown:
+        raise RequestError(f"generate.inputs: unknown keys {unknown} for kind=file; expected path and count")
     if not spec.get("path"):
         raise RequestError("generate.inputs.kind=file needs generate.inputs.path (a jsonl, csv or parquet file)")
     path = Path(spec["path"])
+    limit = spec.get("count")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise RequestError(f"generate.inputs.count {limit!r}: the number of prompt rows to take, an integer >= 1")
+    base = path if path.is_dir() else path.parent
+    n = 0
+    group: tuple[str, dict] | None = None
     for i, row in read_rows(path):
-        yield f"{path.name}:{i}", row, path.parent
+        key = None if "_error" in row else (_first(row, ID_KEYS), _first(row, PROMPT_KEYS))
+        if group is not None and key is not None and key[0] is not None and key == group[2]:
+            _merge(group[1], row)
+            continue
+        if group is not None:
+            yield group[0], group[1], base
+            n += 1
+            if limit is not None and n >= limit:
+                return
+        group = (f"{path.name}:{i}", dict(row), key)
+    if group is not None and (limit is None or n < limit):
+        yield group[0], group[1], base
+
+
+def _merge(into: dict, row: dict) -> None:
+    """Gather the fields of another row of the same prompt: a field that differs becomes a list."""
+    n_before = into.setdefault("_merged", 1)
+    for k, v in row.items():
+        if k in into and not isinstance(into.get(f"_list:{k}"), bool) and into[k] == v:
+            continue
+        if not into.get(f"_list:{k}"):
+            into[k] = [into.get(k)] * n_before
+            into[f"_list:{k}"] = True
+        into[k].append(v)
+    for k in [k for k in into if into.get(f"_list:{k}") and k not in row]:
+        into[k].append(None)
+    into["_merged"] = n_before + 1
 
 
 def panel_as_prompt_row(row: dict) -> dict:

@@ -6,8 +6,11 @@ Calls an OpenAI-compatible chat-completions endpoint named in `generate.rewrite`
 model, system prompt). The API key comes from an environment variable or a Prefect Secret
 block; it is sent only in the Authorization header and never logged or put in an error.
 Rewrites are cached (a jsonl file) so a rerun of a job renders the same prompts and so the
-same work units; on ANY error (network, HTTP status, malformed reply) the original prompt is
-used and the failure is counted.
+same work units. Transient failures (connection errors, timeouts, HTTP 408/425/429/5xx) are
+retried `retries` times with exponential backoff (backoff_s, 2 x backoff_s, ... with jitter,
+at least the server's Retry-After); after that, or on a permanent error (another HTTP status, a
+malformed reply), the original prompt is used, the failure is counted, and the pair records it
+(params.rewrite_error, tasks/requests.py). Failures are not cached: a rerun asks again.
 """
 from __future__ import annotations
 
@@ -15,12 +18,26 @@ import hashlib
 import json
 import logging
 import os
+import random
 import threading
-import urllib.error
-import urllib.request
+import time
 from pathlib import Path
+from typing import Callable
+
+import httpx
 
 log = logging.getLogger(__name__)
+
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_BACKOFF_S = 60.0
+
+
+class RewriteFailed(RuntimeError):
+    """One attempt failed; `transient` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, transient: bool, retry_after: float | None = None):
+        super().__init__(message)
+        self.transient, self.retry_after = transient, retry_after
 
 
 def resolve_api_key(api_key_env: str | None, api_key_secret: str | None) -> str | None:
@@ -49,6 +66,10 @@ class PromptRewriter:
         cache_path: str | Path | None = None,
         timeout_s: float = 30.0,
         max_chars: int = 1000,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.url = endpoint.rstrip("/") + ("" if endpoint.rstrip("/").endswith("/chat/completions") else "/chat/completions")
         self.model, self.system_prompt = model, system_prompt
@@ -57,6 +78,11 @@ class PromptRewriter:
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, str] = {}
         self.stats = {"calls": 0, "cached": 0, "failed": 0}
+        self.retries, self.backoff_s = int(retries), float(backoff_s)
+        self.retried = 0  # extra attempts made after transient failures
+        self.failures: dict[str, str] = {}  # prompt -> why its rewrite failed (recorded in the pair)
+        self._sleep, self._rng = sleep, random.Random()
+        self._client = httpx.Client(transport=transport, timeout=timeout_s)
         self._lock = threading.Lock()
         if self.cache_path and self.cache_path.is_file():
             for line in self.cache_path.read_text(encoding="utf-8").splitlines():
@@ -78,14 +104,19 @@ class PromptRewriter:
             if k in self.cache:
                 self.stats["cached"] += 1
                 return self.cache[k]
-        self.stats["calls"] += 1
+        with self._lock:
+            self.stats["calls"] += 1
         try:
-            text = self._call(prompt)
+            text = self._with_retries(prompt)
         except Exception as e:  # fall back on anything: the job must not depend on the endpoint
-            self.stats["failed"] += 1
-            log.warning("prompt rewriting failed (%s: %s); using the original prompt", type(e).__name__, _safe(str(e), self._api_key))
+            why = _safe(f"{type(e).__name__}: {e}", self._api_key)
+            with self._lock:
+                self.stats["failed"] += 1
+                self.failures[prompt] = why
+            log.warning("prompt rewriting failed (%s); using the original prompt", why)
             return prompt
         with self._lock:
+            self.failures.pop(prompt, None)
             self.cache[k] = text
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,30 +126,67 @@ class PromptRewriter:
 
     __call__ = rewrite
 
+    def failure(self, prompt: str) -> str | None:
+        """Why the rewrite of `prompt` failed in this run (None when it did not)."""
+        return self.failures.get(prompt)
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds before attempt `attempt + 1`: backoff_s * 2^attempt with jitter (so that workers
+        rate-limited together do not retry together), at least Retry-After, at most a minute."""
+        delay = self.backoff_s * 2**attempt * (0.5 + 0.5 * self._rng.random())
+        return min(MAX_BACKOFF_S, max(delay, retry_after or 0.0))
+
+    def _with_retries(self, prompt: str) -> str:
+        for attempt in range(self.retries + 1):
+            try:
+                return self._call(prompt)
+            except RewriteFailed as e:
+                if not e.transient or attempt == self.retries:
+                    raise RewriteFailed(f"{e} (attempt {attempt + 1} of {self.retries + 1})", e.transient) from None
+                delay = self.backoff(attempt, e.retry_after)
+                log.info("prompt rewriting: %s; retrying in %.1f s", e, delay)
+                with self._lock:
+                    self.retried += 1
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
     def _call(self, prompt: str) -> str:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}],
-                "temperature": 0,
-            }
-        ).encode()
+        """One attempt; RewriteFailed says whether it is worth another."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}],
+            "temperature": 0,
+        }
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                reply = json.loads(resp.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"HTTP {e.code} from {self.url}") from None
-        text = reply["choices"][0]["message"]["content"]
+            resp = self._client.post(self.url, json=body, headers=headers)
+        except httpx.TimeoutException:
+            raise RewriteFailed(f"no reply from {self.url} within {self.timeout_s} s", transient=True) from None
+        except httpx.TransportError as e:
+            raise RewriteFailed(f"cannot reach {self.url} ({type(e).__name__})", transient=True) from None
+        if resp.status_code != 200:
+            transient = resp.status_code in TRANSIENT_STATUS
+            raise RewriteFailed(f"HTTP {resp.status_code} from {self.url}", transient, _retry_after(resp))
+        try:
+            reply = resp.json()
+            text = reply["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RewriteFailed(f"malformed reply from {self.url}", transient=False) from None
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty rewrite")
         text = " ".join(text.split())
         if len(text) > self.max_chars:
             raise ValueError(f"rewrite longer than {self.max_chars} characters")
         return text
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return float(resp.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None  # absent, or an HTTP date: the exponential backoff decides
 
 
 def _safe(message: str, secret: str | None) -> str:
@@ -140,6 +208,8 @@ def make_rewriter(cfg) -> PromptRewriter | None:
         api_key=resolve_api_key(rw.api_key_env, rw.api_key_secret),
         cache_path=cache,
         timeout_s=rw.timeout_s,
+        retries=rw.retries,
+        backoff_s=rw.backoff_s,
     )
 
 

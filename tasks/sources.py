@@ -8,7 +8,16 @@ A source is given by a dict in the config (panels.source):
   beside them (columns file and caption), or in a <name>.txt sidecar per image;
 - {kind: edits, path}: editing triplets in jsonl or parquet: source, target, instruction, caption;
 - {kind: subjects, path}: subject pairs in jsonl or parquet: subject_image, image, subject, caption;
-- {kind: generated, uri}: a generated/ dataset written by the generation flow (the synthetic loop).
+- {kind: generated, uri}: a generated/ dataset written by the generation flow (the synthetic loop);
+- {kind: webdataset, path, caption_field?}: tar shards as img2dataset writes them (key.jpg + key.txt
+  or key.json), a folder of .tar files, one .tar, or a brace range "s3://b/p/{00000..00099}.tar";
+- {kind: parquet, path, image_column?, caption_column?, id_column?}: Parquet files with the image
+  bytes in a column (the Hugging Face layout: a struct {bytes, path}, or plain binary) and the
+  caption in another; a folder, one file or a brace range, local or on an object store.
+
+The tar and Parquet sources read with pyarrow per work unit, not through Ray Data's readers
+(docs/data.md says why): the listing gives every row a fixed index (shard order, then member or row
+order), so units, resume and the rows-in = rows-out + rejects accounting are the folder source's.
 
 Listing touches no pixels: a row is a small dict (id, paths, caption text, or an `error` when the
 listing itself found the row unusable). Workers open the same source and decode their rows.
@@ -195,6 +204,262 @@ class PairsSource(_ListSource):
             })
 
 
+# ---------------------------------------------------------------- shards: webdataset tars and Parquet
+
+IMAGE_MEMBER_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_MEMBER_BYTES = 256 << 20  # a member this large is not a picture to decode in memory: a reject
+_BRACE = __import__("re").compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(path: str) -> list[str]:
+    """'s3://b/{00000..00002}.tar' -> the three names, zero-padded as written (webdataset's notation)."""
+    m = _BRACE.search(path)
+    if not m:
+        return [path]
+    lo, hi = m.group(1), m.group(2)
+    if int(hi) < int(lo):
+        raise SourceError(f"{path}: brace range {{{lo}..{hi}}} runs backwards")
+    width = len(lo) if lo.startswith("0") else 0
+    return [name for i in range(int(lo), int(hi) + 1)
+            for name in expand_braces(path[:m.start()] + str(i).zfill(width) + path[m.end():])]
+
+
+def list_shards(kind: str, path: str, suffix: str) -> list[tuple[str, object, str]]:
+    """(uri to show, filesystem, path in it) of every shard: a folder's *<suffix> files in name order,
+    one file, or a brace range (members of a range that do not exist are listed: their rows are rejects)."""
+    from storage.uri import resolve
+
+    if not path:
+        raise SourceError(f"{kind} source: needs path (a folder, a {suffix} file, or a brace range of them)")
+    names = expand_braces(str(path))
+    if len(names) == 1:
+        loc = resolve(names[0])
+        info = loc.fs.get_file_info(loc.path)
+        if info.type.name == "Directory":
+            import pyarrow.fs as pafs
+
+            found = sorted(i.path for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))
+                           if i.type.name == "File" and i.path.endswith(suffix))
+            if not found:
+                raise SourceError(f"{kind} source {path!r}: a folder without {suffix} files")
+            return [(loc.uri.rstrip("/") + "/" + f.rsplit("/", 1)[-1], loc.fs, f) for f in found]
+        if info.type.name == "NotFound":
+            raise SourceError(f"{kind} source {path!r}: no such file or folder; set panels.source.path")
+    out = []
+    for name in names:
+        loc = resolve(name)
+        out.append((loc.uri, loc.fs, loc.path))
+    return out
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """'dir/000123.jpg' -> ('dir/000123', 'jpg'): webdataset's key is the name up to the first dot of
+    its last part, the extension the rest (lower-cased)."""
+    folder, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext.lower()
+
+
+def _shard_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class _ShardSource:
+    """Rows listed from shards up front (cheap metadata only: tar headers, Parquet footers), read
+    per unit. A shard that is missing or unreadable becomes one reject row, never a silent gap."""
+
+    _rows: list[dict]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def inputs(self) -> list[dict]:
+        return []
+
+    def rows(self, start: int, end: int) -> list[dict]:
+        items = [dict(r, index=i) for i, r in enumerate(self._rows[start:end], start)]
+        by_shard: dict[int, list[dict]] = {}
+        for item in items:
+            if not item.get("error"):
+                by_shard.setdefault(item["shard"], []).append(item)
+        for k, group in by_shard.items():
+            uri, fs, path = self._shards[k]
+            try:
+                with fs.open_input_file(path) as f:
+                    self._read(f, uri, group)
+            except (OSError, ValueError) as e:  # the shard vanished or broke since the listing
+                for item in group:
+                    item["error"] = ("unreadable_shard", f"{uri}: cannot be read now ({e})")
+        for item in items:
+            item.pop("shard", None)
+        return items
+
+    def _broken(self, k: int, reason: str, detail: str) -> None:
+        self._rows.append({"id": f"{_shard_name(self._shards[k][0])}#{reason}", "ref": self._shards[k][0],
+                           "error": (reason, detail)})
+
+
+class WebDatasetSource(_ShardSource):
+    """img2dataset's output: tar shards of samples key.jpg (.png/.webp) + key.txt and/or key.json
+    (its caption field). A sample without an image or a caption, a broken image, a truncated shard
+    and a missing shard are rejects with their reason."""
+
+    kind = "webdataset"
+
+    def __init__(self, path: str, caption_field: str = "caption", **extra):
+        if extra:
+            raise SourceError(f"webdataset source: unknown options {sorted(extra)}; expected path, caption_field")
+        import tarfile
+
+        self.caption_field = caption_field
+        self._shards = list_shards("webdataset", path, ".tar")
+        self.name = f"webdataset:{path}"
+        self._rows = []
+        for k, (uri, fs, p) in enumerate(self._shards):
+            samples: dict[str, dict] = {}
+            error = None
+            try:
+                with fs.open_input_file(p) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                    try:
+                        for m in tar:
+                            if m.isfile():
+                                key, ext = split_member(m.name)
+                                samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
+                    except (tarfile.ReadError, EOFError, OSError) as e:
+                        error = f"{uri}: the tar ends early or is corrupt after {len(samples)} samples ({e}); re-copy it"
+            except FileNotFoundError:
+                self._broken(k, "missing_shard", f"{uri}: no such shard; fix the path or brace range, or restore it")
+                continue
+            except (tarfile.ReadError, OSError) as e:
+                self._broken(k, "unreadable_shard", f"{uri}: not a readable tar ({e}); re-copy it")
+                continue
+            shard = _shard_name(uri)
+            for key, members in samples.items():
+                row = {"id": f"{shard}/{key}", "ref": f"{uri}:{key}", "shard": k, "members": members}
+                image = [e for e in IMAGE_MEMBER_EXTS if e in members]
+                large = [f"{key}.{e} ({size:,} bytes)" for e, (_, size) in members.items() if size > MAX_MEMBER_BYTES]
+                if not image:
+                    row["error"] = ("missing_image", (f"{uri}:{key}: no image member "
+                                                      f"(.{', .'.join(IMAGE_MEMBER_EXTS)}); found {sorted(members)}"))
+                elif large:
+                    row["error"] = ("too_large", f"{uri}: {', '.join(large)} over {MAX_MEMBER_BYTES >> 20} MiB")
+                self._rows.append(row)
+            if error:
+                self._broken(k, "truncated_shard", error)
+
+    def _read(self, f, uri: str, items: list[dict]) -> None:
+        for item in items:
+            members, ref = item.pop("members"), item["ref"]
+            try:
+                ext = next(e for e in IMAGE_MEMBER_EXTS if e in members)
+                item["image"] = _member(f, members, ref, ext)
+                if "txt" in members:
+                    item["caption"] = _member(f, members, ref, "txt").decode("utf-8")
+                elif "json" in members:
+                    meta = json.loads(_member(f, members, ref, "json"))
+                    item["caption"] = meta.get(self.caption_field) if isinstance(meta, dict) else None
+            except EOFError as e:
+                item["error"] = ("truncated_member", str(e))
+            except UnicodeDecodeError:
+                item["error"] = ("bad_caption", f"{ref}.txt: not UTF-8 text")
+            except json.JSONDecodeError as e:
+                item["error"] = ("bad_caption", f"{ref}.json: not valid JSON ({e.msg})")
+
+
+def _member(f, members: dict, ref: str, ext: str) -> bytes:
+    """The bytes of member <key>.<ext> of an open tar, by its offset; EOFError when cut short."""
+    offset, size = members[ext]
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise EOFError(f"{ref}.{ext}: {len(data)} of {size} bytes (the shard is cut short)")
+    return data
+
+
+class ParquetSource(_ShardSource):
+    """Parquet files with the image bytes in a column (Hugging Face datasets' Image feature: a struct
+    {bytes, path}; or plain binary) and the caption in another. Listing reads only the footers."""
+
+    kind = "parquet"
+    IMAGE_COLUMNS = ("image", "jpg", "png", "img")
+
+    def __init__(self, path: str, image_column: str | None = None, caption_column: str | None = None,
+                 id_column: str | None = None, **extra):
+        if extra:
+            raise SourceError(f"parquet source: unknown options {sorted(extra)}; expected path, image_column, "
+                              "caption_column, id_column")
+        import pyarrow.parquet as pq
+
+        self._shards = list_shards("parquet", path, ".parquet")
+        self.name = f"parquet:{path}"
+        self.columns: tuple[str, str, str | None] | None = None
+        self._rows = []
+        for k, (uri, fs, p) in enumerate(self._shards):
+            try:
+                with fs.open_input_file(p) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    names = meta.schema.to_arrow_schema().names
+            except FileNotFoundError:
+                self._broken(k, "missing_shard", f"{uri}: no such file; fix the path or brace range, or restore it")
+                continue
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                self._broken(k, "unreadable_shard", f"{uri}: not a readable Parquet file ({e}); re-copy it")
+                continue
+            image = image_column or next((c for c in self.IMAGE_COLUMNS if c in names), None)
+            caption = caption_column or next((c for c in CAPTION_KEYS if c in names), None)
+            missing = []
+            for what, col in (("image_column", image), ("caption_column", caption), ("id_column", id_column)):
+                if (col is None and what != "id_column") or (col is not None and col not in names):
+                    missing.append(f"{what}={col!r}")
+            if missing:
+                raise SourceError(f"parquet source {uri}: {', '.join(missing)} not among its columns {names}; "
+                                  "set panels.source.image_column / caption_column / id_column")
+            self.columns = (image, caption, id_column)
+            shard = _shard_name(uri)
+            self._rows += [{"id": f"{shard}#{i}", "ref": f"{uri} row {i}", "shard": k, "row": i,
+                            "columns": (image, caption, id_column)} for i in range(meta.num_rows)]
+
+    def _read(self, f, uri: str, items: list[dict]) -> None:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f)
+        image, caption, id_col = items[0]["columns"]
+        lo, hi = items[0]["row"], items[-1]["row"] + 1
+        # Only the row groups that hold [lo, hi): a unit reads its own rows, not the whole file.
+        groups, first, at = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if at < hi and at + n > lo:
+                groups.append(g)
+                first = at if first is None else first
+            at += n
+        cols = [c for c in (image, caption, id_col) if c]
+        table = pf.read_row_groups(groups, columns=cols).slice(lo - first, hi - lo)
+        values = {c: table.column(c).to_pylist() for c in cols}
+        for j, item in enumerate(items):
+            item.pop("columns")
+            row = item.pop("row")
+            value = values[image][row - lo]
+            if isinstance(value, dict):  # the Hugging Face Image layout
+                if value.get("bytes") is None and value.get("path"):
+                    item["error"] = ("missing_image", (f"{item['ref']}: the image is stored by path only "
+                                                       f"({value['path']!r}); export the dataset with embedded "
+                                                       "image bytes"))
+                    continue
+                value = value.get("bytes")
+            if value is None:
+                item["error"] = ("missing_image", f"{item['ref']}: column {image!r} is empty")
+                continue
+            if not isinstance(value, (bytes, bytearray)):
+                item["error"] = ("missing_image", (f"{item['ref']}: column {image!r} holds "
+                                                   f"{type(value).__name__}, not image bytes"))
+                continue
+            item["image"] = bytes(value)
+            item["caption"] = values[caption][row - lo]
+            if id_col and values[id_col][row - lo] is not None:
+                item["id"] = str(values[id_col][row - lo])
+
+
 class GeneratedSource:
     """Rows of a generated/ dataset (same panel schema): the synthetic-data loop."""
 
@@ -234,7 +499,12 @@ def open_source(spec: dict):
         return PairsSource(kind, **spec)
     if kind == "generated":
         return GeneratedSource(**spec)
-    raise SourceError(f"panels.source.kind {kind!r}: expected shapes, folder, edits, subjects or generated")
+    if kind == "webdataset":
+        return WebDatasetSource(**spec)
+    if kind == "parquet":
+        return ParquetSource(**spec)
+    raise SourceError(f"panels.source.kind {kind!r}: expected shapes, folder, edits, subjects, generated, "
+                      "webdataset or parquet")
 
 
 if __name__ == "__main__":

@@ -112,12 +112,11 @@ class Tokenizer:
         self.tc = TokenizeConfig.model_validate(tokenize)
         mc = ModelsConfig.model_validate(models)
         self.panels_uri, self.out = panels_uri, out
-        self.layout = Layout.from_config(mc)
         if device is None:
             device = "cuda" if self.tc.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model: MoVQGAN = load_movqgan(movqgan_weights(mc), mc.movqgan_preset).prepare(device, compile=self.tc.compile)
-        if self.model.n_embed != self.layout.codebook_size:
-            raise TokenizeError(f"MoVQGAN codebook {self.model.n_embed} != layout codebook {self.layout.codebook_size}")
+        self.model: MoVQGAN = load_movqgan(movqgan_weights(mc), mc.movqgan_preset, config=mc.movqgan).prepare(
+            device, compile=self.tc.compile)
+        self.layout = Layout.from_config(mc, codebook_size=self.model.n_embed)  # the loaded model's codebook
         self.pool = ThreadPoolExecutor(max(1, self.tc.decode_threads))
         self._ds = None
 
@@ -251,8 +250,8 @@ def run_tokenize(cfg: PipelineConfig, progress: Callable[[dict], None] | None = 
     tc = cfg.tokenize
     panels_uri, out = dataset_uri(cfg, tc.input), dataset_uri(cfg, tc.output)
     panels = open_panels(panels_uri)
-    layout = Layout.from_config(cfg.models)
     weights = movqgan_weights(cfg.models)
+    layout = Layout.from_config(cfg.models.model_copy(update={"movqgan_path": weights}))
     units = list_units(panels, tc.rows_per_unit)
     meta = {**layout.meta(), "max_seq": tc.max_seq,
             "movqgan": {"preset": cfg.models.movqgan_preset, "weights": Path(weights).name, "sha256": file_sha256(weights)}}

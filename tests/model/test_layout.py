@@ -140,3 +140,22 @@ def test_from_config(shapes):
     assert Layout.from_config(ModelsConfig()).fingerprint == shapes.fingerprint
     rel = Layout.from_config(ModelsConfig(tokenizer="qwen-offline", movqgan_preset="270m"))
     assert rel.code_offset == RELEASE_CODE_OFFSET and rel.vocab_size == 171384
+
+
+def test_the_codebook_size_comes_from_the_movqgan_architecture(tmp_path):
+    """A MoVQGAN that is no preset (issue 17): the layout's codebook is its n_embed, from
+    models.movqgan, a config beside the weights, or a loaded model; the fingerprint follows."""
+    from tasks.config import ModelsConfig
+
+    arch = dict(ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[8], z_channels=4, embed_dim=4,
+                n_embed=256)
+    tiny = Layout.from_config(ModelsConfig())
+    custom = Layout.from_config(ModelsConfig(movqgan=arch))
+    assert tiny.codebook_size == 1024 and custom.codebook_size == 256
+    assert custom.fingerprint != tiny.fingerprint and custom.vocab_size == tiny.vocab_size - 768
+    (tmp_path / "m.json").write_text(json.dumps(arch))
+    beside = Layout.from_config(ModelsConfig(movqgan_path=str(tmp_path / "m.ckpt")))
+    assert beside.fingerprint == custom.fingerprint
+    assert Layout.from_config(ModelsConfig(), codebook_size=256).fingerprint == custom.fingerprint
+    with pytest.raises(LayoutError, match="unknown MoVQGAN preset 'huge'"):
+        Layout.from_config(ModelsConfig(movqgan_preset="huge"))

@@ -232,3 +232,83 @@ def test_shipped_tiny_model_reconstructs_shapes():
     torch.manual_seed(0)
     untrained, _, _ = evaluate(MoVQGAN.from_preset("tiny"), count=4, size=128)
     assert metrics["psnr"] > 17 and metrics["psnr"] > untrained["psnr"] + 5, (metrics, untrained)
+
+
+# A MoVQGAN that is none of the presets (issue 17): ch 32, two blocks, attention at 8x8, 256 codes.
+CUSTOM_YAML = """\
+model:
+  target: movqgan.models.vqgan.MOVQ
+  params:
+    embed_dim: 4
+    n_embed: 256
+    ddconfig:
+      double_z: false
+      z_channels: 4
+      resolution: 64
+      in_channels: 3
+      out_ch: 3
+      ch: 32
+      ch_mult: [1, 2, 2, 4]
+      num_res_blocks: 2
+      attn_resolutions: [8]
+      dropout: 0.0
+"""
+
+
+def test_a_non_preset_movqgan_loads_from_the_config_beside_its_weights(tmp_path):
+    import yaml
+
+    from model.movqgan import architecture, resolve_architecture
+
+    arch = architecture(yaml.safe_load(CUSTOM_YAML))
+    assert arch["n_embed"] == 256 and arch["attn_resolutions"] == (8,)
+    torch.manual_seed(1)
+    source = MoVQGAN(config=arch).eval()
+    assert source.preset == "custom"
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    # The key set the upstream code would have for this config, enumerated independently; the
+    # encoder has attention at the 8x8 level only (level 3 at resolution 64).
+    assert set(sd) == official_keys(dict(arch))
+    assert "encoder.down.3.attn.1.q.weight" in sd and not any(k.startswith("encoder.down.2.attn") for k in sd)
+    torch.save({"state_dict": sd}, tmp_path / "movqgan-custom.ckpt")  # a Lightning-style flat checkpoint
+    (tmp_path / "movqgan-custom.yaml").write_text(CUSTOM_YAML)
+
+    model = load_movqgan(tmp_path / "movqgan-custom.ckpt")  # the default preset (270m) gives way to the file
+    assert model.n_embed == 256 and model.load_report.loaded == len(sd)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    codes = model.encode(images)
+    assert tuple(codes.shape) == (2, 4, 6) and int(codes.max()) < 256
+    assert torch.equal(codes, source.encode(images))
+    assert tuple(model.decode(codes).shape) == (2, 3, 32, 48)
+
+    # The same architecture given in the config (models.movqgan), flat keys: same network.
+    (tmp_path / "movqgan-custom.yaml").unlink()
+    with pytest.raises(CheckpointError, match="does not fit MoVQGAN 270m"):
+        load_movqgan(tmp_path / "movqgan-custom.ckpt")
+    flat = {k: list(v) if isinstance(v, tuple) else v for k, v in arch.items()}
+    assert torch.equal(load_movqgan(tmp_path / "movqgan-custom.ckpt", config=flat).encode(images), codes)
+    # save_movqgan records the architecture in the safetensors header: the file alone suffices.
+    save_movqgan(model, tmp_path / "m.safetensors")
+    assert resolve_architecture(tmp_path / "m.safetensors", "tiny")[0] == arch
+    assert load_movqgan(tmp_path / "m.safetensors", "tiny").n_embed == 256
+
+
+def test_bad_movqgan_configs_name_the_key(tmp_path):
+    from model.movqgan import architecture, resolve_architecture
+
+    with pytest.raises(MoVQGANError, match=r"missing \['n_embed'\]"):
+        architecture({"ch": 32, "ch_mult": [1, 2, 2, 4], "num_res_blocks": 1, "attn_resolutions": [],
+                      "z_channels": 4, "embed_dim": 4})
+    base = dict(ch=32, ch_mult=[1, 2, 2, 4], num_res_blocks=1, attn_resolutions=[], z_channels=4, embed_dim=4, n_embed=64)
+    with pytest.raises(MoVQGANError, match="x16"):
+        architecture(dict(base, ch_mult=[1, 1, 2, 2, 4]))
+    with pytest.raises(MoVQGANError, match="multiples of 32"):
+        architecture(dict(base, ch=48))
+    with pytest.raises(MoVQGANError, match=r"unknown keys \['chanels'\]"):
+        architecture(dict(base, chanels=3))
+    with pytest.raises(MoVQGANError, match="unknown MoVQGAN preset 'big'"):
+        resolve_architecture(None, "big")
+    # A config.json that belongs to something else in the folder (a decoder) is not read as MoVQGAN's.
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    assert resolve_architecture(tmp_path / "w.ckpt", "tiny")[1] == "preset 'tiny'"
+    assert architecture(PRESETS["270m"]) == resolve_architecture(None, "270m")[0]
