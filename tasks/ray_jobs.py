@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,11 @@ def ray_started(cfg: Any = None) -> Iterator[None]:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         use_token_auth()
-        ray.init(address=address, log_to_driver=True)
+        # A head kept on loopback (docs/deployments.md): without _loopback_node Ray would dial
+        # the host's address instead, where nothing listens.
+        on_loopback = address.rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
+        with _loopback_node() if on_loopback else nullcontext():
+            ray.init(address=address, log_to_driver=True)
         log.info("connected to the Ray cluster at %s", address)
         restore = None
     else:
@@ -84,23 +88,39 @@ def use_token_auth() -> bool:
     return mode == "token"
 
 
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While this lasts, Ray keeps 127.0.0.1 as this node's (and a bootstrap address's) IP.
+
+    Ray 2.60 replaces a loopback address given to ray.init (`_node_ip_address="127.0.0.1"`,
+    `address="127.0.0.1:6379"`) by the host's address (services.resolve_ip_for_localhost), and
+    then a node it starts listens on all interfaces. Its own switch for "local Ray only"
+    (ray_constants.ENABLE_RAY_CLUSTER, which the RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER variable sets
+    when ray is first imported) turns that off. It is put back afterwards, so that
+    `ray start --address` in a child process of this one still works.
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def start_local_ray(**init_kwargs: Any):
     """ray.init() for a single-node Ray in this process, every listener on 127.0.0.1, with a token.
 
     Returns a callable that puts back what this changed in os.environ (call it after
-    ray.shutdown()). Ray 2.60 replaces a loopback node address given to ray.init
-    (`_node_ip_address="127.0.0.1"`) by the host's address, and then its GCS, raylet, workers and
-    autoscaler monitor listen on all interfaces; with Ray's own switch for "local Ray only"
-    (ray_constants.ENABLE_RAY_CLUSTER, the RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER variable, read when
-    ray is first imported) off while the node starts, the node's address stays 127.0.0.1 and
-    every gRPC server of the node and its workers binds there. The switch is put back after the
-    start, so `ray start --address` in a child process still works. A node started here cannot
-    be joined by other machines: a cluster is started with `ray start` (docs/deployments.md).
+    ray.shutdown()). With the node's address kept at 127.0.0.1 (_loopback_node), the GCS, the
+    raylet, the agents, the autoscaler monitor and every worker bind their ports there (Ray binds
+    all interfaces for any other node address). A node started here cannot be joined by other
+    machines: a cluster is started with `ray start` (docs/deployments.md).
     """
     import secrets
 
     import ray
-    from ray._private import ray_constants
     from ray._raylet import AuthenticationTokenLoader
 
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "GLOO_SOCKET_IFNAME")}
@@ -124,15 +144,12 @@ def start_local_ray(**init_kwargs: Any):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     init_kwargs.setdefault("dashboard_host", LOOPBACK)
     init_kwargs.setdefault("log_to_driver", True)
-    cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(_node_ip_address=LOOPBACK, **init_kwargs)
+        with _loopback_node():
+            ray.init(_node_ip_address=LOOPBACK, **init_kwargs)
     except BaseException:
         restore()
         raise
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster_switch
     node_ip = ray._private.worker._global_node.node_ip_address
     if node_ip != LOOPBACK:
         ray.shutdown()

@@ -19,6 +19,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tasks.ray_jobs import LOOPBACK, map_units
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,6 +117,7 @@ def _train_loop(config: dict) -> None:
     dist.barrier()
 
 
+@pytest.mark.slow
 def test_a_ray_data_and_a_ray_train_job_listen_only_on_loopback(ray_local, tmp_path):
     from ray._raylet import AuthenticationMode, get_authentication_mode
     from ray.train import RunConfig, ScalingConfig
