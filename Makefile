@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export RAY_AUTH_MODE := disabled
+# Ray with token authentication; Ray started in-process makes its own token (tasks/ray_jobs.py)
+export RAY_AUTH_MODE := token
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -96,7 +96,6 @@ def main() -> None:
     ap.add_argument("--photos", default=os.path.join(tempfile.gettempdir(), "panelforge-bench-photos"))
     ap.add_argument("--out", default="bench/results/panels.json")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cv2.setNumThreads(1)
 
     t = time.perf_counter()
@@ -105,8 +104,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="panelforge-bench-"))
     import ray
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, object_store_memory=256 * 2**20,
-             log_to_driver=False)
+    from tasks.ray_jobs import start_local_ray  # as the flows start Ray: loopback, token auth
+
+    restore = start_local_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                              object_store_memory=256 * 2**20, log_to_driver=False)
     import ray.data  # noqa: F401 - a driver import (~3 s here), paid before the clock like the loop's imports
     load_before = os.getloadavg()
     try:
@@ -117,6 +118,7 @@ def main() -> None:
               f"{par['panels_per_s']:.1f} panels/s (first unit after {par['first_unit_after_s']:.1f} s)")
     finally:
         ray.shutdown()
+        restore()
         shutil.rmtree(work, ignore_errors=True)
     ratio = par["panels_per_s"] / loop["panels_per_s"]
     steady = (par["steady_panels_per_s"] or 0) / (loop["steady_panels_per_s"] or float("inf"))

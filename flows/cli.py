@@ -36,7 +36,9 @@ def _env_defaults() -> None:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "RAY_AUTH_MODE": "disabled",
+        # Ray with token authentication: in-process Ray makes its own token; a cluster's comes
+        # from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/deployments.md).
+        "RAY_AUTH_MODE": "token",
         "TOKENIZERS_PARALLELISM": "false",
         # The temporary local server of Prefect's local mode needs more than its default 20 s
         # to start on a busy 2-core laptop.

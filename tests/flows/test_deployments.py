@@ -2,17 +2,22 @@
 
     .venv/bin/python -m pytest -q tests/flows/test_deployments.py
 
-Starts both (each with its own home/temp folder under a tmp dir), creates the process work pool,
-deploys build-panels and the nightly schedule example from prefect.yaml, runs build-panels
+Starts both (each with its own home/temp folder under a tmp dir; the Ray head with token
+authentication, a token file of this test's own, and every listener on 127.0.0.1), creates the
+process work pool, deploys build-panels and the nightly schedule example from prefect.yaml, waits
+for the server's scheduler to create the nightly deployment's scheduled run, runs build-panels
 through `prefect worker start --run-once` with RAY_ADDRESS pointing at the head, checks the run's
-state through the server's API and the dataset it wrote, then stops both by pid. PREFECT_API_URL
-is set for the subprocesses only: this test session keeps its prefect_test_harness.
+state through the server's API, the dataset it wrote and the head's listeners, then stops both by
+pid. PREFECT_API_URL is set for the subprocesses only: this test session keeps its
+prefect_test_harness.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +32,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "tasks"))
+from test_ray_security import is_loopback, tcp_listeners  # noqa: E402
+
 BIN = Path(sys.executable).parent
 FLOW_FILES = {"build-panels", "build-panels-nightly", "pretokenize", "train", "generate", "evaluate", "retrain"}
 
@@ -40,7 +48,7 @@ def _free_port() -> int:
 def _env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT), **extra)
     return env
 
@@ -56,7 +64,20 @@ def _api(url: str, path: str, body: dict | None = None):
     req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET")
     with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+        data = r.read()
+    return json.loads(data) if data else None
+
+
+def _wait_for(what: str, probe, server: subprocess.Popen, log: Path, limit: float):
+    """probe() until it returns something truthy, while the server lives; at most `limit` s."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        assert server.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: nothing after {limit}s; server log:\n{log.read_text()[-4000:]}")
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, log: Path, limit: float = 90) -> None:
@@ -135,17 +156,26 @@ def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path):
     prefect_home, work = tmp_path / "prefect-home", tmp_path / "work"
     api_port, ray_port = _free_port(), _free_port()
     url = f"http://127.0.0.1:{api_port}/api"
+    # The cluster's token, as an operator hands it out (docs/deployments.md): a file only its user reads.
+    token = tmp_path / "ray_auth_token"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
     env = _env(PREFECT_HOME=str(prefect_home), PREFECT_API_URL=url)
     server_log = tmp_path / "server.log"
     server = None
     try:
         with open(server_log, "w") as log:
+            # The scheduler's loop shortened from 60 s, so the scheduled run shows up within the test.
             server = subprocess.Popen(
                 [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(api_port)],
-                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=tmp_path, env=dict(env, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2"), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        # A single-node head kept on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray would otherwise
+        # replace 127.0.0.1 by the host's address), with token authentication.
         _run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ray_port),
               "--num-cpus", "1", "--include-dashboard=false", "--object-store-memory", "100000000",
-              "--temp-dir", short, "--disable-usage-stats"], _env(), timeout=90)
+              "--temp-dir", short, "--disable-usage-stats"],
+             _env(RAY_AUTH_TOKEN_PATH=str(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), timeout=90)
         _wait_healthy(url, server, server_log)
 
         _run([str(BIN / "prefect"), "work-pool", "create", "local-pool", "--type", "process"], env)
@@ -155,6 +185,17 @@ def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path):
 
         nightly = _api(url, "/deployments/name/build-panels/build-panels-nightly")
         assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+        # The server's scheduler creates the nightly runs (it failed on every loop with SQLAlchemy
+        # 2.1: constraints.txt pins sqlalchemy<2.1).
+        scheduled = _wait_for("the nightly deployment's scheduled runs", lambda: _api(url, "/flow_runs/filter", {
+            "flow_runs": {"deployment_id": {"any_": [nightly["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC"}), server, server_log, limit=120)
+        first = dt.datetime.fromisoformat(scheduled[0]["expected_start_time"].replace("Z", "+00:00"))
+        now = dt.datetime.now(dt.timezone.utc)
+        assert (first.hour, first.minute, first.second) == (2, 0, 0) and now < first <= now + dt.timedelta(days=1)
+        assert scheduled[0]["parameters"] == nightly["parameters"] and scheduled[0]["auto_scheduled"]
+        # Paused again (which drops its scheduled runs), so the worker below runs only build-panels.
+        _api(url, f"/deployments/{nightly['id']}/pause_deployment", {})
         deployment = _api(url, "/deployments/name/build-panels/build-panels")
         assert deployment["work_pool_name"] == "local-pool"
         assert deployment["parameters"] == {"config_path": "configs/tiny.yaml", "overrides": []}
@@ -167,7 +208,7 @@ def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path):
         worker = subprocess.run(
             [str(BIN / "prefect"), "worker", "start", "--pool", "local-pool", "--run-once"],
             cwd=ROOT, env=_env(PREFECT_HOME=str(prefect_home), PREFECT_API_URL=url,
-                               RAY_ADDRESS=f"127.0.0.1:{ray_port}"),
+                               RAY_ADDRESS=f"127.0.0.1:{ray_port}", RAY_AUTH_TOKEN_PATH=str(token)),
             capture_output=True, text=True, timeout=240)
         logs = worker.stdout + worker.stderr
         flow_run = _api(url, f"/flow_runs/{run_id}")
@@ -182,6 +223,11 @@ def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path):
         ds = open_dataset(work / "panels", verify=True)
         assert len(ds) == 6 and ds.manifest["status"] == "complete"
         assert (work / "panels" / "contact_sheet.png").is_file()
+
+        # Every listener of the head (GCS, raylet, agents, the workers that ran the job) on loopback.
+        listeners = [e for root in _pids_using(short) for e in tcp_listeners(root)]
+        assert any(e["port"] == ray_port and "gcs_server" in e["command"] for e in listeners), listeners
+        assert not [e for e in listeners if not is_loopback(e["address"])], listeners
     finally:
         if server is not None:
             _stop_group(server)
