@@ -338,8 +338,9 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    # Where this config was read from, for error messages (not a setting: never serialized).
+    # Where this config was read from, for error messages (not settings: never serialized).
     _source: str = PrivateAttr("(config)")
+    _overridden: bool = PrivateAttr(False)
 
     @model_validator(mode="before")
     @classmethod
@@ -462,7 +463,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if overrides:
             source += " with overrides " + redact(" ".join(overrides))
         raise ConfigError(_format_errors(source, e)) from None
-    cfg._source = source if not overrides else f"{source} with overrides"
+    cfg._source, cfg._overridden = source, bool(overrides)
     return cfg
 
 
@@ -644,7 +645,8 @@ def check_config(cfg: PipelineConfig, stage: str) -> PipelineConfig:
             problems.append(_writable_problem(field, value))
     problems = [p for p in problems if p]
     if problems:
-        raise ConfigError("\n".join(f"{cfg._source}: {p}" for p in dict.fromkeys(problems)))
+        where = cfg._source + (" with overrides" if cfg._overridden else "")
+        raise ConfigError("\n".join(f"{where}: {p}" for p in dict.fromkeys(problems)))
     return cfg
 
 

@@ -25,7 +25,7 @@ def test_overrides_are_typed_and_nested():
 def test_unknown_field_names_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("ray:\n  num_cpu: 2\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: invalid configuration\n  ray.num_cpu: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: ray.num_cpu: Extra inputs are not permitted"):
         load_config(bad)
 
 
