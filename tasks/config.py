@@ -491,6 +491,27 @@ def _uri_problem(field: str, value: str) -> str | None:
     return None
 
 
+def _bucket_problem(field: str, value: str) -> str | None:
+    """An object-store location: its bucket exists and the environment's credentials reach it
+    (one HEAD request; pyarrow would otherwise only say to enable allow_bucket_creation)."""
+    import pyarrow.fs as pafs
+
+    from storage.uri import resolve
+
+    loc = resolve(value)
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        info = loc.fs.get_file_info(bucket)
+    except OSError as e:
+        first = redact(str(e)).splitlines()[0] if str(e) else type(e).__name__
+        return (f"{field}: cannot reach bucket {bucket!r} ({first}); check the name, AWS_ENDPOINT_URL and the "
+                "credentials in the environment")
+    if info.type == pafs.FileType.NotFound:
+        return (f"{field}: bucket {bucket!r} does not exist; create it (e.g. `aws s3 mb s3://{bucket}`) or "
+                "check the name (PanelForge never creates buckets)")
+    return None
+
+
 def _writable_problem(field: str, value: str) -> str | None:
     """A local folder that a stage will create or write into: it is a folder (or can be made one
     under the nearest existing folder) and this user may write there."""
@@ -498,7 +519,7 @@ def _writable_problem(field: str, value: str) -> str | None:
         if problem := _uri_problem(field, value):
             return problem
         if not value.lower().startswith("file://"):
-            return None  # an object store: the form is all that can be known without credentials
+            return _bucket_problem(field, value)
         value = value[len("file://"):]
     p = Path(value).expanduser()
     if p.exists() and not p.is_dir():
@@ -518,7 +539,10 @@ def _readable_problem(field: str, value: str | None, want: str, what: str) -> st
     if value is None:
         return f"{field}: not set; give {what}"
     if _is_uri(value):
-        return _uri_problem(field, value)
+        problem = _uri_problem(field, value)
+        if problem or not value.lower().startswith("s3://"):
+            return problem
+        return _bucket_problem(field, value)
     p = Path(value).expanduser()
     if not p.exists():
         return f"{field}: {p} does not exist; give {what}"
@@ -531,8 +555,8 @@ def _readable_problem(field: str, value: str | None, want: str, what: str) -> st
     return None
 
 
-def _decoder_problem(field: str, value: str | None) -> str | None:
-    what = "a transformers-format decoder folder (config.json + model.safetensors)"
+def _decoder_problem(field: str, value: str | None,
+                     what: str = "a transformers-format decoder folder (config.json + model.safetensors)") -> str | None:
     if problem := _readable_problem(field, value, "dir", what):
         return problem
     if not (Path(value) / "config.json").is_file():
@@ -555,7 +579,8 @@ def _source_problems(cfg: PipelineConfig) -> list[str]:
         out.append(_uri_problem("panels.source.uri", uri) if _is_uri(uri) else
                    _readable_problem("panels.source.uri", uri, "dir", "a generated dataset folder"))
     if cfg.panels.depth_model:
-        out.append(_decoder_problem("panels.depth_model", cfg.panels.depth_model))
+        out.append(_decoder_problem("panels.depth_model", cfg.panels.depth_model,
+                                    "a local transformers depth-estimation folder (config.json + weights)"))
     return out
 
 
