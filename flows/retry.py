@@ -33,11 +33,13 @@ def is_transient(exc: BaseException | None) -> bool:
     `cause` is the original) is of a kind that can heal by itself."""
     transient = _transient_types()
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
+    while isinstance(exc, BaseException) and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, transient):
             return True
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        # Explicit causes only: an error raised while handling a transient one (its __context__)
+        # is an error of its own, e.g. a ConfigError raised on a failed connection.
+        exc = getattr(exc, "cause", None) or exc.__cause__
     return False
 
 
