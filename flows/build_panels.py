@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.artifacts import contact_sheet_task, image_markdown, job_progress, units_fraction
 from flows.retry import retry_transient
 from tasks.build_panels import run_build
-from tasks.config import PipelineConfig, run_config
+from tasks.config import Override, PipelineConfig, run_config
 
 
 @task(name="build-panels-job", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
@@ -56,7 +56,7 @@ def _publish(summary: dict) -> None:
 
 
 @flow(name="build-panels", log_prints=True)
-def build_panels(config_path: str | None = None, overrides: list[str] | None = None,
+def build_panels(config_path: str | None = None, overrides: list[Override] | None = None,
                  config: PipelineConfig | None = None) -> dict:
     """Build (or finish) the panels dataset; returns its summary, with the contact sheet's path.
 

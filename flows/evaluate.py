@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import image_markdown, job_progress, units_fraction
 from flows.retry import retry_transient
-from tasks.config import PipelineConfig, run_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.evaluate import run_evaluate
 
 
@@ -44,7 +44,7 @@ def _publish(summary: dict) -> None:
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(config_path: str | None = None, overrides: list[str] | None = None,
+def evaluate(config_path: str | None = None, overrides: list[Override] | None = None,
              generated_uri: str | None = None, config: PipelineConfig | None = None) -> dict:
     """Evaluate the config's generated dataset (or `generated_uri`); returns the figures and the
     paths of report.md ("report") and the contact sheet ("contact_sheet").

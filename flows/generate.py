@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import contact_sheet_task, image_markdown, job_progress
 from flows.retry import retry_transient
-from tasks.config import PipelineConfig, run_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.generate import run_generate
 
 
@@ -58,7 +58,7 @@ def statistics_rows(summary: dict) -> list[dict]:
 
 
 @flow(name="generate", log_prints=True)
-def generate(config_path: str | None = None, overrides: list[str] | None = None,
+def generate(config_path: str | None = None, overrides: list[Override] | None = None,
              config: PipelineConfig | None = None) -> dict:
     """Generate (or finish generating) the pairs of a config; returns the job summary.
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import job_progress, units_fraction
 from flows.retry import retry_transient
-from tasks.config import PipelineConfig, run_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.tokenize import run_tokenize
 
 
@@ -60,7 +60,7 @@ def _publish(summary: dict) -> None:
 
 
 @flow(name="pretokenize", log_prints=True)
-def pretokenize(config_path: str | None = None, overrides: list[str] | None = None,
+def pretokenize(config_path: str | None = None, overrides: list[Override] | None = None,
                 config: PipelineConfig | None = None) -> dict:
     """Tokenize (or finish tokenizing) the panels dataset; returns the summary.
 

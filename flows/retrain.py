@@ -24,12 +24,12 @@ from flows.evaluate import evaluate
 from flows.generate import generate
 from flows.pretokenize import pretokenize
 from flows.train import train
-from tasks.config import PipelineConfig, run_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.ray_jobs import ray_started
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(config_path: str | None = None, overrides: list[str] | None = None,
+def retrain(config_path: str | None = None, overrides: list[Override] | None = None,
             config: PipelineConfig | None = None) -> dict:
     """Run (or finish) every step of the pipeline for one config; returns where the outputs are.
 

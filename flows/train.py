@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import PipelineConfig, run_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.train import plan_training, stage_done, train as run_train
 
 
@@ -48,7 +48,7 @@ def _publish(run_dir: str, stages: list[dict]) -> None:
 
 
 @flow(name="train", log_prints=True)
-def train(config_path: str | None = None, overrides: list[str] | None = None,
+def train(config_path: str | None = None, overrides: list[Override] | None = None,
           config: PipelineConfig | None = None) -> dict:
     """Run (or finish) every stage of the config's training; returns the run's summary.
 

@@ -35,6 +35,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+# A path or URI field. Its JSON schema refuses `scheme://user:secret@...` too: Prefect's server
+# validates a deployment run's parameters against the schema before it stores them, and never runs
+# the Python validator below (PipelineConfig._no_credentials), so the secret is refused before it
+# is stored. (The schema's regex is Python's, used by jsonschema; pydantic itself ignores it.)
+NO_CREDENTIALS = r"^(?![A-Za-z][A-Za-z0-9+.-]*://\S*@)"
+PathOrURI = Annotated[str, Field(json_schema_extra={"pattern": NO_CREDENTIALS})]
+# A source spec's own strings (path, uri, ...) under the same rule.
+_SPEC_SCHEMA = {"additionalProperties": {"pattern": NO_CREDENTIALS}}
+# A KEY=VALUE override, for the flows' `overrides` parameter: no credentials anywhere in it.
+Override = Annotated[str, Field(json_schema_extra={"pattern": r"^(?!.*[A-Za-z][A-Za-z0-9+.-]*://\S*@)"})]
+
+
 # The source kinds of panels.source and generate.inputs: the fields each takes (tasks/sources.py,
 # tasks/requests.py read them). A new kind is added here too, so a config naming it validates.
 class _Spec(Section):
@@ -104,7 +116,7 @@ def _check_spec(field: str, spec: dict, kinds: dict[str, type[_Spec]]) -> dict:
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: start Ray in-process; "auto" or "ray://..." for a cluster
+    address: PathOrURI | None = None  # None: start Ray in-process; "auto" or "ray://..." for a cluster
     num_cpus: int | None = Field(2, ge=1)  # only for the in-process instance
     object_store_mb: int = Field(512, ge=75)  # Ray refuses object stores under 75 MB
     include_dashboard: bool = False
@@ -114,27 +126,28 @@ class ModelsConfig(Section):
     """Where the weights come from: local paths only (nothing is ever downloaded)."""
 
     movqgan_preset: str = "tiny"  # tiny, 67m, 102m, 270m
-    movqgan_path: str | None = None  # .ckpt/.pt flat state_dict or .safetensors
+    movqgan_path: PathOrURI | None = None  # .ckpt/.pt flat state_dict or .safetensors
     tokenizer: Literal["shapes", "qwen-offline", "hf"] = "shapes"  # hf: a local folder in tokenizer_path
-    tokenizer_path: str | None = None
+    tokenizer_path: PathOrURI | None = None
     # First image-code id; None: 155000 for the release's tokenizers, right after the vocabulary for
     # shapes (model/layout.py).
     code_offset: int | None = Field(None, ge=0)
     decoder_preset: str = "tiny"  # tiny, 2b, 7b
-    decoder_path: str | None = None  # a transformers-format folder (the release's format)
+    decoder_path: PathOrURI | None = None  # a transformers-format folder (the release's format)
 
 
 class PanelsConfig(Section):
     """build_panels (issue 3)."""
 
     # shapes {count, seed, aspect} | folder {path, captions} | edits {path} | subjects {path} | generated {uri}
-    source: dict[str, Any] = Field(default_factory=lambda: {"kind": "shapes", "count": 64, "seed": 0})
+    source: dict[str, Any] = Field(default_factory=lambda: {"kind": "shapes", "count": 64, "seed": 0},
+                                   json_schema_extra=_SPEC_SCHEMA)
     rows_per_unit: int = Field(32, ge=1)
     stage_size: int = Field(256, ge=32)  # buckets of about stage_size^2 pixels (model/buckets.py)
     # Shapes rows spread round-robin over these stage sizes, so one dataset feeds every stage of a
     # staged training (e.g. [64, 96, 128]); None: every row at stage_size.
     stage_sizes: list[Annotated[int, Field(ge=32)]] | None = Field(None, min_length=1)
-    output: str = "panels"  # dataset name under the workdir, or a URI
+    output: PathOrURI = "panels"  # dataset name under the workdir, or a URI
     # The mix: task -> weight; tasks a source cannot make are left out (docs/panels.md).
     tasks: dict[str, float] = Field(default_factory=lambda: {
         "t2i": 1.0, "control:canny": 1.0, "control:depth": 1.0, "control:hed": 1.0,
@@ -143,7 +156,7 @@ class PanelsConfig(Section):
     canny_low: int = Field(100, ge=0)
     canny_high: int = Field(200, ge=0)
     soft_edge_sigma: float = Field(1.5, gt=0)
-    depth_model: str | None = None  # local transformers depth-estimation folder (Depth Anything, DPT)
+    depth_model: PathOrURI | None = None  # local transformers depth-estimation folder (Depth Anything, DPT)
     depth_device: str = "auto"
     image_format: Literal["png", "webp", "jpeg"] = "png"
     png_level: int = Field(3, ge=0, le=9)
@@ -176,8 +189,8 @@ class TokenizeConfig(Section):
     num_gpus: float = Field(0, ge=0)  # per actor; 0 on CPU machines
     rows_per_unit: int = Field(64, ge=1)  # panels rows per work unit (units never mix resolution buckets)
     max_seq: int = Field(10240, ge=2)  # the decoder's context: longer samples are rejected (too_long)
-    input: str = "panels"  # dataset name under the workdir, or a URI
-    output: str = "tokens"
+    input: PathOrURI = "panels"  # dataset name under the workdir, or a URI
+    output: PathOrURI = "tokens"
     decode_threads: int = Field(2, ge=1)  # PNG/JPEG decoding threads per actor, overlapping the encoder
     compile: bool = False  # torch.compile the encoder (GPU)
     overwrite: bool = False  # start the tokens dataset afresh instead of resuming it
@@ -204,11 +217,11 @@ class TrainConfig(Section):
 
     workers: int = Field(2, ge=0)  # Ray Train workers (one per GPU); 0 runs in this process without Ray
     use_gpu: bool = False
-    dataset: str = "tokens"  # dataset name under the workdir, or a URI
+    dataset: PathOrURI = "tokens"  # dataset name under the workdir, or a URI
     run: str = "train"  # checkpoints and exports go to <workdir>/runs/<run>/stage-<k>/
     seed: int = 0
     model_overrides: dict[str, Any] = Field(default_factory=dict)  # ModelArgs fields over the preset
-    init_from: str | None = None  # a transformers-format folder to start stage 1 from (models.decoder_path if None)
+    init_from: PathOrURI | None = None  # a transformers-format folder to start stage 1 from (models.decoder_path if None)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0)
@@ -231,7 +244,7 @@ class TrainConfig(Section):
 class RewriteConfig(Section):
     """Prompt rewriting before generation (issue 7, paper 4.3.1): an OpenAI-compatible endpoint."""
 
-    endpoint: str | None = None  # e.g. http://127.0.0.1:8000/v1; None: no rewriting
+    endpoint: PathOrURI | None = None  # e.g. http://127.0.0.1:8000/v1; None: no rewriting
     model: str = "gpt-4o-mini"
     system_prompt: str = (
         "Rewrite the user's image prompt into one richer, concrete description of the same scene. "
@@ -240,7 +253,7 @@ class RewriteConfig(Section):
     api_key_env: str | None = "OPENAI_API_KEY"  # read from this environment variable, or
     api_key_secret: str | None = None  # the name of a Prefect Secret block
     timeout_s: float = Field(30.0, gt=0)
-    cache_path: str | None = None  # default: <workdir>/rewrites.jsonl when the workdir is local
+    cache_path: PathOrURI | None = None  # default: <workdir>/rewrites.jsonl when the workdir is local
 
 
 class GenerateConfig(Section):
@@ -261,7 +274,7 @@ class GenerateConfig(Section):
     inputs: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
     )  # {kind: file, path} | {kind: panels, uri} | {kind: shapes, count, seed, tasks}
-    output: str = "generated"  # dataset name under the workdir, or a URI
+    output: PathOrURI = "generated"  # dataset name under the workdir, or a URI
     size: str | None = None  # default WIDTHxHEIGHT for prompt rows that name none
     count_per_prompt: int = Field(1, ge=1)
     best_of: int = Field(1, ge=1)  # samples per pair; a verifier keeps the best (when one applies)
@@ -330,7 +343,7 @@ class EvaluateConfig(Section):
 class PipelineConfig(Section):
     name: str = "default"
     # Root of every dataset and run of this config: a local folder or an object-store URI.
-    workdir: str = "out/default"
+    workdir: PathOrURI = "out/default"
     ray: RayConfig = Field(default_factory=RayConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     panels: PanelsConfig = Field(default_factory=PanelsConfig)

@@ -252,3 +252,45 @@ def test_good_config_reaches_the_flow_as_typed_settings(guarded):
     args, kwargs = called[0]
     assert args == () and set(kwargs) == {"config"} and isinstance(kwargs["config"], PipelineConfig)
     assert kwargs["config"].generate.best_of == 3 and kwargs["config"].workdir == str(tmp / "work")
+
+
+def _db_bytes() -> bytes:
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA wal_checkpoint(FULL)")
+    finally:
+        con.close()
+    return b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
+
+
+def test_deployment_run_with_a_secret_is_refused_by_the_server(prefect_harness):
+    """A deployment's run is created by the server, before any flow code runs: the flows'
+    parameter schema (typed settings and overrides) makes the server itself refuse a URI with
+    credentials, so it is never stored; a clean run of the same deployment is accepted."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.build_panels import build_panels
+
+    schema = parameter_schema(build_panels).model_dump_for_openapi()
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(build_panels)
+        dep = client.create_deployment(flow_id=flow_id, name="secret-check", parameter_openapi_schema=schema,
+                                       enforce_parameter_schema=True)
+        before = {r.id for r in client.read_flow_runs()}
+        for params in ({"overrides": [f"workdir=s3://AKIAEXAMPLE:{SECRET}@bucket/x"]},
+                       {"overrides": [f"panels.source={{kind: generated, uri: s3://k:{SECRET}@b/g}}"]},
+                       {"config": {"workdir": f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"}},
+                       {"config": {"generate": {"rewrite": {"endpoint": f"http://u:{SECRET}@127.0.0.1:9/v1"}}}},
+                       {"config": {"generate": {"best_of": -1}}}):
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+                client.create_flow_run_from_deployment(dep, parameters=params)
+        good = client.create_flow_run_from_deployment(dep, parameters={"overrides": ["panels.source.count=9"]})
+        new = {r.id for r in client.read_flow_runs()} - before
+        client.delete_flow_run(good.id)  # never picked up by a worker: leave no scheduled run behind
+    assert new == {good.id}
+    assert SECRET.encode() not in _db_bytes()
