@@ -54,13 +54,14 @@ def retrain(config_path: str | None = None, overrides: list[Override] | None = N
         tokens = step("pretokenize", pretokenize, config=cfg)
         trained = step("train", train, config=cfg)
         # Generation and evaluation use the model this run just trained.
-        with_model = cfg.model_copy(update={"models": cfg.models.model_copy(update={"decoder_path": trained["export"]})})
+        with_model = cfg.model_copy(update={
+            "models": cfg.models.model_copy(update={"decoder_path": trained["export"]})})
         generated = step("generate", generate, config=with_model)
         evaluation = step("evaluate", evaluate, config=with_model, generated_uri=generated["uri"])
 
     summary = {
         "config": cfg._source,
-        "overrides": list(overrides or []),
+        "overrides": cfg._overrides,
         "panels": panels["dataset"],
         "panels_contact_sheet": panels["contact_sheet"],
         "tokens": tokens.get("dataset") or tokens.get("uri"),

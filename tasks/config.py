@@ -21,7 +21,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 
 from storage.uri import has_credentials, redact
@@ -353,7 +359,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     # Where this config was read from, for error messages (not settings: never serialized).
     _source: str = PrivateAttr("(config)")
-    _overridden: bool = PrivateAttr(False)
+    _overrides: list[str] = PrivateAttr(default_factory=list)  # redacted
 
     @model_validator(mode="before")
     @classmethod
@@ -476,7 +482,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if overrides:
             source += " with overrides " + redact(" ".join(overrides))
         raise ConfigError(_format_errors(source, e)) from None
-    cfg._source, cfg._overridden = source, bool(overrides)
+    cfg._source, cfg._overrides = source, [redact(o) for o in overrides or []]
     return cfg
 
 
@@ -683,7 +689,7 @@ def check_config(cfg: PipelineConfig, stage: str) -> PipelineConfig:
             problems.append(_writable_problem(field, value))
     problems = [p for p in problems if p]
     if problems:
-        where = cfg._source + (" with overrides" if cfg._overridden else "")
+        where = cfg._source + (" with overrides" if cfg._overrides else "")
         raise ConfigError("\n".join(f"{where}: {p}" for p in dict.fromkeys(problems)))
     return cfg
 

@@ -16,7 +16,7 @@ which the operator chose to install:
 from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
-from typing import Callable
+from collections.abc import Callable
 
 SCORER_GROUP = "panelforge.scorers"
 ESTIMATOR_GROUP = "panelforge.depth_estimators"

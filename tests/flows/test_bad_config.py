@@ -158,7 +158,7 @@ def _moto(port: int) -> subprocess.Popen:
 
 def test_missing_bucket_is_refused_with_what_to_do(guarded, capsys, monkeypatch):
     """pyarrow would say 'enable allow_bucket_creation', an option PanelForge does not have."""
-    tmp, called = guarded
+    _, called = guarded
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -210,7 +210,7 @@ def test_refused_secret_never_reaches_prefects_database(prefect_harness, monkeyp
     @flow(name="build-panels")
     def fake_build_panels(config_path: str | None = None, overrides: list[str] | None = None,
                           config: PipelineConfig | None = None) -> dict:
-        return {"workdir": config.workdir}
+        return {"workdir": config.workdir, "source": config._source, "overrides": config._overrides}
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(flows.build_panels, "build_panels", fake_build_panels)
@@ -221,6 +221,8 @@ def test_refused_secret_never_reaches_prefects_database(prefect_harness, monkeyp
     assert SECRET not in capsys.readouterr().err
     marker = "/tmp/panelforge-typed-params-marker"
     assert main(["build-panels", "--config", TINY, f"workdir={marker}", "panels.source.count=7"]) == 0
+    # The flow got the CLI's own PipelineConfig: where it was read from travels with it.
+    assert f'"source": "{TINY}"' in capsys.readouterr().out
 
     with get_client(sync_client=True) as client:
         new = [r for r in client.read_flow_runs() if r.id not in runs_before]

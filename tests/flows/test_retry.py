@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from ray import exceptions as rx
 
-from flows.retry import is_transient
+from tasks.failures import is_transient
 from storage import DatasetNotFoundError, UnsupportedURIError
 from tasks.config import ConfigError
 
@@ -53,7 +53,7 @@ def test_an_error_raised_while_handling_a_transient_one_is_not_transient():
         try:
             raise ConnectionResetError("reset")
         except ConnectionResetError:
-            raise ConfigError("workdir: bucket 'x' does not exist")  # noqa: B904 - the point of the test
+            raise ConfigError("workdir: bucket 'x' does not exist")  # from inside the handler: the point of the test
     except ConfigError as e:
         assert e.__context__ is not None and not is_transient(e)
 
