@@ -118,3 +118,17 @@ def test_check_config_refuses_what_the_stage_cannot_use(tmp_path):
     check_config(bad.model_copy(update={"workdir": str(tmp_path / "w")}), "train")
     with pytest.raises(ConfigError, match="panels.source.path: /none.jsonl does not exist"):
         check_config(bad.model_copy(update={"workdir": str(tmp_path / "w")}), "build-panels")
+
+
+@pytest.mark.parametrize("kind,option", [("panels", "panels.overwrite=true"), ("tokens", "tokenize.overwrite=true")])
+def test_resume_refusal_names_an_option_that_exists(tmp_path, kind, option):
+    """A dataset made with other settings is not resumed; the message says how to start afresh
+    in the words of a config, and that option validates (there is no --overwrite flag)."""
+    from storage import DatasetMismatchError, DatasetWriter
+
+    DatasetWriter(tmp_path / kind, kind, meta={"layout_fingerprint": "a"})
+    with pytest.raises(DatasetMismatchError) as e:
+        DatasetWriter(tmp_path / kind, kind, meta={"layout_fingerprint": "b"})
+    assert option in str(e.value) and "--overwrite" not in str(e.value)
+    section, field = option.split("=")[0].split(".")
+    assert getattr(getattr(load_config(None, [option]), section), field) is True
