@@ -79,8 +79,21 @@ class GeneratedSourceSpec(_Spec):
     uri: str
 
 
+class WebDatasetSourceSpec(_Spec):
+    path: str  # a folder of .tar shards, one .tar, or a brace range; local or s3
+    caption_field: str = "caption"
+
+
+class ParquetSourceSpec(_Spec):
+    path: str  # a folder of .parquet files, one file, or a brace range; local or s3
+    image_column: str | None = None
+    caption_column: str | None = None
+    id_column: str | None = None
+
+
 class FileInputsSpec(_Spec):
-    path: str
+    path: str  # a jsonl, csv or parquet file, or a folder of <id>.txt prompts
+    count: int | None = Field(None, ge=1)  # its first N rows
 
 
 class PanelsInputsSpec(_Spec):
@@ -98,7 +111,8 @@ class ShapesInputsSpec(_Spec):
 
 PANEL_SOURCES: dict[str, type[_Spec]] = {
     "shapes": ShapesSourceSpec, "folder": FolderSourceSpec, "edits": PairsSourceSpec,
-    "subjects": PairsSourceSpec, "generated": GeneratedSourceSpec,
+    "subjects": PairsSourceSpec, "generated": GeneratedSourceSpec, "webdataset": WebDatasetSourceSpec,
+    "parquet": ParquetSourceSpec,
 }
 GENERATE_INPUTS: dict[str, type[_Spec]] = {
     "file": FileInputsSpec, "panels": PanelsInputsSpec, "shapes": ShapesInputsSpec,
@@ -433,7 +447,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {redact(text)!r}: empty key")
-    return path, yaml.safe_load(value) if value.strip() else None
+    try:
+        return path, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{'.'.join(path)}: the override's value is not valid YAML ({_yaml_problem(e)}); "
+                          "quote strings holding { } [ ] , : or #, e.g. path: '/data/{00000..00009}.tar'") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line (PyYAML's own message spans several, with the text quoted)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return redact(f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -471,11 +496,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {redact(str(e))}") from None
+            raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    try:
+        data = apply_overrides(data, overrides or [])
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as e:
@@ -554,7 +582,7 @@ def _writable_problem(field: str, value: str) -> str | None:
 
 
 def _readable_problem(field: str, value: str | None, want: str, what: str) -> str | None:
-    """A local input: present, of the kind wanted ('file' or 'dir') and readable."""
+    """A local input: present, of the kind wanted ('file', 'dir' or 'any') and readable."""
     if value is None:
         return f"{field}: not set; give {what}"
     if _is_uri(value):
@@ -569,6 +597,8 @@ def _readable_problem(field: str, value: str | None, want: str, what: str) -> st
         return f"{field}: {p} is not a folder; give {what}"
     if want == "file" and not p.is_file():
         return f"{field}: {p} is not a file; give {what}"
+    if want == "any" and not (p.is_file() or p.is_dir()):
+        return f"{field}: {p} is neither a file nor a folder; give {what}"
     if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
         return f"{field}: {p} is not readable by this user"
     return None
@@ -597,6 +627,15 @@ def _source_problems(cfg: PipelineConfig) -> list[str]:
         uri = spec.get("uri")
         out.append(_uri_problem("panels.source.uri", uri) if _is_uri(uri) else
                    _readable_problem("panels.source.uri", uri, "dir", "a generated dataset folder"))
+    elif kind in ("webdataset", "parquet"):
+        # A folder, one file or a brace range ("shards/{00000..00099}.tar"): what must exist is the
+        # part before the first brace (the range's own members are checked by the listing).
+        path = str(spec.get("path"))
+        head = path.split("{", 1)[0]
+        if "{" in path and not _is_uri(path):
+            head = str(Path(head).parent) if not head.endswith("/") else head
+        out.append(_readable_problem("panels.source.path", head, "any",
+                                     f"{kind} shards: a folder, one file or a brace range"))
     if cfg.panels.depth_model:
         out.append(_decoder_problem("panels.depth_model", cfg.panels.depth_model,
                                     "a local transformers depth-estimation folder (config.json + weights)"))
@@ -640,8 +679,8 @@ def _model_problems(cfg: PipelineConfig, decoder: bool) -> list[str]:
 def _generate_problems(cfg: PipelineConfig) -> list[str]:
     spec, out = cfg.generate.inputs, []
     if spec.get("kind") == "file":
-        out.append(_readable_problem("generate.inputs.path", spec.get("path"), "file",
-                                     "a prompts file (jsonl, csv or parquet)"))
+        out.append(_readable_problem("generate.inputs.path", spec.get("path"), "any",
+                                     "a prompts file (jsonl, csv or parquet) or a folder of <id>.txt prompts"))
     elif spec.get("kind") == "panels" and spec.get("uri") and _is_uri(spec["uri"]):
         out.append(_uri_problem("generate.inputs.uri", spec["uri"]))
     if cfg.generate.rewrite.cache_path:
