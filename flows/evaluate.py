@@ -17,7 +17,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import image_markdown, job_progress, units_fraction
 from flows.retry import retry_transient
-from tasks.config import Override, PipelineConfig, run_config
+from storage.uri import has_credentials
+from tasks.config import ConfigError, Override, PathOrURI, PipelineConfig, run_config
 from tasks.evaluate import run_evaluate
 
 
@@ -45,7 +46,7 @@ def _publish(summary: dict) -> None:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(config_path: str | None = None, overrides: list[Override] | None = None,
-             generated_uri: str | None = None, config: PipelineConfig | None = None) -> dict:
+             generated_uri: PathOrURI | None = None, config: PipelineConfig | None = None) -> dict:
     """Evaluate the config's generated dataset (or `generated_uri`); returns the figures and the
     paths of report.md ("report") and the contact sheet ("contact_sheet").
 
@@ -53,6 +54,8 @@ def evaluate(config_path: str | None = None, overrides: list[Override] | None = 
     exists, shown and validated in the Prefect UI); deployments may give `config_path` and KEY=VALUE
     `overrides` instead, read once here. Either way the stage's preflight runs before Ray starts.
     """
+    if generated_uri and has_credentials(generated_uri):
+        raise ConfigError("generated_uri: a URI with credentials in it (user:secret@); put keys in the environment")
     cfg = run_config(config, config_path, overrides, "evaluate")  # a bad config fails here, before Ray starts
     summary = evaluate_job(cfg, generated_uri)
     _publish(summary)
