@@ -13,6 +13,8 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows.retry import retry_transient
+
 
 class job_progress:  # noqa: N801 - used like a function
     """A callable for a job's `progress=` argument: each snapshot updates the Prefect progress
@@ -41,7 +43,7 @@ def units_fraction(state: dict) -> float:
     return state["units_done"] / max(state["units_total"], 1)
 
 
-@task(name="contact-sheet", retries=1)
+@task(name="contact-sheet", retries=1, retry_condition_fn=retry_transient)
 def contact_sheet_task(uri: str, count: int) -> str:
     """Draw the contact sheet of a panels or generated dataset (contact_sheet.png beside it)."""
     from tasks.build_panels import contact_sheet

@@ -10,23 +10,23 @@ sample panels, also saved as contact_sheet.png in the dataset's folder.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import contact_sheet_task, image_markdown, job_progress, units_fraction
+from flows.retry import retry_transient
 from tasks.build_panels import run_build
-from tasks.config import load_config
+from tasks.config import Override, PipelineConfig, run_config
 
 
-@task(name="build-panels-job", retries=2, retry_delay_seconds=5)
-def build_panels_job(config_path: str, overrides: list[str]) -> dict:
+@task(name="build-panels-job", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def build_panels_job(cfg: PipelineConfig) -> dict:
     progress = job_progress("build-panels-progress", "panels", fraction=units_fraction, line=lambda s: (
         f"{s['units_done']}/{s['units_total']} units, {s['rows_out']} rows, {s['rejects']} rejects this run "
         f"({s['rows_per_s']:.1f} rows/s)"))
-    summary = run_build(load_config(config_path, overrides), progress=progress)
+    summary = run_build(cfg, progress=progress)
     progress.finish()
     return summary
 
@@ -56,11 +56,16 @@ def _publish(summary: dict) -> None:
 
 
 @flow(name="build-panels", log_prints=True)
-def build_panels(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    """Build (or finish) the panels dataset; returns its summary, with the contact sheet's path."""
-    overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
-    summary = build_panels_job(config_path, overrides)
+def build_panels(config_path: str | None = None, overrides: list[Override] | None = None,
+                 config: PipelineConfig | None = None) -> dict:
+    """Build (or finish) the panels dataset; returns its summary, with the contact sheet's path.
+
+    `config` is the typed settings of the run (what the CLI passes: validated before the flow run
+    exists, shown and validated in the Prefect UI); deployments may give `config_path` and KEY=VALUE
+    `overrides` instead, read once here. Either way the stage's preflight runs before Ray starts.
+    """
+    cfg = run_config(config, config_path, overrides, "build-panels")
+    summary = build_panels_job(cfg)
     summary["contact_sheet"] = contact_sheet_task(summary["dataset"], cfg.panels.contact_sheet)
     _publish(summary)
     get_run_logger().info("panels: %d rows in = %d panels + %d rejects; contact sheet %s", summary["rows_in"],
@@ -68,6 +73,7 @@ def build_panels(config_path: str = "configs/tiny.yaml", overrides: list[str] | 
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(build_panels(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]),
-                     indent=2))
+if __name__ == "__main__":  # the CLI's subcommand: the same validation, exit status 2 on a bad config
+    from flows.cli import main
+
+    sys.exit(main(["build-panels", "--config", sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", *sys.argv[2:]]))

@@ -4,8 +4,12 @@
     panelforge build-panels --config configs/tiny.yaml panels.source.count=32
     panelforge datasets show out/tiny/panels
 
-Every flow subcommand takes a YAML config and KEY=VALUE overrides (parsed as YAML values);
-a bad config is reported with its file and field, and exits with status 2.
+Every flow subcommand takes a YAML config and KEY=VALUE overrides (parsed as YAML values).
+The whole config is validated and the stage's preflight run (tasks/config.py: check_config)
+before the flow is called: a bad config is reported in one line per problem, naming its file and
+field, and exits with status 2, with nothing written and no Prefect flow run created. The flow
+is given the validated settings (its typed `config` parameter), never the raw overrides, so a
+refused value (a URI with a secret in it) never reaches Prefect's database.
 """
 from __future__ import annotations
 
@@ -56,12 +60,13 @@ def _print_summary(summary: Any) -> None:
 
 
 def run_flow(command: str, config: str, overrides: list[str]) -> dict:
-    from tasks.config import load_config
+    from tasks.config import check_config, load_config
 
-    load_config(config, overrides)  # fail fast, before Prefect and Ray start
+    # Every config error before a flow run exists or Ray starts; the flow gets the typed settings.
+    cfg = check_config(load_config(config, overrides), command)
     module, func, _ = FLOWS[command]
     flow = getattr(importlib.import_module(module), func)
-    return flow(config_path=config, overrides=overrides)
+    return flow(config=cfg)
 
 
 def _show_dataset(path: str, verify: bool, as_json: bool) -> None:

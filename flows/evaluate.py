@@ -10,22 +10,23 @@ artifact; report.md and the PNGs are written next to the generated dataset.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import image_markdown, job_progress, units_fraction
-from tasks.config import load_config
+from flows.retry import retry_transient
+from storage.uri import has_credentials
+from tasks.config import ConfigError, Override, PathOrURI, PipelineConfig, run_config
 from tasks.evaluate import run_evaluate
 
 
-@task(name="evaluate-job", retries=1, retry_delay_seconds=5)
-def evaluate_job(config_path: str, overrides: list[str], generated_uri: str | None) -> dict:
+@task(name="evaluate-job", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def evaluate_job(cfg: PipelineConfig, generated_uri: str | None) -> dict:
     progress = job_progress("evaluate-progress", "evaluate", fraction=units_fraction,
                             line=lambda s: f"{s['units_done']}/{s['units_total']} units, {s['records']} figures")
-    summary = run_evaluate(load_config(config_path, overrides), generated_uri, progress=progress)
+    summary = run_evaluate(cfg, generated_uri, progress=progress)
     progress.finish()
     return summary
 
@@ -44,13 +45,19 @@ def _publish(summary: dict) -> None:
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None,
-             generated_uri: str | None = None) -> dict:
+def evaluate(config_path: str | None = None, overrides: list[Override] | None = None,
+             generated_uri: PathOrURI | None = None, config: PipelineConfig | None = None) -> dict:
     """Evaluate the config's generated dataset (or `generated_uri`); returns the figures and the
-    paths of report.md ("report") and the contact sheet ("contact_sheet")."""
-    overrides = list(overrides or [])
-    load_config(config_path, overrides)  # a bad config fails here, before Ray starts
-    summary = evaluate_job(config_path, overrides, generated_uri)
+    paths of report.md ("report") and the contact sheet ("contact_sheet").
+
+    `config` is the typed settings of the run (what the CLI passes: validated before the flow run
+    exists, shown and validated in the Prefect UI); deployments may give `config_path` and KEY=VALUE
+    `overrides` instead, read once here. Either way the stage's preflight runs before Ray starts.
+    """
+    if generated_uri and has_credentials(generated_uri):
+        raise ConfigError("generated_uri: a URI with credentials in it (user:secret@); put keys in the environment")
+    cfg = run_config(config, config_path, overrides, "evaluate")  # a bad config fails here, before Ray starts
+    summary = evaluate_job(cfg, generated_uri)
     _publish(summary)
     logger = get_run_logger()
     for r in summary["table"]:
@@ -60,5 +67,7 @@ def evaluate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(evaluate(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))
+if __name__ == "__main__":  # the CLI's subcommand: the same validation, exit status 2 on a bad config
+    from flows.cli import main
+
+    sys.exit(main(["evaluate", "--config", sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", *sys.argv[2:]]))

@@ -17,7 +17,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import contact_sheet_task, image_markdown, job_progress
-from tasks.config import load_config
+from flows.retry import retry_transient
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.generate import run_generate
 
 
@@ -27,18 +28,11 @@ def progress_line(snap: dict) -> str:
             f"{snap['pairs_per_hour']:.0f} pairs/hour, ETA {eta}, {snap['rejected']} rejected this run")
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retries resume a job after a crash; inputs or weights that cannot work fail once, with one message."""
-    from tasks.requests import RequestError
-
-    return not isinstance(state.result(raise_on_failure=False), RequestError)
-
-
-@task(name="generate-job", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
-def generate_job(config_path: str, overrides: list[str]) -> dict:
+@task(name="generate-job", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def generate_job(cfg: PipelineConfig) -> dict:
     progress = job_progress("generate-progress", "generate", line=progress_line,
                             fraction=lambda s: s["done_pairs"] / max(s["total_pairs"], 1))
-    summary = run_generate(load_config(config_path, overrides), progress=progress)
+    summary = run_generate(cfg, progress=progress)
     progress.finish()
     return summary
 
@@ -64,11 +58,16 @@ def statistics_rows(summary: dict) -> list[dict]:
 
 
 @flow(name="generate", log_prints=True)
-def generate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    """Generate (or finish generating) the pairs of a config; returns the job summary."""
-    overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
-    summary = generate_job(config_path, overrides)
+def generate(config_path: str | None = None, overrides: list[Override] | None = None,
+             config: PipelineConfig | None = None) -> dict:
+    """Generate (or finish generating) the pairs of a config; returns the job summary.
+
+    `config` is the typed settings of the run (what the CLI passes: validated before the flow run
+    exists, shown and validated in the Prefect UI); deployments may give `config_path` and KEY=VALUE
+    `overrides` instead, read once here. Either way the stage's preflight runs before Ray starts.
+    """
+    cfg = run_config(config, config_path, overrides, "generate")
+    summary = generate_job(cfg)
     summary["dataset"] = summary["uri"]
     summary["contact_sheet"] = contact_sheet_task(summary["uri"], cfg.generate.contact_sheet_pairs)
     create_table_artifact(statistics_rows(summary), key="generate-statistics",
@@ -86,5 +85,7 @@ def generate(config_path: str = "configs/tiny.yaml", overrides: list[str] | None
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(generate(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))
+if __name__ == "__main__":  # the CLI's subcommand: the same validation, exit status 2 on a bad config
+    from flows.cli import main
+
+    sys.exit(main(["generate", "--config", sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", *sys.argv[2:]]))

@@ -10,23 +10,23 @@ where the actors spent their time (decoding panels, encoding, writing shards).
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import job_progress, units_fraction
-from tasks.config import load_config
+from flows.retry import retry_transient
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.tokenize import run_tokenize
 
 
-@task(name="pretokenize-job", retries=2, retry_delay_seconds=5)
-def pretokenize_job(config_path: str, overrides: list[str]) -> dict:
+@task(name="pretokenize-job", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def pretokenize_job(cfg: PipelineConfig) -> dict:
     progress = job_progress("pretokenize-progress", "tokens", fraction=units_fraction, line=lambda s: (
         f"{s['units_done']}/{s['units_total']} units, {s['rows_out']} rows, {s['rejects']} rejects this run "
         f"({s['rows_per_s']:.2f} rows/s)"))
-    summary = run_tokenize(load_config(config_path, overrides), progress=progress)
+    summary = run_tokenize(cfg, progress=progress)
     progress.finish()
     return summary
 
@@ -60,15 +60,22 @@ def _publish(summary: dict) -> None:
 
 
 @flow(name="pretokenize", log_prints=True)
-def pretokenize(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    """Tokenize (or finish tokenizing) the panels dataset; returns the summary."""
-    overrides = list(overrides or [])
-    summary = pretokenize_job(config_path, overrides)
+def pretokenize(config_path: str | None = None, overrides: list[Override] | None = None,
+                config: PipelineConfig | None = None) -> dict:
+    """Tokenize (or finish tokenizing) the panels dataset; returns the summary.
+
+    `config` is the typed settings of the run (what the CLI passes: validated before the flow run
+    exists, shown and validated in the Prefect UI); deployments may give `config_path` and KEY=VALUE
+    `overrides` instead, read once here. Either way the stage's preflight runs before Ray starts.
+    """
+    summary = pretokenize_job(run_config(config, config_path, overrides, "pretokenize"))
     _publish(summary)
     get_run_logger().info("tokens: %d panels = %d samples + %d rejects, %d tokens, layout %s", summary["rows_in"],
                           summary["rows_out"], summary["rejects"], summary["tokens"], summary["fingerprint"])
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(pretokenize(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))
+if __name__ == "__main__":  # the CLI's subcommand: the same validation, exit status 2 on a bad config
+    from flows.cli import main
+
+    sys.exit(main(["pretokenize", "--config", sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", *sys.argv[2:]]))

@@ -24,15 +24,20 @@ from flows.evaluate import evaluate
 from flows.generate import generate
 from flows.pretokenize import pretokenize
 from flows.train import train
-from tasks.config import load_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.ray_jobs import ray_started
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    """Run (or finish) every step of the pipeline for one config; returns where the outputs are."""
-    overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
+def retrain(config_path: str | None = None, overrides: list[Override] | None = None,
+            config: PipelineConfig | None = None) -> dict:
+    """Run (or finish) every step of the pipeline for one config; returns where the outputs are.
+
+    `config` is the typed settings of the run (what the CLI passes); deployments may give
+    `config_path` and KEY=VALUE `overrides` instead. The config is read once, here, checked for
+    every step, and the same settings go to every step: an edit of the YAML mid-run changes nothing.
+    """
+    cfg = run_config(config, config_path, overrides, "retrain")
     log = get_run_logger()
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -45,17 +50,18 @@ def retrain(config_path: str = "configs/tiny.yaml", overrides: list[str] | None 
         return out
 
     with ray_started(cfg.ray):  # one Ray for every step's job, not one start per job
-        panels = step("build-panels", build_panels, config_path, overrides)
-        tokens = step("pretokenize", pretokenize, config_path, overrides)
-        trained = step("train", train, config_path, overrides)
+        panels = step("build-panels", build_panels, config=cfg)
+        tokens = step("pretokenize", pretokenize, config=cfg)
+        trained = step("train", train, config=cfg)
         # Generation and evaluation use the model this run just trained.
-        with_model = overrides + [f"models.decoder_path={trained['export']}"]
-        generated = step("generate", generate, config_path, with_model)
-        evaluation = step("evaluate", evaluate, config_path, with_model, generated_uri=generated["uri"])
+        with_model = cfg.model_copy(update={
+            "models": cfg.models.model_copy(update={"decoder_path": trained["export"]})})
+        generated = step("generate", generate, config=with_model)
+        evaluation = step("evaluate", evaluate, config=with_model, generated_uri=generated["uri"])
 
     summary = {
-        "config": config_path,
-        "overrides": overrides,
+        "config": cfg._source,
+        "overrides": cfg._overrides,
         "panels": panels["dataset"],
         "panels_contact_sheet": panels["contact_sheet"],
         "tokens": tokens.get("dataset") or tokens.get("uri"),
@@ -95,6 +101,7 @@ def retrain(config_path: str = "configs/tiny.yaml", overrides: list[str] | None 
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(retrain(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]),
-                     indent=2, default=str))
+if __name__ == "__main__":  # the CLI's subcommand: the same validation, exit status 2 on a bad config
+    from flows.cli import main
+
+    sys.exit(main(["retrain", "--config", sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", *sys.argv[2:]]))

@@ -12,20 +12,18 @@ Publishes a table artifact (one row per stage) and a markdown artifact with the 
 from __future__ import annotations
 
 import base64
-import json
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import load_config
+from tasks.config import Override, PipelineConfig, run_config
 from tasks.train import plan_training, stage_done, train as run_train
 
 
 @task(name="train-stage", task_run_name="train {name}")
-def train_stage(config_path: str, overrides: list[str], index: int, name: str) -> dict:
-    cfg = load_config(config_path, overrides)
+def train_stage(cfg: PipelineConfig, index: int, name: str) -> dict:
     summary = run_train(cfg, stages=[index])
     stage = summary["stages"][-1]
     get_run_logger().info("%s: %s, final loss %.4f, %.0f tokens/s, MFU %.3f -> %s", name,
@@ -50,12 +48,17 @@ def _publish(run_dir: str, stages: list[dict]) -> None:
 
 
 @flow(name="train", log_prints=True)
-def train(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = None) -> dict:
-    """Run (or finish) every stage of the config's training; returns the run's summary."""
-    overrides = list(overrides or [])
-    cfg = load_config(config_path, overrides)
+def train(config_path: str | None = None, overrides: list[Override] | None = None,
+          config: PipelineConfig | None = None) -> dict:
+    """Run (or finish) every stage of the config's training; returns the run's summary.
+
+    `config` is the typed settings of the run (what the CLI passes: validated before the flow run
+    exists, shown and validated in the Prefect UI); deployments may give `config_path` and KEY=VALUE
+    `overrides` instead, read once here. Either way the stage's preflight runs before Ray starts.
+    """
+    cfg = run_config(config, config_path, overrides, "train")
     plan = plan_training(cfg)  # every bad-input error before any compute
-    stages = [train_stage(config_path, overrides, s["index"], s["name"]) for s in plan["stages"]]
+    stages = [train_stage(cfg, s["index"], s["name"]) for s in plan["stages"]]
     _publish(plan["run_dir"], stages)
     summary = {"run_dir": plan["run_dir"], "stages": stages, "final_loss": stages[-1]["final_loss"],
                "export": stages[-1]["export"], "loss_curve": str(Path(plan["run_dir"]) / "loss.png"),
@@ -66,5 +69,7 @@ def train(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = 
     return summary
 
 
-if __name__ == "__main__":
-    print(json.dumps(train(sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", sys.argv[2:]), indent=2))
+if __name__ == "__main__":  # the CLI's subcommand: the same validation, exit status 2 on a bad config
+    from flows.cli import main
+
+    sys.exit(main(["train", "--config", sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml", *sys.argv[2:]]))

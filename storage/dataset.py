@@ -253,7 +253,9 @@ class DatasetWriter:
                 if changed:
                     raise DatasetMismatchError(
                         f"{where}: was made with another {name} (differs in {changed}); write to a new "
-                        "location, or overwrite it deliberately (--overwrite)"
+                        "location, or start it afresh deliberately ("  # in the words of a PanelForge config:
+                        + {"panels": "panels.overwrite=true", "tokens": "tokenize.overwrite=true",
+                           "generated": "delete it, or choose another generate.output"}.get(kind, "overwrite=True") + ")"
                     )
             self.manifest = existing
         else:

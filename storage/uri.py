@@ -10,6 +10,7 @@ AWS_DEFAULT_REGION, so the same config runs against AWS or a local store.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +20,21 @@ import pyarrow.fs as pafs
 from storage.errors import UnsupportedURIError
 
 SUPPORTED_SCHEMES = ("local paths", "file://", "s3://")
+
+# scheme://user[:password]@host: the userinfo part of any URI (s3, http, ray, ...). Up to the last
+# "@" of the URI, because secret keys hold "/", "+" and even "@": a path with an "@" in it is
+# refused too, a price worth paying for never echoing a secret.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)\S*@")
+
+
+def has_credentials(text: str) -> bool:
+    """Whether a URI (or any text) carries a user or password in the `scheme://user:secret@host` form."""
+    return bool(_USERINFO.search(str(text)))
+
+
+def redact(text: str) -> str:
+    """The text with the userinfo of every URI in it replaced by `***`, for error messages and logs."""
+    return _USERINFO.sub(r"\1***@", str(text))
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,7 @@ def resolve(uri: str | os.PathLike) -> Location:
         absolute = str(Path(path).expanduser().resolve())
         return Location(pafs.LocalFileSystem(), absolute, absolute, True)
     if scheme == "s3":
-        if "@" in parsed.netloc:
+        if "@" in parsed.netloc or has_credentials(text):
             # Do not echo the URI: it likely holds a secret.
             raise UnsupportedURIError(
                 "s3 URI with credentials in it: put keys in AWS_ACCESS_KEY_ID / "

@@ -85,12 +85,13 @@ class EvaluateWorker:
 
         from storage import open_dataset
         from tasks.config import PipelineConfig
-        from tasks.verify import load_factory
+        from tasks.plugins import load_estimator_factory
 
         cv2.setNumThreads(1)  # the job's parallelism is the workers
         config = PipelineConfig.model_validate(cfg)
         self.ds = open_dataset(uri)
-        estimator = load_factory(config.generate.depth_estimator)(config) if config.generate.depth_estimator else None
+        estimator = (load_estimator_factory(config.generate.depth_estimator)(config)
+                     if config.generate.depth_estimator else None)
         self.scorer = RowScorer(config.evaluate.model_dump(), estimator)
 
     def __call__(self, unit: dict) -> dict:

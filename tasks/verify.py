@@ -6,12 +6,11 @@ A verifier scores a generated pair from its upper and lower panels; best-of-N ke
 N samples and a threshold sends weak pairs to rejects. Offline verifiers need no downloaded
 weights: canny F1 (the control map against the same map recomputed from the generated image,
 as the paper's Table 5) and depth RMSE when a depth estimator is configured. Learned scorers
-plug in through `generate.scorer: "package.module:factory"` (factory(cfg) -> Scorer).
+plug in as entry points of an installed package, named in `generate.scorer` (tasks/plugins.py).
 The evaluation step (issue 8) reuses canny_edges, binary_f1, canny_f1 and depth_rmse.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Protocol
 
 import cv2
@@ -116,20 +115,12 @@ class DepthRMSE:
         return depth_rmse(lower, self.estimator(upper))
 
 
-def load_factory(spec: str) -> Callable:
-    """'package.module:name' -> the object; a clear error when it does not exist."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"scorer {spec!r}: expected 'package.module:factory'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r} cannot be loaded: {e}") from None
-
-
 def make_scorers(cfg) -> list[Scorer]:
     """The scorers named by cfg.generate.scorer: 'auto' (canny F1, plus depth RMSE when
-    cfg.generate.depth_estimator names a factory), 'none', a built-in name, or 'module:factory'."""
+    cfg.generate.depth_estimator names an estimator), 'none', a built-in name, or the name of an
+    entry point in the 'panelforge.scorers' group (tasks/plugins.py)."""
+    from tasks.plugins import BUILTIN_SCORERS, load_estimator_factory, load_scorer_factory
+
     gen = cfg.generate
     names = [s.strip() for s in str(gen.scorer).split(",") if s.strip()]
     scorers: list[Scorer] = []
@@ -139,11 +130,11 @@ def make_scorers(cfg) -> list[Scorer]:
         if name in ("auto", "canny_f1"):
             scorers.append(CannyF1(cfg.evaluate.canny_low, cfg.evaluate.canny_high))
         if name in ("auto", "depth_rmse") and gen.depth_estimator:
-            scorers.append(DepthRMSE(load_factory(gen.depth_estimator)(cfg)))
+            scorers.append(DepthRMSE(load_estimator_factory(gen.depth_estimator)(cfg)))
         elif name == "depth_rmse":
-            raise ValueError("generate.scorer=depth_rmse needs generate.depth_estimator ('module:factory')")
-        if name not in ("auto", "canny_f1", "depth_rmse"):
-            scorers.append(load_factory(name)(cfg))
+            raise ValueError("generate.scorer=depth_rmse needs generate.depth_estimator (a registered estimator)")
+        if name not in BUILTIN_SCORERS:
+            scorers.append(load_scorer_factory(name)(cfg))
     return scorers
 
 

@@ -58,10 +58,14 @@ def test_a_job_whose_every_row_is_rejected_fails_once_with_the_rejects(tmp_path,
     assert "p.jsonl:0: missing_upper: task 'control:canny' needs an upper image" in msg
     assert "p.jsonl:1: empty_prompt" in msg
 
-    # The flow's task does not retry such an error (one message, not three tracebacks); a crash it does.
+    # The flow's task does not retry such an error (one message, not three tracebacks); a lost
+    # connection it does (flows/retry.py).
+    from types import SimpleNamespace
+
     from prefect.states import Failed
 
-    from flows.generate import _retry_unless_bad_input
+    from flows.retry import retry_transient
 
-    assert _retry_unless_bad_input(None, None, Failed(data=e.value)) is False
-    assert _retry_unless_bad_input(None, None, Failed(data=RuntimeError("node lost"))) is True
+    run = SimpleNamespace(name="generate-job-0")
+    assert retry_transient(None, run, Failed(data=e.value)) is False
+    assert retry_transient(None, run, Failed(data=ConnectionResetError("connection reset"))) is True
