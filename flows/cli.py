@@ -53,10 +53,20 @@ def _print_summary(summary: Any) -> None:
                 print(f"{key.replace('_', ' ')}: {summary[key]}")
 
 
+# subcommand -> its config checks that need neither data nor Ray (a ConfigError names the field)
+PREFLIGHT: dict[str, tuple[str, str]] = {
+    "generate": ("tasks.generate", "preflight"),
+    "retrain": ("tasks.generate", "preflight"),  # it ends with a generate step
+}
+
+
 def run_flow(command: str, config: str, overrides: list[str]) -> dict:
     from tasks.config import load_config
 
-    load_config(config, overrides)  # fail fast, before Prefect and Ray start
+    cfg = load_config(config, overrides)  # fail fast, before Prefect and Ray start
+    if command in PREFLIGHT:
+        module, func = PREFLIGHT[command]
+        getattr(importlib.import_module(module), func)(cfg)
     module, func, _ = FLOWS[command]
     flow = getattr(importlib.import_module(module), func)
     return flow(config_path=config, overrides=overrides)
