@@ -36,6 +36,7 @@ import torch
 
 from model.decoder import Decoder, ModelArgs
 from model.engine import Engine, Request, _Job
+from model.sjd import DRAFT_KINDS
 from model.quantize import quantize_decoder, weight_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -180,6 +181,18 @@ def reference_times(args: ModelArgs, contexts, steps, device, dtype, uncond_offs
     return out
 
 
+def free_memory(device) -> int:
+    """Bytes free for the engine's cache and workspace: the GPU's free memory, or the host's available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 * 2**30
+
+
 def copy_bandwidth(device) -> float:
     n = (1 << 28) if device.type == "cuda" else (1 << 26)
     a = torch.empty(n, dtype=torch.float32, device=device)
@@ -262,7 +275,7 @@ def run(opts) -> dict:
         if opts.freezing and cuda and q:
             import torch._inductor.config as inductor_config
             inductor_config.freezing = True  # REFERENCE.md: int4 + compile needs it to beat bf16
-        engine = Engine(model, layout, max_batch=1, device=device, compile=compile_mode,
+        engine = Engine(model, layout, max_batch=1, device=device, compile=compile_mode == "full",
                         window=opts.window if sjd else 1, kv_bucket=opts.kv_bucket, prefill_tokens=opts.prefill_tokens)
         times = [time_engine(engine, layout, [c], size, sjd, opts.window, opts.steps, device) for c in contexts]
         ms = [t[0] for t in times]
@@ -276,9 +289,13 @@ def run(opts) -> dict:
         model = fresh_model(quant)
         max_seq = min(args.max_seq_len, top + opts.window + 4 * (size // 8 + 1) + 8)
         # The engine's own answer (GPU.md: a second chooser here disagreed with the engine's check)
-        batch = opts.max_batch or Engine.fit_batch(model, max_seq=max_seq, window=opts.window, device=device,
-                                                   prefill_tokens=opts.prefill_tokens, limit=64 if cuda else 8)
-        engine = Engine(model, layout, max_batch=batch, device=device, compile=compile_mode, window=opts.window,
+        batch = opts.max_batch or min(64 if cuda else 8, Engine.fit_batch(
+            model, max_seq=max_seq, free_bytes=free_memory(device), window=opts.window,
+            n_local=layout.codebook_size + 2, prefill_tokens=opts.prefill_tokens))
+        if batch < 1:
+            raise RuntimeError(f"bulk: not one slot of {max_seq} positions fits the free memory (Engine.fit_batch)")
+        engine = Engine(model, layout, max_batch=batch, device=device, compile=compile_mode == "full",
+                        window=opts.window,
                         kv_bucket=opts.kv_bucket, max_seq=max_seq, prefill_tokens=opts.prefill_tokens)
         spread = [prompt_len + int(n_img * (i + 0.5) / batch) for i in range(batch)]
         ms, _ = time_engine(engine, layout, spread, size, True, opts.window, opts.steps, device)
@@ -298,13 +315,7 @@ def run(opts) -> dict:
 # --- SJD acceptance, measured on the shipped tiny decoder -------------------------------------------
 
 FROM_TEXT = ("t2i", "pair")  # the whole image sampled; every other task is image-to-image
-
-
-def draft_kinds() -> tuple[str, ...]:
-    """The engine's SJD draft kinds (model.sjd.DRAFT_KINDS); the first is the default."""
-    import model.sjd as sjd
-
-    return tuple(getattr(sjd, "DRAFT_KINDS", ("random",)))
+TASKS = ("t2i", "pair", "control:canny", "control:depth", "control:hed", "dense:depth", "edit", "subject")
 
 
 def acceptance(opts) -> dict:
@@ -322,8 +333,8 @@ def acceptance(opts) -> dict:
     from tasks.requests import expand_inputs
 
     cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
-                                    f"generate.inputs={{kind: shapes, count: {opts.n * 8}, seed: 4242, "
-                                    f"size: {opts.size}}}"])
+                                    f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
+                                    f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
     gen, m = cfg.generate, cfg.models
     layout = Layout.from_config(m)
     model, _ = load_decoder(m.decoder_path)
@@ -331,19 +342,19 @@ def acceptance(opts) -> dict:
     pairs = expand_inputs(cfg).pairs
     groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
     base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
-    kinds = opts.drafts or list(draft_kinds())
+    kinds = opts.drafts or list(DRAFT_KINDS)  # the first is the engine's default
     out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
            "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
            "default_draft": kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads()}
-    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}")
+    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
+          flush=True)
     plan = [(w, k) for w in opts.window for k in kinds] + [(1, None)]
     for group, requests in base.items():
         for window, kind in plan:
             sjd = kind is not None
-            extra = {"drafts": kind} if sjd and "drafts" in {f.name for f in dataclasses.fields(requests[0])} else {}
-            reqs = [dataclasses.replace(r, sjd=sjd, window=window, **extra) for r in requests]
+            reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
             engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64)
             t0 = time.perf_counter()
@@ -366,15 +377,15 @@ def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None
     """SJD tokens per step from `python -m bench.generate acceptance` (the default draft kind unless
     named); the per-image and bulk figures use it instead of an assumed value."""
     if not path.is_file():
-        raise SystemExit(f"{path}: no measured SJD acceptance; run `python -m bench.generate acceptance` "
-                         "or pass --acceptance")
+        raise LookupError(f"{path}: no measured SJD acceptance; run `python -m bench.generate acceptance` "
+                          "or pass --acceptance")
     res = json.loads(path.read_text())
     drafts = drafts or res.get("default_draft")
     for row in res.get("runs", []):
         if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts:
             return float(row["tokens_per_step"])
-    raise SystemExit(f"{path}: no {group} run at window {window} with {drafts} drafts; rerun "
-                     f"`python -m bench.generate acceptance --window {window}` or pass --acceptance")
+    raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts; rerun "
+                      f"`python -m bench.generate acceptance --window {window}` or pass --acceptance")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -393,8 +404,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="bulk batch (default: as many as fit, Engine.fit_batch)")
     p.add_argument("--bandwidth", type=float, help="bytes/s for the floor (default: H100 3.35e12 on CUDA, "
                                                    "a measured copy on CPU)")
-    p.add_argument("--compile", default=None, choices=["full", "forward", "eager"],
-                   help="the engine's compile mode (default: full on CUDA, eager on a CPU)")
+    p.add_argument("--compile", default=None, choices=["full", "eager"],
+                   help="compile the engine's step (default: full on CUDA, eager on a CPU); full falls back to "
+                        "the compiled forward with an eager advance(), then eager: the JSON says what ran")
     p.add_argument("--no-compile", action="store_true", help="same as --compile eager")
     p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
     p.add_argument("--freezing", action="store_true", default=True)
@@ -418,20 +430,26 @@ def main(argv=None):
         p.add_argument("--checkpoint", default="assets/decoder-tiny",
                        help="a trained decoder folder (model/hf_checkpoint.py format) of the shapes layout")
         p.add_argument("--config", default="configs/tiny.yaml", help="models, sampling (cfg, top-k) and prompts")
-        p.add_argument("--n", type=int, default=16, help="pairs per task (every task of the shapes source)")
-        p.add_argument("--size", default="128x128")
+        p.add_argument("--n", type=int, default=2, help="pairs per task (every task of the shapes source)")
+        p.add_argument("--size", default="64x64")
         p.add_argument("--window", type=int, nargs="+", default=[8, 16, 32])
         p.add_argument("--drafts", nargs="+", help="draft kinds (default: every one of model.sjd.DRAFT_KINDS)")
         p.add_argument("--max-batch", type=int, default=16)
         p.add_argument("--out", default=str(ACCEPTANCE))
+        p.add_argument("--threads", type=int, default=1, help="torch threads (the figure is tokens per step; on "
+                                                              "a shared CPU, more threads only contend)")
         opts = p.parse_args(argv[1:])
+        torch.set_num_threads(opts.threads)
         res = acceptance(opts)
         out = Path(opts.out)
     else:
         opts = parser().parse_args(argv)
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        res = run(opts)
+        try:
+            res = run(opts)
+        except LookupError as e:  # no measured acceptance to read
+            sys.exit(f"bench.generate: {e}")
         out = RESULTS / f"generate-{opts.preset}-{torch.device(opts.device).type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -51,13 +51,15 @@ class Plan:
     movqgan_px: int
     movqgan_images: tuple[int, int, int]  # per-image loop, batched, batch
     compile_backend: str  # the correctness part's; the figures use inductor on CUDA
+    threads: int | None = None  # torch intra-op threads of the worker (None: torch's default)
 
 
-def make_plan(device: str, preset: str | None, quick: bool) -> Plan:
+def make_plan(device: str, preset: str | None, quick: bool, threads: int | None = None) -> Plan:
     if quick:
         return Plan(device, preset or "tiny", 64, 2, "tiny", (64,), 512, 1, "tiny", 64, (2, 4, 4),
-                    "inductor" if device == "cuda" else "aot_eager")
-    return Plan(device, preset or "7b", 768, 8, "2b", (256, 768), 18000, 4, "270m", 768, (4, 32, 16), "inductor")
+                    "inductor" if device == "cuda" else "aot_eager", threads)
+    return Plan(device, preset or "7b", 768, 8, "2b", (256, 768), 18000, 4, "270m", 768, (4, 32, 16), "inductor",
+                threads)
 
 
 # --- the parts ------------------------------------------------------------------------------------
@@ -72,30 +74,31 @@ def part_correctness(plan: Plan) -> dict:
     from model.decoder import ModelArgs
     from model.engine import Engine, Request
     from model.quantize import quantize_decoder
+    from model.sjd import DRAFT_KINDS
 
     device = torch.device(plan.device)
     layout = BenchLayout("tiny")
     args = ModelArgs.from_name("tiny", vocab_size=layout.vocab_size, max_seq_len=512)
     rng = np.random.default_rng(0)
     requests = []
-    for i in range(4):
+    for i in range(4):  # t2i and image-to-image, every SJD draft kind, and one without SJD
         upper = rng.integers(0, layout.codebook_size, (4, 8)) if i % 2 else None
         requests.append(Request(f"r{i}", [layout.bos, 7 + i, 8, layout.turn_end], 64, 64, upper_codes=upper,
-                                seed=i, top_k=64, sjd=i < 3, window=8))
+                                seed=i, top_k=64, sjd=i < 3, window=8, drafts=DRAFT_KINDS[i % len(DRAFT_KINDS)]))
 
-    def run(compile: str, quantize: str = "none"):
+    def run(compile: bool, quantize: str = "none"):
         model = build_model(args, device, torch.float32)
         quantize_decoder(model, quantize)
         engine = Engine(model, layout, max_batch=2, device=device, compile=compile, window=8, kv_bucket=64,
                         compile_backend=plan.compile_backend)
         out = {r.id: r for r in engine.generate(iter(requests))}
-        return out, getattr(engine, "compile_mode", compile)
+        return out, engine.compile_mode
 
     t0 = time.perf_counter()
-    eager, _ = run("eager")
+    eager, _ = run(False)
     t_eager = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled, mode = run("full")
+    compiled, mode = run(True)
     t_compiled = time.perf_counter() - t0
     errors = [r.error for r in [*eager.values(), *compiled.values()] if r.error]
     if errors:
@@ -103,7 +106,7 @@ def part_correctness(plan: Plan) -> dict:
     same = all(np.array_equal(eager[k].codes, compiled[k].codes) and eager[k].steps == compiled[k].steps
                for k in eager)
     quant = "int4" if device.type == "cuda" else "int8"
-    q, _ = run("eager", quant)
+    q, _ = run(False, quant)
     q_ok = all(r.error is None and r.codes is not None for r in q.values())
     return {"ok": bool(same and q_ok and mode == "full"), "identical": bool(same), "compile_mode": mode,
             "backend": plan.compile_backend, "requests": len(requests), quant + "_runs": bool(q_ok),
@@ -196,10 +199,14 @@ def _worker(conn) -> None:
         if msg is None:
             return
         name, plan = msg
+        if plan.threads:
+            import torch
+
+            torch.set_num_threads(plan.threads)
         t0 = time.perf_counter()
         try:
             out = {"status": "ok", **PARTS[name][0](plan)}
-        except Exception as e:  # a failing part is a row of the table, not the end of the run
+        except (Exception, SystemExit) as e:  # a failing part is a row of the table, not the end of the run
             tb = traceback.format_exc(limit=-3)
             out = {"status": "error", "detail": f"{type(e).__name__}: {str(e)[:400]}", "traceback": tb}
         out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total", type=float, default=None, help="seconds for the whole run (default 470; 110 quick)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
     ap.add_argument("--out", help="JSON path (default bench/results/gpu-<device>.json)")
+    ap.add_argument("--threads", type=int, help="torch threads of the parts (on a shared CPU: 1)")
     a = ap.parse_args(argv)
     names = [n.strip() for n in a.parts.split(",") if n.strip()]
     unknown = [n for n in names if n not in PARTS]
@@ -316,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here; use --device cpu --preset tiny --quick to check the command")
-    plan = make_plan(a.device, a.preset, a.quick)
+    plan = make_plan(a.device, a.preset, a.quick, a.threads)
     total = a.total or (110 if a.quick else 470)
     t0 = time.perf_counter()
     parts = run_parts(plan, names, total, a.budget_scale, a.quick)

@@ -34,7 +34,7 @@ def test_quick_cpu_run_exits_0_prints_its_table_and_writes_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "CUDA_VISIBLE_DEVICES": ""}
     # Budgets scaled up: this test is about the command, not about this shared machine's speed.
     proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--device", "cpu", "--preset", "tiny", "--quick",
-                           "--budget-scale", "6", "--total", "900", "--out", str(out)],
+                           "--budget-scale", "6", "--total", "900", "--threads", "1", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
