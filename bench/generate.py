@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model.decoder import Decoder, ModelArgs
-from model.engine import Engine, Request, _Job
+from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job
 from model.sjd import DRAFT_KINDS
 from model.quantize import quantize_decoder, weight_bytes
 
@@ -400,7 +400,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--acceptance", type=float, help="SJD tokens per step for s/image and images/hour (default: "
                    f"measured, t2i at the window, from {ACCEPTANCE.relative_to(RESULTS.parent.parent)})")
     p.add_argument("--kv-bucket", type=int, default=512)
-    p.add_argument("--prefill-tokens", type=int, default=16384, help="tokens per prefill forward")
+    p.add_argument("--prefill-tokens", type=int, default=DEFAULT_PREFILL_TOKENS, help="tokens per prefill forward")
     p.add_argument("--max-batch", type=int, help="bulk batch (default: as many as fit, Engine.fit_batch)")
     p.add_argument("--bandwidth", type=float, help="bytes/s for the floor (default: H100 3.35e12 on CUDA, "
                                                    "a measured copy on CPU)")

@@ -168,7 +168,7 @@ class GenerateConfig(Section):
     quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     compile: Literal["auto", "full", "eager"] | bool = "auto"
     kv_bucket: int = Field(512, ge=1)  # attended cache length granularity (one compiled graph per bucket)
-    prefill_tokens: int = Field(8192, ge=64)  # tokens per prefill forward: bounds its activation memory
+    prefill_tokens: int = Field(2048, ge=64)  # tokens per prefill forward: bounds its activation memory (engine default)
     # Bulk jobs (issue 7): inputs, counts, best-of-N and the quality filter, work units.
     inputs: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
