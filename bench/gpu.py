@@ -119,14 +119,16 @@ def _generate_part(setup: str) -> Callable[[Plan], dict]:
     def part(plan: Plan) -> dict:
         from bench.generate import options, run
 
-        top = 64 + (plan.size // 8) * (plan.size // 8 + 1) + 1
-        contexts = f"64,{top // 2},{top - 8}"
+        n_img = (plan.size // 8) * (plan.size // 8 + 1) + 1
+        contexts = f"64,{64 + n_img // 2},{64 + n_img - 8}"  # the image's start, middle and end
         res = run(options(preset=plan.preset, device=plan.device, size=plan.size, contexts=contexts, setups=setup,
                           steps=plan.steps))
-        got = res["setups"].get(setup)
+        ran = setup if plan.device == "cuda" else setup.replace("int4", "int8")  # no int4 kernel on a CPU
+        got = res["setups"].get(ran)
         if got is None:
-            raise RuntimeError(f"bench.generate returned no {setup!r} figures")
-        out = {"contexts": res["contexts"], "acceptance_tokens_per_step": res["acceptance_tokens_per_step"], **got}
+            raise RuntimeError(f"bench.generate returned no {ran!r} figures")
+        out = {"setup": ran, "contexts": res["contexts"], "acceptance_tokens_per_step": res["acceptance_tokens_per_step"],
+               "acceptance_from": res["acceptance_from"], **got}
         if setup == "bulk":
             out["summary"] = (f"batch {got['batch']} (fit_batch): {got['ms_per_step']:.1f} ms/step, "
                               f"{got['images_per_hour']:.0f} images/hour (floor {got['floor_images_per_hour']:.0f})")
@@ -134,6 +136,12 @@ def _generate_part(setup: str) -> Callable[[Plan], dict]:
             ms = "/".join(f"{m:.1f}" for m in got["ms_per_step"])
             out["summary"] = (f"ms/step {ms} at ctx {'/'.join(str(c) for c in res['contexts'])}; "
                               f"{got['s_per_image']:.1f} s/image (floor {got['floor_s_per_image']:.1f})")
+            if "sjd" in setup:
+                out["summary"] += f" at {got['tokens_per_step']:.2f} tokens/step"
+        if "compile_mode" in got:
+            out["summary"] += f"; compile {got['compile_mode']}"
+        if ran != setup:
+            out["summary"] = f"[{ran}] " + out["summary"]
         return out
 
     part.__doc__ = f"bench.generate's {setup!r} setup at three contexts"
@@ -152,8 +160,15 @@ def part_train(plan: Plan) -> dict:
 
 def call_train(bt, plan: Plan) -> dict:
     """bench.train's entry point, called by keyword so that added options keep their defaults."""
+    import os
+    import socket
+
     import torch.distributed as dist
 
+    if "MASTER_PORT" not in os.environ:  # its fixed default may be taken (another bench.train on this host)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     try:
         return bt.run(preset=plan.train_preset, pxs=list(plan.train_px), tokens_per_step=plan.train_tokens,
                       steps=plan.train_steps, warmup=1, compile=plan.device == "cuda")
@@ -179,7 +194,7 @@ def call_tokenize(btok, plan: Plan) -> list[dict]:
 
 # name -> (function, budget in seconds on a GPU, on a CPU with --quick)
 PARTS: dict[str, tuple[Callable[[Plan], dict], float, float]] = {
-    "correctness": (part_correctness, 60, 40),
+    "correctness": (part_correctness, 60, 60),
     "reference": (_generate_part("reference"), 30, 20),
     "static": (_generate_part("static"), 70, 20),
     "int4": (_generate_part("int4"), 70, 20),
@@ -194,6 +209,10 @@ PARTS: dict[str, tuple[Callable[[Plan], dict], float, float]] = {
 
 def _worker(conn) -> None:
     """Runs the parts the parent sends, one at a time, answering each with its result."""
+    import torch  # noqa: F401  (start-up is not a part's time: imported, then ready)
+
+    import bench.generate  # noqa: F401
+    conn.send("ready")
     while True:
         msg = conn.recv()
         if msg is None:
@@ -240,6 +259,8 @@ class Runner:
             self.conn, child = self.ctx.Pipe()
             self.proc = self.ctx.Process(target=_worker, args=(child,), daemon=True)
             self.proc.start()
+            if self.conn.poll(300):  # imports done (else the part's own wait below reports it)
+                self.conn.recv()
         t0 = time.perf_counter()
         self.conn.send((name, plan))
         if self.conn.poll(budget):
@@ -311,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", help="decoder of the generation parts (default 7b; tiny with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes everywhere: checks the command itself")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    ap.add_argument("--total", type=float, default=None, help="seconds for the whole run (default 470; 110 quick)")
+    ap.add_argument("--total", type=float, default=None, help="seconds for the whole run (default 470; 115 quick)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
     ap.add_argument("--out", help="JSON path (default bench/results/gpu-<device>.json)")
     ap.add_argument("--threads", type=int, help="torch threads of the parts (on a shared CPU: 1)")
@@ -325,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here; use --device cpu --preset tiny --quick to check the command")
     plan = make_plan(a.device, a.preset, a.quick, a.threads)
-    total = a.total or (110 if a.quick else 470)
+    total = a.total or (115 if a.quick else 470)
     t0 = time.perf_counter()
     parts = run_parts(plan, names, total, a.budget_scale, a.quick)
     wall = time.perf_counter() - t0
