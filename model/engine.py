@@ -137,6 +137,8 @@ class Engine:
                              f"prefill forward)")
         self.prefill_tokens = prefill_tokens
         self.cache_dtype = _cache_dtype(model, cache_dtype)
+        if not model.fused and type(model.layers[0].attention.wq.weight.data) is torch.Tensor:
+            model.fuse_projections()  # one GEMM for q/k/v, one for gate/up (a quantized model came fused)
         model.clear_cache()
         free = self._free_bytes()
         if free is not None:
