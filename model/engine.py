@@ -120,7 +120,7 @@ class Consts(NamedTuple):
 
 
 COMPILE_MODES = ("full", "forward", "eager")
-DEFAULT_PREFILL_TOKENS = 8192
+DEFAULT_PREFILL_TOKENS = 2048  # 7b: ~4.8 GiB of attention scores per chunk over 9.8k slots (math SDPA)
 
 
 class Engine:
@@ -137,6 +137,8 @@ class Engine:
                              f"prefill forward)")
         self.prefill_tokens = prefill_tokens
         self.cache_dtype = _cache_dtype(model, cache_dtype)
+        if not model.fused and type(model.layers[0].attention.wq.weight.data) is torch.Tensor:
+            model.fuse_projections()  # one GEMM for q/k/v, one for gate/up (a quantized model came fused)
         model.clear_cache()
         free = self._free_bytes()
         if free is not None:
@@ -203,7 +205,7 @@ class Engine:
         """The largest max_batch whose KV cache + step workspace fits free memory -> int (0: none fits).
 
         Engine.fit_batch(model_or_args, max_seq, free_bytes, cache_dtype=None, margin=0.1, window=16,
-                         n_local=16386, prefill_tokens=8192)
+                         n_local=16386, prefill_tokens=2048)
         model_or_args: a Decoder (its head's dtype is the default cache dtype) or its ModelArgs
         (default cache dtype bf16); max_seq: slots per cache row (the longest prompt + image +
         window); free_bytes: free device memory with the weights already loaded (on CUDA:
@@ -234,12 +236,11 @@ class Engine:
         if need["total"] > free_bytes * (1 - margin):
             best = Engine.fit_batch(model_or_args, max_seq, free_bytes, cache_dtype, margin, window, n_local,
                                     prefill_tokens)
-            gib = 2 ** 30
             raise ValueError(
-                f"Engine: max_batch {max_batch} needs {need['total'] / gib:.1f} GiB (KV cache of {2 * max_batch} "
-                f"rows x {max_seq} slots {need['kv_cache'] / gib:.1f} GiB + workspace {need['workspace'] / gib:.1f} "
-                f"GiB) with {margin:.0%} of the free memory kept back; {free_bytes / gib:.1f} GiB are free: "
-                f"use max_batch {best} or less (Engine.fit_batch), or lower max_seq or prefill_tokens")
+                f"Engine: max_batch {max_batch} needs {_size(need['total'])} (KV cache of {2 * max_batch} rows x "
+                f"{max_seq} slots {_size(need['kv_cache'])} + workspace {_size(need['workspace'])}) with "
+                f"{margin:.0%} of the free memory kept back; {_size(free_bytes)} are free: use max_batch {best} "
+                f"or less (Engine.fit_batch), or lower max_seq or prefill_tokens")
 
     def _free_bytes(self) -> int | None:
         """Free device memory (CUDA), None where the engine does not check (CPU)."""
@@ -382,7 +383,11 @@ class Engine:
         try:
             return fn(*args)
         except Exception as e:  # noqa: BLE001 - any compile failure must leave the job running
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            root = e
+            while getattr(root, "inner_exception", None) or root.__cause__:
+                root = getattr(root, "inner_exception", None) or root.__cause__
+            first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")[:300]
+            name = type(e).__name__ + ("" if root is e else f" <- {type(root).__name__}")
             if part == "advance":
                 self._advance, self.compile_mode = advance, "forward"
                 what = "the sampling half (advance()) runs eagerly after the compiled forward"
@@ -390,7 +395,7 @@ class Engine:
                 self._forward, self._advance, self.compile_mode = self._decode_logits, advance, "eager"
                 what = "the whole step runs eagerly"
             log.warning("Engine: compiling the decode step's %s failed (%s: %s); %s (compile_mode=%r)",
-                        part, type(e).__name__, first, what, self.compile_mode)
+                        part, name, first, what, self.compile_mode)
             return (self._forward if part == "forward" else self._advance)(*args)
 
     @torch.no_grad()
@@ -525,3 +530,7 @@ def _cache_dtype(model_or_args, cache_dtype: torch.dtype | None) -> torch.dtype:
         return cache_dtype
     head = getattr(getattr(model_or_args, "output", None), "weight", None)
     return head.dtype if head is not None and head.dtype.is_floating_point else torch.bfloat16
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
