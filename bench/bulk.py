@@ -46,20 +46,10 @@ def write_models(folder: Path, preset: str) -> tuple[str, str]:
 
 def engine_side(worker, pairs) -> dict:
     """The engine alone on the requests the job makes (built before the clock starts)."""
-    import numpy as np
-
-    from model.engine import Request
-    from tasks.generate import _open_rgb
+    from tasks.generate import pair_requests
 
     gen, parts = worker.cfg.generate, worker.parts
-    reqs = []
-    for p in pairs:
-        upper = None
-        if p.upper is not None:
-            upper = parts.movqgan.encode(np.array(_open_rgb(p.upper))[None])[0].cpu().numpy()
-        reqs.append(Request(id=p.id, prompt_ids=parts.layout.encode_prompt(p.prompt), height=p.height, width=p.width,
-                            upper_codes=upper, seed=p.seed, cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
-                            sjd=gen.sjd, window=gen.sjd_window, task=p.task))
+    reqs = [r for p in pairs for r in pair_requests(p, parts.layout, parts.movqgan, gen)]
     t0 = time.perf_counter()
     results = list(parts.engine.generate(iter(reqs)))
     s = time.perf_counter() - t0
@@ -69,13 +59,14 @@ def engine_side(worker, pairs) -> dict:
 
 def job_side(cfg, worker) -> dict:
     from storage import DatasetWriter
-    from tasks.generate import job_config, make_units, output_uri, reconcile
+    from tasks.generate import EngineSettings, job_config, make_units, output_uri, reconcile
     from tasks.requests import expand_inputs
 
     t0 = time.perf_counter()
     pairs = expand_inputs(cfg).pairs
     units = make_units(pairs, cfg.generate.pairs_per_unit)
-    writer = DatasetWriter(output_uri(cfg), kind="generated", config=job_config(cfg), overwrite=True)
+    settings = EngineSettings(worker.parts.device, worker.parts.quantize, worker.parts.engine.compile_mode)
+    writer = DatasetWriter(output_uri(cfg), kind="generated", config=job_config(cfg, settings), overwrite=True)
     parts: dict[str, float] = {}
     for u in units:
         out = worker(u)
@@ -95,7 +86,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--size", default="128x128")
     ap.add_argument("--unit", type=int, default=32, help="pairs per work unit")
-    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-batch", default="auto", help="the engine's batch: auto = Engine.fit_batch on CUDA, 8 on CPU")
     ap.add_argument("--tasks", default="t2i,control:canny")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--out", default=None)
@@ -120,7 +111,7 @@ def main() -> None:
         pairs = expand_inputs(cfg).pairs
         device = worker.parts.device
         load_before = os.getloadavg()
-        engine_side(worker, pairs[: args.max_batch])  # warm-up (first-call allocations, compile on CUDA)
+        engine_side(worker, pairs[: worker.parts.engine.max_batch])  # warm-up (first-call allocations, compile on CUDA)
         e1 = engine_side(worker, pairs)
         print(f"engine: {e1['images']} images in {e1['seconds']:.1f} s = {e1['images_per_hour']:.0f} images/hour")
         job = job_side(cfg, worker)
@@ -135,7 +126,7 @@ def main() -> None:
     print(f"job overhead: {100 * overhead:.1f}% of the engine's images/hour (goal < 10%)")
     result = {
         "bench": "bulk", "device": device, "preset": args.preset, "size": args.size, "pairs": args.pairs,
-        "tasks": args.tasks.split(","), "pairs_per_unit": args.unit, "max_batch": args.max_batch,
+        "tasks": args.tasks.split(","), "pairs_per_unit": args.unit, "max_batch": worker.parts.engine.max_batch,
         "engine": [e1, e2], "engine_images_per_hour": round(engine_rate, 1), "job": job,
         "overhead": round(overhead, 4), "goal": 0.10, "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "load_avg_before": [round(x, 2) for x in load_before],

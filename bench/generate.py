@@ -3,7 +3,7 @@
     python -m bench.generate --preset tiny                 # CPU: the tiny preset, 256 px, a few minutes
     python -m bench.generate --device cuda --preset 7b     # one H100: every setup at 768 px
     python -m bench.generate --device cuda --preset 2b --setups static,int4
-    python -m bench.generate acceptance --train-steps 400  # SJD acceptance on a briefly trained tiny model
+    python -m bench.generate acceptance                    # SJD tokens per step of assets/decoder-tiny
 
 Random weights at the real sizes (speed does not depend on them). For each setup, ms per decode
 step (both CFG branches) at contexts along the image, then seconds per image integrated over
@@ -13,19 +13,19 @@ cache read once per step, at --bandwidth bytes/s) beside each:
   conditional and unconditional branches as two forwards per token;
 - static: the engine (model/engine.py), static cache, one request, SJD off, compiled on CUDA;
 - int4 (CUDA) / int8 (CPU): the same, weight-only quantized (model/quantize.py);
-- int4-sjd: the same with SJD (window 16); seconds per image use --acceptance tokens per step
-  (random weights accept nothing useful; the figure comes from `acceptance` on a trained model);
-- bulk: the largest batch that fits, rows spread along the image as in steady continuous
-  batching; images per hour at that acceptance.
+- int4-sjd: the same with SJD (window 16); seconds per image at the SJD acceptance measured by
+  `acceptance` (random weights accept nothing useful), unless --acceptance gives one;
+- bulk: the largest batch that fits (Engine.fit_batch), rows spread along the image as in steady
+  continuous batching; images per hour at that acceptance.
 Imports model/ only (and transformers for the reference loop), so it runs on a GPU machine with
-torch alone. Prints a table and writes bench/results/generate-<preset>-<device>.json.
+torch alone; `acceptance` builds the job's own requests (tasks/) and runs on a CPU. Prints a table
+and writes bench/results/generate-<preset>-<device>.json (acceptance: generate-sjd-acceptance-tiny.json).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -35,10 +35,12 @@ import numpy as np
 import torch
 
 from model.decoder import Decoder, ModelArgs
-from model.engine import Engine, Request, _Job
+from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job
+from model.sjd import DRAFT_KINDS
 from model.quantize import quantize_decoder, weight_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
 
 
 class BenchLayout:
@@ -179,6 +181,18 @@ def reference_times(args: ModelArgs, contexts, steps, device, dtype, uncond_offs
     return out
 
 
+def free_memory(device) -> int:
+    """Bytes free for the engine's cache and workspace: the GPU's free memory, or the host's available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 8 * 2**30
+
+
 def copy_bandwidth(device) -> float:
     n = (1 << 28) if device.type == "cuda" else (1 << 26)
     a = torch.empty(n, dtype=torch.float32, device=device)
@@ -208,11 +222,15 @@ def run(opts) -> dict:
     kv_tok = kv_bytes_per_token(args, torch.finfo(dtype).bits // 8)
     quant = "int4" if cuda else "int8"
     setups = opts.setups.split(",")
+    compile_mode = "eager" if opts.no_compile else (opts.compile or ("full" if cuda else "eager"))
+    acceptance_from = "--acceptance"
+    if opts.acceptance is None and ({"int4-sjd", "int8-sjd", "bulk"} & set(setups)):
+        opts.acceptance, acceptance_from = measured_acceptance(opts.window), f"measured: {ACCEPTANCE.name}"
     res = {"preset": opts.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device)
            if cuda else platform.processor() or platform.machine(), "torch": torch.__version__,
            "image_px": size, "image_tokens": n_img, "contexts": contexts, "bandwidth_Bps": bw,
            "copy_bandwidth_Bps": copy_bandwidth(device), "acceptance_tokens_per_step": opts.acceptance,
-           "window": opts.window, "setups": {}}
+           "acceptance_from": acceptance_from, "window": opts.window, "compile": compile_mode, "setups": {}}
     print(f"# {opts.preset} on {res['device_name']}: {size} px ({n_img} image tokens), contexts {contexts}")
 
     def floor_ms(wbytes, c, rows=2):
@@ -257,30 +275,36 @@ def run(opts) -> dict:
         if opts.freezing and cuda and q:
             import torch._inductor.config as inductor_config
             inductor_config.freezing = True  # REFERENCE.md: int4 + compile needs it to beat bf16
-        engine = Engine(model, layout, max_batch=1, device=device, compile=cuda and not opts.no_compile,
-                        window=opts.window if sjd else 1, kv_bucket=opts.kv_bucket)
+        engine = Engine(model, layout, max_batch=1, device=device, compile=compile_mode == "full",
+                        window=opts.window if sjd else 1, kv_bucket=opts.kv_bucket, prefill_tokens=opts.prefill_tokens)
         times = [time_engine(engine, layout, [c], size, sjd, opts.window, opts.steps, device) for c in contexts]
         ms = [t[0] for t in times]
         tps = opts.acceptance if sjd else 1.0
         record(name, ms, engine_weight_bytes(model, engine), {"random_weight_tokens_per_step":
-                                                               float(np.mean([t[1] for t in times]))}, tps)
+                                                               float(np.mean([t[1] for t in times])),
+                                                               "compile_mode": engine.compile_mode}, tps)
         del engine, model
         model = None
     if "bulk" in setups:
         model = fresh_model(quant)
-        free = (torch.cuda.mem_get_info(device)[0] if cuda else 8 * 2**30) - 4 * 2**30
-        per_image = 2 * (top + opts.window) * kv_tok
-        batch = opts.max_batch or max(1, min(64 if cuda else 8, int(free // per_image)))
-        engine = Engine(model, layout, max_batch=batch, device=device, compile=cuda and not opts.no_compile,
-                        window=opts.window, kv_bucket=opts.kv_bucket,
-                        max_seq=min(args.max_seq_len, top + opts.window + 4 * (size // 8 + 1) + 8))
+        max_seq = min(args.max_seq_len, top + opts.window + 4 * (size // 8 + 1) + 8)
+        # The engine's own answer (GPU.md: a second chooser here disagreed with the engine's check)
+        batch = opts.max_batch or min(64 if cuda else 8, Engine.fit_batch(
+            model, max_seq=max_seq, free_bytes=free_memory(device), window=opts.window,
+            n_local=layout.codebook_size + 2, prefill_tokens=opts.prefill_tokens))
+        if batch < 1:
+            raise RuntimeError(f"bulk: not one slot of {max_seq} positions fits the free memory (Engine.fit_batch)")
+        engine = Engine(model, layout, max_batch=batch, device=device, compile=compile_mode == "full",
+                        window=opts.window,
+                        kv_bucket=opts.kv_bucket, max_seq=max_seq, prefill_tokens=opts.prefill_tokens)
         spread = [prompt_len + int(n_img * (i + 0.5) / batch) for i in range(batch)]
         ms, _ = time_engine(engine, layout, spread, size, True, opts.window, opts.steps, device)
         steps_per_image = n_img / opts.acceptance
         per_hour = batch * 3600 / (steps_per_image * ms / 1e3)
         floor = floor_ms(engine_weight_bytes(model, engine), np.mean(spread), rows=2 * batch)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-        res["setups"]["bulk"] = {"batch": batch, "ms_per_step": ms, "floor_ms_per_step": floor,
+        res["setups"]["bulk"] = {"batch": batch, "batch_from": "--max-batch" if opts.max_batch else "Engine.fit_batch",
+                                 "compile_mode": engine.compile_mode, "ms_per_step": ms, "floor_ms_per_step": floor,
                                  "images_per_hour": per_hour, "floor_images_per_hour":
                                  batch * 3600 / (steps_per_image * floor / 1e3), "peak_gib": peak}
         print(f"bulk       batch {batch}: {ms:.2f} ms/step (floor {floor:.2f}) -> {per_hour:.0f} images/hour "
@@ -288,154 +312,148 @@ def run(opts) -> dict:
     return res
 
 
-# --- SJD acceptance on a briefly trained tiny model ---------------------------------------------
+# --- SJD acceptance, measured on the shipped tiny decoder -------------------------------------------
 
-def synthetic_grid(rng, rows, cols, n_codes, colour_bg, colour_fg):
-    """A shapes-like code grid: a flat background and one rectangle, each colour a few code variants."""
-    g = colour_bg * 4 + rng.integers(0, 4, (rows, cols))
-    r0, c0 = rng.integers(0, rows // 2), rng.integers(0, cols // 2)
-    r1, c1 = r0 + rng.integers(2, rows // 2 + 1), c0 + rng.integers(2, cols // 2 + 1)
-    g[r0:r1, c0:c1] = colour_fg * 4 + rng.integers(0, 4, (r1 - r0, c1 - c0))
-    return g % n_codes
-
-
-def synthetic_sample(rng, layout, task: str, size: int = 64):
-    """(prompt ids, grid) for t2i (the prompt names the colours) or a dual panel whose lower half is
-    the upper half mirrored with the colours swapped (an image-to-image task with a right answer)."""
-    bg, fg = rng.choice(16, 2, replace=False)
-    rows = cols = size // 8
-    if task == "t2i":
-        grid = synthetic_grid(rng, rows, cols, layout.codebook_size, bg, fg)
-    else:
-        upper = synthetic_grid(rng, rows // 2, cols, layout.codebook_size, bg, fg)
-        swap = np.where(upper // 4 == bg, fg * 4 + upper % 4, bg * 4 + upper % 4)
-        grid = np.concatenate([upper, swap[:, ::-1]], 0)
-    task_id = 10 if task == "t2i" else 11
-    prompt = [layout.bos, task_id, 20 + int(bg), 40 + int(fg), layout.turn_end]
-    return prompt, grid
-
-
-def train_tiny(layout, steps: int, batch: int, seed: int = 0) -> Decoder:
-    args = ModelArgs.from_name("tiny", vocab_size=layout.vocab_size, max_seq_len=256)
-    torch.manual_seed(seed)
-    model = Decoder(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        seqs, starts = [], []
-        for i in range(batch):
-            prompt, grid = synthetic_sample(rng, layout, "t2i" if i % 2 else "pair")
-            if rng.random() < 0.1:  # CFG dropout: the image part alone
-                prompt = []
-            body = [*layout.image_prefix(64, 64)] + [int(x) for x in np.concatenate(
-                [grid + layout.code_offset, np.full((grid.shape[0], 1), layout.row_end)], 1).reshape(-1)] + \
-                [layout.image_end]
-            seqs.append(prompt + body)
-            starts.append(len(prompt))
-        n = max(len(s) for s in seqs)
-        tokens = torch.tensor([s + [0] * (n - len(s)) for s in seqs])
-        labels = tokens.clone()
-        for i, (s, st) in enumerate(zip(seqs, starts)):
-            labels[i, :st + 1] = -100
-            labels[i, len(s):] = -100
-        lr = 1e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
-    return model.eval()
+FROM_TEXT = ("t2i", "pair")  # the whole image sampled; every other task is image-to-image
+TASKS = ("t2i", "pair", "control:canny", "control:depth", "control:hed", "dense:depth", "edit", "subject")
 
 
 def acceptance(opts) -> dict:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    layout = BenchLayout("tiny")
-    layout.size_base = 100
-    if opts.checkpoint:
-        from model.hf_checkpoint import load_decoder
+    """SJD tokens per step of the shipped tiny decoder on the job's own requests: the shapes
+    source's prompts of every task, upper panels MoVQGAN-encoded, sampling as configured (cfg,
+    temperature, top-k), for from-text (t2i, pair) and image-to-image tasks, at each window and
+    draft kind. The job's request path lives in tasks/ (CPU only: the GPU bench reads the result)."""
+    import dataclasses
 
-        model, _ = load_decoder(opts.checkpoint)
-        source = f"checkpoint {opts.checkpoint}"
-    else:
-        model = train_tiny(layout, opts.train_steps, opts.train_batch)
-        source = f"tiny preset trained {opts.train_steps} steps x {opts.train_batch} on synthetic shape grids"
-    rng = np.random.default_rng(123)
-    out = {"model": source, "n": opts.n}
-    for task in ("t2i", "i2i"):
-        samples = [synthetic_sample(rng, layout, "t2i" if task == "t2i" else "pair") for _ in range(opts.n)]
-        for sjd in (True, False):
-            reqs = []
-            for i, (prompt, grid) in enumerate(samples):
-                upper = grid[:grid.shape[0] // 2] if task == "i2i" else None
-                reqs.append(Request(f"{i}", prompt, 64, 64, upper_codes=upper, seed=i, cfg=opts.cfg,
-                                    top_k=opts.top_k, sjd=sjd, window=opts.window))
+    from model.hf_checkpoint import load_decoder
+    from model.layout import Layout
+    from model.movqgan import load_movqgan
+    from tasks.config import load_config
+    from tasks.generate import pair_requests
+    from tasks.requests import expand_inputs
+
+    cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
+                                    f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
+                                    f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
+    gen, m = cfg.generate, cfg.models
+    layout = Layout.from_config(m)
+    model, _ = load_decoder(m.decoder_path)
+    movq = load_movqgan(m.movqgan_path, m.movqgan_preset)
+    pairs = expand_inputs(cfg).pairs
+    groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
+    base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
+    kinds = opts.drafts or list(DRAFT_KINDS)  # the first is the engine's default
+    out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
+           "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
+           "default_draft": kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
+           "requests": {g: len(r) for g, r in base.items()}, "runs": [],
+           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads()}
+    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
+          flush=True)
+    plan = [(w, k) for w in opts.window for k in kinds] + [(1, None)]
+    for group, requests in base.items():
+        for window, kind in plan:
+            sjd = kind is not None
+            reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
-            engine = Engine(model, layout, max_batch=16, window=opts.window if sjd else 1, kv_bucket=64,
-                            max_seq=256)
+            engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64)
             t0 = time.perf_counter()
-            results = {r.id: r for r in engine.generate(reqs)}
+            results = list(engine.generate(iter(reqs)))
             secs = time.perf_counter() - t0
-            steps = sum(r.steps for r in results.values())
-            tokens = sum(r.tokens for r in results.values())
-            key = f"{task}-{'sjd' if sjd else 'plain'}"
-            row = {"tokens_per_step": tokens / steps, "engine_steps": engine.steps_run, "seconds": secs}
-            if task == "i2i":
-                # quality: lower-panel codes whose colour (code // 4) matches the right answer
-                acc = [float(np.mean(results[str(i)].codes[4:] // 4 == g[4:] // 4)) for i, (_, g) in
-                       enumerate(samples)]
-                row["lower_colour_accuracy"] = float(np.mean(acc))
-                row["lower_colour_accuracy_stderr"] = float(np.std(acc) / math.sqrt(len(acc)))
-            out[key] = row
-            print(f"{key:10s} {json.dumps(row)}")
+            bad = [r.error for r in results if r.error]
+            if bad:
+                raise RuntimeError(f"acceptance: engine errors {bad[:3]}")
+            steps, tokens = sum(r.steps for r in results), sum(r.tokens for r in results)
+            row = {"group": group, "sjd": sjd, "window": window, "drafts": kind, "images": len(results),
+                   "tokens_per_step": round(tokens / steps, 3), "engine_steps": engine.steps_run,
+                   "seconds": round(secs, 2)}
+            out["runs"].append(row)
+            print(json.dumps(row), flush=True)
     return out
+
+
+def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None = None,
+                        path: Path = ACCEPTANCE) -> float:
+    """SJD tokens per step from `python -m bench.generate acceptance` (the default draft kind unless
+    named); the per-image and bulk figures use it instead of an assumed value."""
+    if not path.is_file():
+        raise LookupError(f"{path}: no measured SJD acceptance; run `python -m bench.generate acceptance` "
+                          "or pass --acceptance")
+    res = json.loads(path.read_text())
+    drafts = drafts or res.get("default_draft")
+    for row in res.get("runs", []):
+        if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts:
+            return float(row["tokens_per_step"])
+    raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts; rerun "
+                      f"`python -m bench.generate acceptance --window {window}` or pass --acceptance")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.generate")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "2b", "7b"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, help="image side in px (default 256 for tiny, else 768)")
+    p.add_argument("--contexts", help="comma-separated positions (default: 5 along the image)")
+    p.add_argument("--setups", default="reference,static,int4,int4-sjd,bulk")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per point")
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--acceptance", type=float, help="SJD tokens per step for s/image and images/hour (default: "
+                   f"measured, t2i at the window, from {ACCEPTANCE.relative_to(RESULTS.parent.parent)})")
+    p.add_argument("--kv-bucket", type=int, default=512)
+    p.add_argument("--prefill-tokens", type=int, default=DEFAULT_PREFILL_TOKENS, help="tokens per prefill forward")
+    p.add_argument("--max-batch", type=int, help="bulk batch (default: as many as fit, Engine.fit_batch)")
+    p.add_argument("--bandwidth", type=float, help="bytes/s for the floor (default: H100 3.35e12 on CUDA, "
+                                                   "a measured copy on CPU)")
+    p.add_argument("--compile", default=None, choices=["full", "eager"],
+                   help="compile the engine's step (default: full on CUDA, eager on a CPU); full falls back to "
+                        "the compiled forward with an eager advance(), then eager: the JSON says what ran")
+    p.add_argument("--no-compile", action="store_true", help="same as --compile eager")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    p.add_argument("--freezing", action="store_true", default=True)
+    return p
+
+
+def options(**kw) -> argparse.Namespace:
+    """The command's options as a namespace: its defaults, with kw over them (bench/gpu.py's way in)."""
+    opts = parser().parse_args([])
+    for k, v in kw.items():
+        if not hasattr(opts, k):
+            raise TypeError(f"bench.generate has no option {k!r}")
+        setattr(opts, k, v)
+    return opts
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "acceptance":
         p = argparse.ArgumentParser(prog="python -m bench.generate acceptance")
-        p.add_argument("--checkpoint", help="a trained tiny decoder folder (model/hf_checkpoint.py format)")
-        p.add_argument("--train-steps", type=int, default=400)
-        p.add_argument("--train-batch", type=int, default=16)
-        p.add_argument("--n", type=int, default=64, help="images per task and mode")
-        p.add_argument("--window", type=int, default=16)
-        p.add_argument("--cfg", type=float, default=4.0)
-        p.add_argument("--top-k", type=int, default=4096)
+        p.add_argument("--checkpoint", default="assets/decoder-tiny",
+                       help="a trained decoder folder (model/hf_checkpoint.py format) of the shapes layout")
+        p.add_argument("--config", default="configs/tiny.yaml", help="models, sampling (cfg, top-k) and prompts")
+        p.add_argument("--n", type=int, default=2, help="pairs per task (every task of the shapes source)")
+        p.add_argument("--size", default="64x64")
+        p.add_argument("--window", type=int, nargs="+", default=[8, 16, 32])
+        p.add_argument("--drafts", nargs="+", help="draft kinds (default: every one of model.sjd.DRAFT_KINDS)")
+        p.add_argument("--max-batch", type=int, default=16)
+        p.add_argument("--out", default=str(ACCEPTANCE))
+        p.add_argument("--threads", type=int, default=1, help="torch threads (the figure is tokens per step; on "
+                                                              "a shared CPU, more threads only contend)")
         opts = p.parse_args(argv[1:])
+        torch.set_num_threads(opts.threads)
         res = acceptance(opts)
-        name = "generate-sjd-acceptance-tiny.json"
+        out = Path(opts.out)
     else:
-        p = argparse.ArgumentParser(prog="python -m bench.generate")
-        p.add_argument("--preset", default="tiny", choices=["tiny", "2b", "7b"])
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--size", type=int, help="image side in px (default 256 for tiny, else 768)")
-        p.add_argument("--contexts", help="comma-separated positions (default: 5 along the image)")
-        p.add_argument("--setups", default="reference,static,int4,int4-sjd,bulk")
-        p.add_argument("--steps", type=int, default=10, help="timed steps per point")
-        p.add_argument("--window", type=int, default=16)
-        p.add_argument("--acceptance", type=float, default=2.0,
-                       help="SJD tokens per step for s/image (docs/generate.md has the measured figure)")
-        p.add_argument("--kv-bucket", type=int, default=512)
-        p.add_argument("--max-batch", type=int, help="bulk batch (default: as many as fit)")
-        p.add_argument("--bandwidth", type=float, help="bytes/s for the floor (default: H100 3.35e12 on CUDA, "
-                                                       "a measured copy on CPU)")
-        p.add_argument("--no-compile", action="store_true")
-        p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
-        p.add_argument("--freezing", action="store_true", default=True)
-        opts = p.parse_args(argv)
+        opts = parser().parse_args(argv)
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        res = run(opts)
-        name = f"generate-{opts.preset}-{torch.device(opts.device).type}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / name).write_text(json.dumps(res, indent=2))
-    print(f"wrote {RESULTS / name}")
+        try:
+            res = run(opts)
+        except LookupError as e:  # no measured acceptance to read
+            sys.exit(f"bench.generate: {e}")
+        out = RESULTS / f"generate-{opts.preset}-{torch.device(opts.device).type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

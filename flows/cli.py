@@ -59,11 +59,21 @@ def _print_summary(summary: Any) -> None:
                 print(f"{key.replace('_', ' ')}: {summary[key]}")
 
 
+# subcommand -> its config checks that need neither data nor Ray (a ConfigError names the field)
+PREFLIGHT: dict[str, tuple[str, str]] = {
+    "generate": ("tasks.generate", "preflight"),
+    "retrain": ("tasks.generate", "preflight"),  # it ends with a generate step
+}
+
+
 def run_flow(command: str, config: str, overrides: list[str]) -> dict:
     from tasks.config import check_config, load_config
 
     # Every config error before a flow run exists or Ray starts; the flow gets the typed settings.
     cfg = check_config(load_config(config, overrides), command)
+    if command in PREFLIGHT:
+        module, func = PREFLIGHT[command]
+        getattr(importlib.import_module(module), func)(cfg)
     module, func, _ = FLOWS[command]
     flow = getattr(importlib.import_module(module), func)
     return flow(config=cfg)

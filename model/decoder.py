@@ -117,7 +117,59 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class Attention(nn.Module):
+class _Fusable(nn.Module):
+    """Linear layers reading the same input that fuse() turns into one (one GEMM instead of two or
+    three; gpt-fast does the same). state_dict() still names the separate layers and
+    load_state_dict() takes them, so checkpoints on disk never see the fused weight."""
+
+    _parts: tuple[str, ...] = ()
+    _fused_name = ""
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(_Fusable._split_on_save)
+        self.register_load_state_dict_pre_hook(_Fusable._join_on_load)
+
+    @property
+    def fused(self) -> bool:
+        return self._fused_name in self._modules
+
+    def fuse(self) -> None:
+        """Replace the parts by one Linear over the concatenated weights (idempotent)."""
+        if self.fused:
+            return
+        parts = [getattr(self, n) for n in self._parts]
+        w = torch.cat([m.weight.detach() for m in parts])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=parts[0].weight.requires_grad)
+        for n in self._parts:
+            delattr(self, n)
+        setattr(self, self._fused_name, fused)
+        self._split_sizes = [m.out_features for m in parts]
+
+    def projections(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.fused:
+            return list(getattr(self, self._fused_name)(x).split(self._split_sizes, dim=-1))
+        return [getattr(self, n)(x) for n in self._parts]
+
+    @staticmethod
+    def _split_on_save(module, state_dict, prefix, local_metadata):
+        key = f"{prefix}{module._fused_name}.weight"
+        if key in state_dict:
+            w = state_dict.pop(key)
+            for n, part in zip(module._parts, w.split(module._split_sizes, dim=0)):
+                state_dict[f"{prefix}{n}.weight"] = part
+
+    @staticmethod
+    def _join_on_load(module, state_dict, prefix, *args):
+        keys = [f"{prefix}{n}.weight" for n in module._parts]
+        if module.fused and all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{module._fused_name}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
+class Attention(_Fusable):
+    _parts, _fused_name = ("wq", "wk", "wv"), "wqkv"
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -132,9 +184,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos, rows, kv_len):
         b, t, _ = x.shape
-        q = self.q_norm(self.wq(x).view(b, t, self.n_heads, self.head_dim))
-        k = self.k_norm(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim))
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.projections(x)
+        q = self.q_norm(q.view(b, t, self.n_heads, self.head_dim))
+        k = self.k_norm(k.view(b, t, self.n_kv_heads, self.head_dim))
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [b, t, 1, head_dim]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -149,8 +202,10 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
-class FeedForward(nn.Module):
+class FeedForward(_Fusable):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    _parts, _fused_name = ("w1", "w3"), "w13"
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -159,7 +214,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.projections(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -205,6 +261,18 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, self.args.n_kv_heads, max_seq, self.args.head_dim,
                                                dtype=dtype, device=device)
+
+    def fuse_projections(self) -> "Decoder":
+        """q/k/v and gate/up each become one matmul (inference: the engine and quantize_decoder call
+        this before quantizing). state_dict() keeps the separate keys (the formats on disk)."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return all(layer.attention.fused and layer.feed_forward.fused for layer in self.layers)
 
     def clear_cache(self) -> None:
         for layer in self.layers:

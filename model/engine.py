@@ -16,13 +16,20 @@ hold: image codes inside a row, the row end at each row's end, the image end las
 Tasks: text-to-image and a pair from text (upper_codes=None: the whole image is sampled) and
 image-to-image (upper_codes given: the upper panel is prefilled, the lower one sampled).
 A bad request fails alone, before any work, with Result.error saying what to change.
+
+Memory: Engine.fit_batch() is the one place that sizes a batch (KV cache + step workspace against
+free memory, with a margin); the engine checks its own max_batch with it. The prefill goes in
+chunks of at most prefill_tokens tokens per forward. compile=True compiles the forward and the
+sampling half (advance()); a compile failure at any call falls back, with one warning, to the
+compiled forward with an eager advance(), then to eager: engine.compile_mode says what ran.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +37,9 @@ import torch.nn.functional as F
 
 from model import sampling as S
 from model.decoder import Decoder
-from model.sjd import force_layout, next_window, verify
+from model.sjd import DRAFT_KINDS, force_layout, next_window, refill, verify
+
+log = logging.getLogger(__name__)
 
 FROM_TEXT_TASKS = ("t2i", "pair")
 IMAGE_TO_IMAGE_TASKS = ("edit", "subject", "control:*", "dense:*")
@@ -50,6 +59,7 @@ class Request:
     sjd: bool = True
     window: int = 16  # SJD window; at most the engine's
     task: str | None = None  # optional check: t2i / pair need no upper panel, the others need one
+    drafts: str = "uniform"  # SJD draft initialisation, one of model.sjd.DRAFT_KINDS
 
 
 @dataclass
@@ -71,53 +81,89 @@ class _Job:
     started: float
 
 
+class Slots(NamedTuple):
+    """The engine's per-slot state, one tensor [max_batch, ...] per field, passed to advance() by
+    name (a NamedTuple of tensors compiles: a swapped argument cannot pass silently)."""
+    active: torch.Tensor  # bool: the slot holds a request
+    speculative: torch.Tensor  # bool: SJD on (off: one token a step from p)
+    pos: torch.Tensor  # position of the last accepted token (cond row)
+    uoff: torch.Tensor  # cond position - uncond position (the prompt's length)
+    body0: torch.Tensor  # position of the image's first code
+    rows: torch.Tensor  # code grid of the image
+    cols: torch.Tensor
+    seed: torch.Tensor  # the request's seed (the key of its counter-based draws)
+    nstep: torch.Tensor  # the request's steps so far
+    top_k: torch.Tensor
+    limit: torch.Tensor  # the request's window (at most the engine's)
+    draft_kind: torch.Tensor  # index into model.sjd.DRAFT_KINDS
+    last_tok: torch.Tensor  # global id of the last accepted token (the next window's first input)
+    cfg: torch.Tensor  # float
+    temperature: torch.Tensor  # float
+    drafts: torch.Tensor  # [B, L] local ids of the next window's drafts
+    q: torch.Tensor  # [B, L, C+2] the distributions the drafts were drawn from
+    gen: torch.Tensor  # [B, max_seq + L] local ids of the image by body index
+
+    @classmethod
+    def empty(cls, max_batch: int, window: int, n_local: int, body_len: int, device) -> "Slots":
+        z = lambda dtype=torch.long: torch.zeros(max_batch, dtype=dtype, device=device)  # noqa: E731
+        return cls(active=z(torch.bool), speculative=z(torch.bool), pos=z(), uoff=z(), body0=z(), rows=z(), cols=z(),
+                   seed=z(), nstep=z(), top_k=z(), limit=z(), draft_kind=z(), last_tok=z(), cfg=z(torch.float),
+                   temperature=z(torch.float), drafts=torch.zeros(max_batch, window, dtype=torch.long, device=device),
+                   q=torch.zeros(max_batch, window, n_local, device=device),
+                   gen=torch.zeros(max_batch, body_len, dtype=torch.long, device=device))
+
+
+class Consts(NamedTuple):
+    """Tensors advance() reads that do not change while the engine runs."""
+    local_to_global: torch.Tensor  # [C+2] global ids of the local vocabulary
+    code_q: torch.Tensor  # [C+2] the exact distribution of uniform random codes (sampling.uniform_codes_q)
+
+
+COMPILE_MODES = ("full", "forward", "eager")
+DEFAULT_PREFILL_TOKENS = 2048  # 7b: ~4.8 GiB of attention scores per chunk over 9.8k slots (math SDPA)
+
+
 class Engine:
     def __init__(self, model: Decoder, layout, max_batch: int = 8, device: str | torch.device = "cpu",
                  compile: bool = False, window: int = 16, max_seq: int | None = None, kv_bucket: int = 512,
-                 cache_dtype: torch.dtype | None = None, compile_backend: str = "inductor"):
+                 cache_dtype: torch.dtype | None = None, compile_backend="inductor",
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
         self.model, self.layout, self.device = model, layout, torch.device(device)
         self.max_batch, self.window, self.kv_bucket = max_batch, window, kv_bucket
         self.max_seq = max_seq or model.args.max_seq_len
         self.n_codes = layout.codebook_size
-        if self.device.type == "cuda":
-            elem = torch.finfo(cache_dtype or model.output.weight.dtype).bits // 8
-            need = 2 * max_batch * self.max_seq * model.args.n_layers * 2 * model.args.n_kv_heads * \
-                model.args.head_dim * elem
-            model.clear_cache()
-            free = torch.cuda.mem_get_info(self.device)[0]
-            if need > free:
-                raise ValueError(f"Engine: a KV cache of {2 * max_batch} rows x {self.max_seq} slots needs "
-                                 f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free: lower max_batch or "
-                                 f"max_seq (the longest prompt + image + window)")
-        model.setup_cache(2 * max_batch, self.max_seq, dtype=cache_dtype, device=self.device)
+        if not (isinstance(prefill_tokens, int) and prefill_tokens >= 1):
+            raise ValueError(f"Engine: prefill_tokens {prefill_tokens!r} must be a positive integer (tokens per "
+                             f"prefill forward)")
+        self.prefill_tokens = prefill_tokens
+        self.cache_dtype = _cache_dtype(model, cache_dtype)
+        if not model.fused and type(model.layers[0].attention.wq.weight.data) is torch.Tensor:
+            model.fuse_projections()  # one GEMM for q/k/v, one for gate/up (a quantized model came fused)
+        model.clear_cache()
+        free = self._free_bytes()
+        if free is not None:
+            self.check_fits(model.args, max_batch, self.max_seq, free, self.cache_dtype, window=window,
+                            n_local=self.n_codes + 2, prefill_tokens=prefill_tokens)
+        model.setup_cache(2 * max_batch, self.max_seq, dtype=self.cache_dtype, device=self.device)
         # The image span only holds codes, row ends and the image end: the head keeps those rows.
         local = list(range(layout.code_offset, layout.code_offset + self.n_codes)) + [layout.row_end,
                                                                                        layout.image_end]
         self.local_to_global = torch.tensor(local, device=self.device)
+        self.consts = Consts(self.local_to_global, S.uniform_codes_q(self.n_codes, self.n_codes + 2).to(self.device))
         with torch.no_grad():
             self.head = model.output.weight[self.local_to_global].detach().clone()
-        self._forward = self._decode_logits
+        self.state = Slots.empty(max_batch, window, self.n_codes + 2, self.max_seq + window, self.device)
+        self.jobs: list[_Job | None] = [None] * max_batch
+        self._forward, self._advance = self._decode_logits, advance
+        self.compile_mode = "eager"
         if compile:
+            self.compile_mode = "full"
             # CUDA graphs of the static-shape step (paper 4.3.2); the tests trace it with "aot_eager"
             mode = "reduce-overhead" if compile_backend == "inductor" else None
             # dynamic=None: the second kv bucket recompiles once with kv_len symbolic, later buckets only
             # record their CUDA graph (a 7B graph takes about a minute to compile, REFERENCE.md)
             self._forward = torch.compile(self._decode_logits, mode=mode, backend=compile_backend, fullgraph=True,
                                           dynamic=None)
-        b, L, dev = max_batch, window, self.device
-        z = lambda dtype=torch.long: torch.zeros(b, dtype=dtype, device=dev)  # noqa: E731
-        self.active, self.speculative = z(torch.bool), z(torch.bool)
-        self.pos, self.uoff, self.body0, self.rows, self.cols = z(), z(), z(), z(), z()
-        self.seed, self.nstep, self.top_k, self.limit = z(), z(), z(), z()
-        self.last_tok = z()
-        self.cfg, self.temperature = z(torch.float), z(torch.float)
-        self.drafts = torch.zeros(b, L, dtype=torch.long, device=dev)
-        self.q = torch.zeros(b, L, self.n_codes + 2, device=dev)
-        self.max_body = 0
-        self.gen = torch.zeros(b, 1, dtype=torch.long, device=dev)  # local ids by body index, grown on demand
-        self.jobs: list[_Job | None] = [None] * b
-        self._advance = advance
-        if compile:
             # one CUDA graph per kv_len bucket: let dynamo keep them all
             limit = 2 * math.ceil(self.max_seq / kv_bucket) + 8
             for name in ("recompile_limit", "cache_size_limit"):
@@ -125,6 +171,95 @@ class Engine:
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
             self._advance = torch.compile(advance, backend=compile_backend, fullgraph=True, dynamic=False)
         self.steps_run = 0
+
+    # --- memory: the one place that sizes a batch -------------------------------------------------
+    @staticmethod
+    def memory_needed(model_or_args, max_batch: int, max_seq: int, cache_dtype: torch.dtype | None = None,
+                      window: int = 16, n_local: int = 16386,
+                      prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> dict[str, int]:
+        """Bytes the engine allocates beyond the weights -> {"kv_cache", "workspace", "total"}.
+
+        kv_cache: 2 rows (cond, uncond) x max_seq slots per slot, every layer, K and V.
+        workspace: the larger of one step (activations, attention scores over max_seq, the
+        sampling tensors over the n_local image ids, fp32 upper bounds) and one prefill chunk of
+        prefill_tokens tokens (its attention scores are [heads, tokens, max_seq] fp32).
+        """
+        args = getattr(model_or_args, "args", model_or_args)
+        elem = torch.finfo(_cache_dtype(model_or_args, cache_dtype)).bits // 8
+        kv = 2 * max_batch * max_seq * args.n_layers * 2 * args.n_kv_heads * args.head_dim * elem
+        width = 8 * args.dim + 3 * args.intermediate_size  # live activations per token, fp32 bound
+
+        def forward_bytes(tokens: int) -> int:
+            return tokens * width * 4 + 2 * tokens * args.n_heads * max_seq * 4 + tokens * max_seq
+
+        step = forward_bytes(2 * max_batch * window) + 16 * max_batch * window * n_local * 4 \
+            + max_batch * (max_seq + window) * 8
+        prefill = forward_bytes(min(prefill_tokens, 2 * max_batch * max_seq))
+        workspace = max(step, prefill)
+        return {"kv_cache": kv, "workspace": workspace, "total": kv + workspace}
+
+    @staticmethod
+    def fit_batch(model_or_args, max_seq: int, free_bytes: int, cache_dtype: torch.dtype | None = None,
+                  margin: float = 0.1, window: int = 16, n_local: int = 16386,
+                  prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> int:
+        """The largest max_batch whose KV cache + step workspace fits free memory -> int (0: none fits).
+
+        Engine.fit_batch(model_or_args, max_seq, free_bytes, cache_dtype=None, margin=0.1, window=16,
+                         n_local=16386, prefill_tokens=2048)
+        model_or_args: a Decoder (its head's dtype is the default cache dtype) or its ModelArgs
+        (default cache dtype bf16); max_seq: slots per cache row (the longest prompt + image +
+        window); free_bytes: free device memory with the weights already loaded (on CUDA:
+        torch.cuda.mem_get_info()[0]); margin: the fraction of free_bytes kept back (allocator
+        fragmentation, CUDA graphs, compiled kernels); window, n_local (image codes + 2),
+        prefill_tokens: as the engine will be built. The engine checks its own max_batch with the
+        same numbers (Engine.check_fits), so a batch chosen here is never refused there.
+        """
+        need = lambda b: Engine.memory_needed(model_or_args, b, max_seq, cache_dtype, window, n_local,  # noqa: E731
+                                              prefill_tokens)["total"]
+        budget = free_bytes * (1 - margin)
+        if need(1) > budget:
+            return 0
+        lo, hi = 1, 2
+        while need(hi) <= budget:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # need() grows with the batch: bisect
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid)
+        return lo
+
+    @staticmethod
+    def check_fits(model_or_args, max_batch: int, max_seq: int, free_bytes: int,
+                   cache_dtype: torch.dtype | None = None, margin: float = 0.1, window: int = 16,
+                   n_local: int = 16386, prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> None:
+        """Raise one clear ValueError unless max_batch fits free_bytes (fit_batch's rule)."""
+        need = Engine.memory_needed(model_or_args, max_batch, max_seq, cache_dtype, window, n_local, prefill_tokens)
+        if need["total"] > free_bytes * (1 - margin):
+            best = Engine.fit_batch(model_or_args, max_seq, free_bytes, cache_dtype, margin, window, n_local,
+                                    prefill_tokens)
+            raise ValueError(
+                f"Engine: max_batch {max_batch} needs {_size(need['total'])} (KV cache of {2 * max_batch} rows x "
+                f"{max_seq} slots {_size(need['kv_cache'])} + workspace {_size(need['workspace'])}) with "
+                f"{margin:.0%} of the free memory kept back; {_size(free_bytes)} are free: use max_batch {best} "
+                f"or less (Engine.fit_batch), or lower max_seq or prefill_tokens")
+
+    def _free_bytes(self) -> int | None:
+        """Free device memory (CUDA), None where the engine does not check (CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    # --- read-only views kept for callers of the former attributes ------------------------------
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.state.pos
+
+    @property
+    def active(self) -> torch.Tensor:
+        return self.state.active
+
+    @property
+    def nstep(self) -> torch.Tensor:
+        return self.state.nstep
 
     # --- requests -----------------------------------------------------------------------------
     def check(self, r: Request) -> tuple[list[int], int, int]:
@@ -150,6 +285,9 @@ class Engine:
             raise ValueError(f"{where}: cfg {r.cfg!r} is below 1; 1 turns guidance off, the release uses 4.0")
         if not (isinstance(r.window, (int, np.integer)) and r.window >= 1):
             raise ValueError(f"{where}: window {r.window!r} must be an integer >= 1 (the release uses 16)")
+        if r.drafts not in DRAFT_KINDS:
+            raise ValueError(f"{where}: drafts {r.drafts!r} is not a draft initialisation; choose one of "
+                             f"{', '.join(DRAFT_KINDS)}")
         ids = np.asarray(r.prompt_ids)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"{where}: prompt_ids must be a non-empty list of token ids")
@@ -179,7 +317,9 @@ class Engine:
         return context, rows, cols
 
     def _prefill(self, new: list[tuple[int, _Job]]) -> None:
-        """One forward over the new requests' contexts (cond and uncond rows, right-padded).
+        """Forwards over the new requests' contexts (cond and uncond rows, right-padded), at most
+        prefill_tokens tokens per forward: a few rows at a time, each cut into chunks along the
+        sequence (a chunk attends to the slots the earlier ones wrote, so the cache is the same).
 
         All but the last context token go in; the first step feeds that one. Padding writes slots
         above each row's position, which the mask hides until the row overwrites them.
@@ -189,81 +329,89 @@ class Engine:
             n_prompt = len(job.request.prompt_ids)
             seqs += [job.context[:-1], job.context[n_prompt:-1]]
             rows += [b, self.max_batch + b]
-        n = max(len(s) for s in seqs)
-        tokens = torch.tensor([s + [0] * (n - len(s)) for s in seqs], device=self.device)
-        pos = torch.arange(n, device=self.device).expand(len(seqs), n)
-        kv_len = min(self.max_seq, math.ceil(n / self.kv_bucket) * self.kv_bucket)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a forward
+        budget = self.prefill_tokens
+        group = max(1, min(len(seqs), budget // min(budget, max(len(s) for s in seqs))))
         with torch.no_grad():
-            self.model(tokens, pos, return_hidden=True, rows=torch.tensor(rows, device=self.device), kv_len=kv_len)
+            for g in range(0, len(order), group):
+                idx = order[g:g + group]
+                n = max(len(seqs[i]) for i in idx)
+                tokens = torch.tensor([seqs[i] + [0] * (n - len(seqs[i])) for i in idx], device=self.device)
+                row_ids = torch.tensor([rows[i] for i in idx], device=self.device)
+                chunk = max(1, budget // len(idx))
+                for s in range(0, n, chunk):
+                    e = min(n, s + chunk)
+                    pos = torch.arange(s, e, device=self.device).expand(len(idx), e - s)
+                    kv_len = min(self.max_seq, math.ceil(e / self.kv_bucket) * self.kv_bucket)
+                    self.model(tokens[:, s:e], pos, return_hidden=True, rows=row_ids, kv_len=kv_len)
         for b, job in new:
             self._start(b, job)
 
     def _start(self, b: int, job: _Job) -> None:
-        r, ctx, dev = job.request, job.context, self.device
+        r, ctx, dev, s = job.request, job.context, self.device, self.state
         n_prompt = len(r.prompt_ids)
         cond = torch.tensor(ctx, device=dev)
-        n_body = job.rows * (job.cols + 1) + 1
-        if n_body + self.window > self.gen.shape[1]:
-            grown = torch.zeros(self.max_batch, n_body + self.window, dtype=torch.long, device=dev)
-            grown[:, :self.gen.shape[1]] = self.gen
-            self.gen = grown
+        s.gen[b] = 0
         done_body = len(ctx) - (n_prompt + 3)  # the upper panel, already in place
         if done_body:
             body = cond[n_prompt + 3:] - self.layout.code_offset
             body[body == self.layout.row_end - self.layout.code_offset] = self.n_codes
-            self.gen[b, :done_body] = body
-        self.pos[b], self.uoff[b], self.body0[b] = len(ctx) - 1, n_prompt, n_prompt + 3
-        self.rows[b], self.cols[b], self.last_tok[b] = job.rows, job.cols, ctx[-1]
-        self.seed[b], self.nstep[b], self.top_k[b] = r.seed, 0, min(r.top_k, self.n_codes)
-        self.cfg[b], self.temperature[b] = r.cfg, r.temperature
-        self.speculative[b], self.limit[b], self.active[b] = bool(r.sjd), min(r.window, self.window), True
+            s.gen[b, :done_body] = body
+        s.pos[b], s.uoff[b], s.body0[b] = len(ctx) - 1, n_prompt, n_prompt + 3
+        s.rows[b], s.cols[b], s.last_tok[b] = job.rows, job.cols, ctx[-1]
+        s.seed[b], s.nstep[b], s.top_k[b] = r.seed, 0, min(r.top_k, self.n_codes)
+        s.cfg[b], s.temperature[b], s.draft_kind[b] = r.cfg, r.temperature, DRAFT_KINDS.index(r.drafts)
+        s.speculative[b], s.limit[b], s.active[b] = bool(r.sjd), min(r.window, self.window), True
         one = torch.tensor([b], device=dev)
-        rand = self._random_drafts(self.seed[one], self.nstep[one] - 1)
-        kind = S.position_kinds(self._body_index(one) + 1, self.rows[one], self.cols[one])
-        d, q = force_layout(rand, F.one_hot(rand, self.n_codes + 2).float(), kind, self.n_codes)
-        self.drafts[b], self.q[b] = d[0], q[0]
+        slot = Slots(*(t[one] for t in s))
+        no_carry = torch.zeros(1, self.window, dtype=torch.bool, device=dev)
+        d, q = window_drafts(slot, slot.nstep - 1, slot.drafts, slot.q, no_carry, self.consts.code_q)
+        s.drafts[b], s.q[b] = d[0], q[0]
         self.jobs[b] = job
-
-    def _random_drafts(self, seed, step):
-        return random_drafts(seed, step, self.window, self.n_codes)
-
-    def _body_index(self, slots):
-        """Body index of each window input position [n, L] (the window predicts index + 1)."""
-        return self.pos[slots, None] - self.body0[slots, None] + torch.arange(self.window, device=self.device)
 
     # --- the step -----------------------------------------------------------------------------
     def _decode_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         h = self.model(tokens, input_pos, return_hidden=True, kv_len=kv_len)
         return F.linear(h, self.head.to(h.dtype)).float()
 
+    def _compiled_call(self, part: str, *args):
+        """Run the forward or advance(); a compile error (they surface at a call: the first one,
+        or a new kv bucket's) falls back one level with one warning and runs the part eagerly."""
+        fn = self._forward if part == "forward" else self._advance
+        if self.compile_mode == "eager" or (part == "advance" and self.compile_mode == "forward"):
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - any compile failure must leave the job running
+            root = e
+            while getattr(root, "inner_exception", None) or root.__cause__:
+                root = getattr(root, "inner_exception", None) or root.__cause__
+            first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")[:300]
+            name = type(e).__name__ + ("" if root is e else f" <- {type(root).__name__}")
+            if part == "advance":
+                self._advance, self.compile_mode = advance, "forward"
+                what = "the sampling half (advance()) runs eagerly after the compiled forward"
+            else:
+                self._forward, self._advance, self.compile_mode = self._decode_logits, advance, "eager"
+                what = "the whole step runs eagerly"
+            log.warning("Engine: compiling the decode step's %s failed (%s: %s); %s (compile_mode=%r)",
+                        part, name, first, what, self.compile_mode)
+            return (self._forward if part == "forward" else self._advance)(*args)
+
     @torch.no_grad()
     def step(self) -> None:
         """One forward of every slot's window, then verify / sample / carry over, per slot."""
-        b, L, dev = self.max_batch, self.window, self.device
-        act = self.active
+        s, L, dev = self.state, self.window, self.device
         offs = torch.arange(L, device=dev)
-        pos_c = torch.where(act, self.pos, 0)[:, None] + offs
-        pos_u = torch.where(act, self.pos - self.uoff, 0)[:, None] + offs
-        window_tokens = torch.cat([self.last_tok[:, None], self.local_to_global[self.drafts[:, :L - 1]]], 1)
-        window_tokens = torch.where(act[:, None], window_tokens, 0)
+        pos_c = torch.where(s.active, s.pos, 0)[:, None] + offs
+        pos_u = torch.where(s.active, s.pos - s.uoff, 0)[:, None] + offs
+        window_tokens = torch.cat([s.last_tok[:, None], self.local_to_global[s.drafts[:, :L - 1]]], 1)
+        window_tokens = torch.where(s.active[:, None], window_tokens, 0)
         top = int(pos_c.max()) + 1
         kv_len = min(self.max_seq, math.ceil(top / self.kv_bucket) * self.kv_bucket)
-        logits = self._forward(torch.cat([window_tokens, window_tokens]), torch.cat([pos_c, pos_u]), kv_len)
-        tokens, gained, drafts, q = self._advance(
-            logits, self.pos, self.body0, self.rows, self.cols, self.cfg, self.temperature, self.top_k, self.limit,
-            self.speculative, self.seed, self.nstep, self.drafts, self.q)
-
-        # Write the kept tokens by body index; move each row forward by what it gained.
-        body_idx = (self.pos - self.body0 + 1)[:, None] + offs
-        keep = (offs[None] < gained[:, None]) & act[:, None]
-        cur = self.gen.gather(1, body_idx.clamp(min=0))
-        self.gen.scatter_(1, body_idx.clamp(min=0), torch.where(keep, tokens, cur))
-        last = tokens.gather(1, (gained - 1).clamp(min=0)[:, None])[:, 0]
-        self.last_tok = torch.where(act, self.local_to_global[last], self.last_tok)
-        self.pos = torch.where(act, self.pos + gained, self.pos)
-        self.nstep = self.nstep + act.long()
-        self.drafts = torch.where(act[:, None], drafts, self.drafts)
-        self.q = torch.where(act[:, None, None], q, self.q)
+        logits = self._compiled_call("forward", torch.cat([window_tokens, window_tokens]),
+                                     torch.cat([pos_c, pos_u]), kv_len)
+        self.state = self._compiled_call("advance", logits, s, self.consts)
         self.steps_run += 1
 
     # --- the loop -----------------------------------------------------------------------------
@@ -292,8 +440,8 @@ class Engine:
             if not any(j is not None for j in self.jobs):
                 return
             self.step()
-            end = self.body0 + self.rows * (self.cols + 1)
-            done = (self.active & (self.pos >= end)).tolist()
+            s = self.state
+            done = (s.active & (s.pos >= s.body0 + s.rows * (s.cols + 1))).tolist()
             for b, finished in enumerate(done):
                 if finished:
                     yield self._finish(b)
@@ -301,45 +449,88 @@ class Engine:
     def _finish(self, b: int) -> Result:
         job = self.jobs[b]
         self.jobs[b] = None
-        self.active[b] = False
+        self.state.active[b] = False
         n_body = job.rows * (job.cols + 1) + 1
-        local = self.gen[b, :n_body]
+        local = self.state.gen[b, :n_body]
         ids = self.local_to_global[local].tolist()
         prefix = job.context[len(job.request.prompt_ids):][:3]
         codes = np.asarray(self.layout.parse_image(prefix + ids))  # also checks the layout held
         done_before = len(job.context) - len(job.request.prompt_ids) - 3
-        return Result(id=job.request.id, codes=codes, steps=int(self.nstep[b]), tokens=n_body - done_before,
+        return Result(id=job.request.id, codes=codes, steps=int(self.state.nstep[b]), tokens=n_body - done_before,
                       seconds=time.perf_counter() - job.started)
 
 
-def advance(logits, pos, body0, rows, cols, cfg, temperature, top_k, window, speculative, seed, nstep, drafts, q):
+def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
     """Everything of a step after the forward, as one pure function (compiled on GPUs).
 
-    logits [2B, L, C+2] (cond rows, then uncond rows) -> (tokens [B, L] local ids valid up to
-    gained, gained [B], next drafts [B, L] and their q [B, L, C+2], both layout-forced).
+    logits [2B, L, C+2] (cond rows, then uncond rows), the slots before the step -> the slots
+    after it: the accepted tokens written into gen, pos / nstep / last_tok moved on, and the
+    next window's drafts and their q (layout-forced). Inactive slots are left as they were.
     """
-    b, length = drafts.shape
-    n_codes = q.shape[-1] - 2
-    offs = torch.arange(length, device=drafts.device)
-    guided = S.cfg_mix(logits[:b], logits[b:], cfg)
-    body_next = (pos - body0)[:, None] + offs + 1  # body index each window position predicts
-    kind = S.position_kinds(body_next, rows, cols)
-    p = S.probs_from_logits(guided, S.allowed_local(kind, n_codes), temperature, top_k)
-    end = body0 + rows * (cols + 1)  # position of the image end
-    limit = torch.minimum(window, (end - pos).clamp(min=1))
+    b, length = s.drafts.shape
+    n_codes = s.q.shape[-1] - 2
+    offs = torch.arange(length, device=s.drafts.device)
+    guided = S.cfg_mix(logits[:b], logits[b:], s.cfg)
+    body_next = (s.pos - s.body0)[:, None] + offs + 1  # body index each window position predicts
+    kind = S.position_kinds(body_next, s.rows, s.cols)
+    p = S.probs_from_logits(guided, S.allowed_local(kind, n_codes), s.temperature, s.top_k)
+    end = s.body0 + s.rows * (s.cols + 1)  # position of the image end
+    limit = torch.minimum(s.limit, (end - s.pos).clamp(min=1))
     idx = offs.expand(b, length)
-    u_acc = S.counter_uniform(seed, nstep, idx, S.STREAM_ACCEPT)
-    u_res = S.counter_uniform(seed, nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
-    tokens, gained = verify(p, drafts, q, u_acc, u_res, limit, speculative)
-    fresh = S.sample(p, S.counter_uniform(seed, nstep, idx, S.STREAM_FRESH))
-    random = random_drafts(seed, nstep, length, n_codes)
-    new_drafts, new_q = next_window(p, fresh, gained, random)
-    kind_next = S.position_kinds(body_next + gained[:, None], rows, cols)
-    new_drafts, new_q = force_layout(new_drafts, new_q, kind_next, n_codes)
-    return tokens, gained, new_drafts, new_q
+    u_acc = S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_ACCEPT)
+    u_res = S.counter_uniform(s.seed, s.nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
+    tokens, gained = verify(p, s.drafts, s.q, u_acc, u_res, limit, s.speculative)
+    fresh = S.sample(p, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH))
+
+    # Write the kept tokens by body index; move each active slot forward by what it gained.
+    act = s.active
+    at = body_next.clamp(0, s.gen.shape[1] - 1)
+    keep = (offs[None] < gained[:, None]) & act[:, None]
+    gen = s.gen.scatter(1, at, torch.where(keep, tokens, s.gen.gather(1, at)))
+    last = tokens.gather(1, (gained - 1).clamp(min=0)[:, None])[:, 0]
+    moved = s._replace(gen=gen, pos=torch.where(act, s.pos + gained, s.pos), nstep=s.nstep + act.long(),
+                       last_tok=torch.where(act, c.local_to_global[last], s.last_tok))
+
+    # The next window: Jacobi carry-over past the accepted ones, the rest by each slot's draft kind.
+    carried, carried_q = next_window(p, fresh, gained, random_drafts(s.seed, s.nstep, length, n_codes))
+    carry = (offs[None] + gained[:, None]) < length
+    drafts, q = window_drafts(moved, s.nstep, carried, carried_q, carry, c.code_q)
+    return moved._replace(drafts=torch.where(act[:, None], drafts, s.drafts),
+                          q=torch.where(act[:, None, None], q, s.q))
+
+
+def window_drafts(s: Slots, step: torch.Tensor, carried: torch.Tensor, carried_q: torch.Tensor,
+                  carry: torch.Tensor, code_q: torch.Tensor):
+    """Drafts and q of the window after s.pos: the carry-over where carry, the slot's draft kind
+    elsewhere (model/sjd.py, refill), row ends and the image end forced. step: the draws' step."""
+    length, n_codes = carried.shape[1], code_q.shape[0] - 2
+    offs = torch.arange(length, device=carried.device)
+    body_next = (s.pos - s.body0)[:, None] + offs + 1
+    above_at = body_next - (s.cols[:, None] + 1)
+    known = (above_at >= 0) & (above_at <= (s.pos - s.body0)[:, None])  # that row is accepted
+    above = s.gen.gather(1, above_at.clamp(0, s.gen.shape[1] - 1))
+    above = torch.where(known, above, 0)
+    idx = offs.expand(carried.shape)
+    random = random_drafts(s.seed, step, length, n_codes)
+    u_mix = S.counter_uniform(s.seed, step, idx, S.STREAM_MIX)
+    drafts, q = refill(carried, carried_q, carry, above, known, random, u_mix, code_q, s.draft_kind)
+    return force_layout(drafts, q, S.position_kinds(body_next, s.rows, s.cols), n_codes)
 
 
 def random_drafts(seed, step, length: int, n_codes: int):
     """Uniformly random codes (local ids) to refill a window: SJD's initial drafts."""
-    u = S.counter_uniform(seed, step, torch.arange(length, device=seed.device), S.STREAM_DRAFT)
-    return (u * n_codes).long().clamp(max=n_codes - 1)
+    bits = S.counter_bits(seed, step, torch.arange(length, device=seed.device), S.STREAM_DRAFT)
+    return S.uniform_codes(bits, n_codes)
+
+
+def _cache_dtype(model_or_args, cache_dtype: torch.dtype | None) -> torch.dtype:
+    """The KV cache's dtype: the one asked, else the head's (a float one: the head is never
+    quantized), else bf16 (ModelArgs alone, or a head that is not floating point)."""
+    if cache_dtype is not None:
+        return cache_dtype
+    head = getattr(getattr(model_or_args, "output", None), "weight", None)
+    return head.dtype if head is not None and head.dtype.is_floating_point else torch.bfloat16
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

@@ -1,13 +1,14 @@
 """Weight-only quantization of the decoder with torchao: int4 (group 128) on CUDA, int8 on CPU.
 
-    python -c "from model.decoder import *; from model.quantize import quantize_decoder; print(quantize_decoder(Decoder(ModelArgs.from_name('tiny', vocab_size=512)), 'int8').layers[0].attention.wq.weight)"
+    python -c "from model.decoder import *; from model.quantize import quantize_decoder; print(quantize_decoder(Decoder(ModelArgs.from_name('tiny', vocab_size=512)), 'int8').layers[0].attention.wqkv.weight)"
 
 Paper 4.3.2: int4 weight-only, group size 128, bf16 activations (-48% time, -47% memory).
 torchao 0.18's default int4 packing needs a package not on PyPI (mslk); the tile_packed_to_4d
 format works on H100 (REFERENCE.md, "Measured here"). Int4 kernels are CUDA-only, so CPUs use
 int8 weight-only, the path the tests exercise. Only the transformer blocks' linear layers are
 quantized: the embedding is a lookup, and the engine keeps just the image rows of the output
-head (model/engine.py), in the model's own dtype.
+head (model/engine.py), in the model's own dtype. q/k/v and gate/up are fused first
+(Decoder.fuse_projections): one quantized GEMM where there were three.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def quantize_decoder(model: nn.Module, mode: str, group_size: int = 128) -> nn.M
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     device = next(model.parameters()).device
+    if hasattr(model, "fuse_projections"):
+        model.fuse_projections()  # before quantizing: the fused weight is quantized as one
     if mode == "int4":
         if device.type != "cuda":
             raise ValueError("int4 weight-only needs the model on a CUDA GPU (torchao has no CPU int4 kernel); "

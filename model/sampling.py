@@ -20,34 +20,63 @@ import torch
 CODE, ROW_END, IMAGE_END, PAST_END = 0, 1, 2, 3
 
 # Streams of counter_uniform: one per purpose, so that no two draws share a number.
-STREAM_ACCEPT, STREAM_FRESH, STREAM_RESIDUAL, STREAM_DRAFT = 0, 1, 2, 3
+STREAM_ACCEPT, STREAM_FRESH, STREAM_RESIDUAL, STREAM_DRAFT, STREAM_MIX = 0, 1, 2, 3, 4
 
-_M1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as int64
-_M2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB
-_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15
+# murmur3's 32-bit finalizer constants, as int32 (two's complement). The whole hash runs in
+# int32 with wrapping multiplies: triton keeps indices in int32 and refuses a 64-bit constant
+# added to one (docs/generate.md, "What breaks triton"), so no constant here leaves int32 range.
+_C1 = -0x7A1435B5  # 0x85EBCA6B
+_C2 = -0x3D4D51CB  # 0xC2B2AE35
+_GOLDEN = -0x61C88647  # 0x9E3779B9
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
+    """Logical right shift of int32 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (32 - s)) - 1)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    # splitmix64 finalizer (int64 arithmetic wraps modulo 2^64)
-    x = (x ^ _shr(x, 30)) * _M1
-    x = (x ^ _shr(x, 27)) * _M2
-    return x ^ _shr(x, 31)
+    # murmur3 fmix32: a bijection of 32-bit words with full avalanche (int32 arithmetic wraps)
+    x = (x ^ _shr(x, 16)) * _C1
+    x = (x ^ _shr(x, 13)) * _C2
+    return x ^ _shr(x, 16)
+
+
+def counter_bits(seed: torch.Tensor, step: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """24 random bits (int32 in [0, 2^24)), a pure function of (seed, step, index, stream).
+
+    seed, step: int64 [B] (the seed's two 32-bit halves both count); index: int [L] or [B, L];
+    returns [B, L]. A chain of murmur3 finalizers over 32-bit words, all in int32.
+    """
+    seed = seed.long()
+    lo, hi = seed.to(torch.int32), (seed >> 32).to(torch.int32)  # int64 -> int32 keeps the low word
+    h = _mix(lo ^ _mix(hi * _GOLDEN + (stream + 1)))
+    h = _mix(h ^ (step.to(torch.int32) * _GOLDEN))
+    h = _mix(h[:, None] + index.to(torch.int32) * _C1)
+    h = _mix(h ^ _GOLDEN)
+    return _shr(h, 8)
 
 
 def counter_uniform(seed: torch.Tensor, step: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
-    """Uniform [0, 1) float32 numbers, a pure function of (seed, step, index, stream).
+    """Uniform [0, 1) float32 numbers on the 2^-24 grid (exact in float32): counter_bits / 2^24."""
+    return counter_bits(seed, step, index, stream).float() * (1.0 / (1 << 24))
 
-    seed, step: int64 [B]; index: int64 [L] or [B, L]; returns [B, L].
-    """
-    h = _mix(seed.long() * _GOLDEN + stream)
-    h = _mix((h ^ step.long())[:, None] + _GOLDEN)
-    h = _mix(h ^ (index.long() + _M1))
-    return _shr(h, 40).float() * (1.0 / (1 << 24))
+
+def uniform_codes(bits: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """Codes floor(bits * n / 2^24) from counter_bits: integer arithmetic, so their distribution
+    is exactly uniform_codes_q(n) (SJD's q must be the distribution a draft was drawn from)."""
+    return (bits.long() * n_codes) >> 24
+
+
+def uniform_codes_q(n_codes: int, size: int | None = None) -> torch.Tensor:
+    """The exact probability of each code under uniform_codes (1/n when n is a power of two),
+    float32 [size] (size >= n_codes; ids past the codes get 0)."""
+    if not 1 <= n_codes <= 1 << 24:
+        raise ValueError(f"uniform_codes_q: {n_codes} codes; expected 1..2^24")
+    edges = [-(-(c << 24) // n_codes) for c in range(n_codes + 1)]  # ceil(c * 2^24 / n)
+    q = torch.zeros(size or n_codes, dtype=torch.float64)
+    q[:n_codes] = torch.tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.float64) / (1 << 24)
+    return q.float()
 
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -100,10 +129,16 @@ def probs_from_logits(logits: torch.Tensor, allowed: torch.Tensor, temperature: 
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from probs [..., V] with uniforms u [...] -> int64 [...]."""
+    """Inverse-CDF draw from probs [..., V] with uniforms u [...] -> int64 [...].
+
+    The index is a count (how many cdf entries are <= the target, i.e. searchsorted right) and
+    the last allowed id a max over a masked arange: sums and maxes split across thread blocks
+    in inductor's triton code, where an argmax over 16k codes does not (docs/generate.md).
+    """
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[..., -1])[..., None]
-    idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True)[..., 0]
+    idx = (cdf <= target).sum(-1)
     # never land on a zero-probability tail id through rounding at the top of the cdf
-    last = (probs > 0).to(torch.int64).cumsum(-1).argmax(-1)
+    ids = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, ids, 0).amax(-1)
     return torch.minimum(idx, last)

@@ -13,6 +13,20 @@ position, and the cache masks slots above each query position (model/kv_cache.py
 
 A row with speculative=False is plain sampling on the same step: it keeps one token drawn from
 p at the first window position, so SJD is a switch per request.
+
+Draft initialisations (DRAFT_KINDS, chosen per request; issue 20). Any q is lossless as long as
+each draft is drawn from its q independently of the acceptance draws (speculative sampling's
+theorem, conditioned on everything drawn before this step), so the kinds only change how often
+drafts are accepted:
+- "uniform": the paper's: a uniformly random code, q one-hot on it (exact given the code);
+- "above": the code one row above at the same column (the image is raster-ordered; ZipAR shows
+  codes depend mostly on that neighbour) with probability ABOVE_WEIGHT, else a uniform code;
+  q is that mixture, ABOVE_WEIGHT * onehot(above) + (1 - ABOVE_WEIGHT) * uniform. Positions whose
+  row above is not accepted yet (the first row, windows longer than a row) draft as "uniform";
+- "above+carry": "above", and the Jacobi carry-over too draws from the mixture
+  (1 - CARRY_ABOVE_WEIGHT) * p_prev + CARRY_ABOVE_WEIGHT * onehot(above) instead of p_prev alone.
+Every kind keeps the Jacobi carry-over (previous step's samples and probabilities past the
+first rejection).
 """
 from __future__ import annotations
 
@@ -20,6 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from model.sampling import CODE, ROW_END, sample
+
+DRAFT_KINDS = ("uniform", "above", "above+carry")
+ABOVE_WEIGHT = 0.75
+CARRY_ABOVE_WEIGHT = 0.5
 
 
 def verify(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, u_accept: torch.Tensor,
@@ -63,6 +81,29 @@ def next_window(p: torch.Tensor, fresh: torch.Tensor, gained: torch.Tensor, rand
     q = torch.where(carry[..., None], p.gather(1, src[..., None].expand(b, length, v)),
                     F.one_hot(random_drafts, v).to(p.dtype))
     return drafts, q
+
+
+def refill(drafts: torch.Tensor, q: torch.Tensor, carry: torch.Tensor, above: torch.Tensor,
+           known_above: torch.Tensor, random: torch.Tensor, u_mix: torch.Tensor, code_q: torch.Tensor,
+           kind: torch.Tensor):
+    """Apply each row's draft initialisation (DRAFT_KINDS[kind], kind [B]) to a window.
+
+    drafts, q [B, L(, V)]: the Jacobi carry-over, valid where carry [B, L]; above [B, L]: the local
+    id one row above each position, valid where known_above; random [B, L]: codes drawn from
+    code_q [V] (sampling.uniform_codes); u_mix [B, L]: uniforms choosing the mixture's part.
+    Returns (drafts, q), q the exact distribution each draft was drawn from.
+    """
+    v = q.shape[-1]
+    rand_q = F.one_hot(random, v).to(q.dtype)
+    above_q = F.one_hot(above, v).to(q.dtype)
+    use_above = (kind >= 1)[:, None] & known_above & ~carry
+    fresh = torch.where(use_above & (u_mix < ABOVE_WEIGHT), above, random)
+    fresh_q = torch.where(use_above[..., None], ABOVE_WEIGHT * above_q + (1 - ABOVE_WEIGHT) * code_q, rand_q)
+    mix_carry = (kind == 2)[:, None] & known_above & carry
+    carried = torch.where(mix_carry & (u_mix < CARRY_ABOVE_WEIGHT), above, drafts)
+    carried_q = torch.where(mix_carry[..., None], CARRY_ABOVE_WEIGHT * above_q + (1 - CARRY_ABOVE_WEIGHT) * q, q)
+    return (torch.where(carry, carried, fresh),
+            torch.where(carry[..., None], carried_q, fresh_q))
 
 
 def force_layout(drafts: torch.Tensor, q: torch.Tensor, kind: torch.Tensor, n_codes: int):

@@ -289,12 +289,16 @@ class GenerateConfig(Section):
     top_k: int = 4096
     sjd: bool = True
     sjd_window: int = 16
-    # The engine (issue 6, model/engine.py, docs/generate.md): weight-only quantization (int8 on CPU,
-    # int4 on CUDA), torch.compile of the decode step (CUDA graphs, GPUs only), and the granularity
-    # of the attended cache length (one compiled graph per bucket).
-    quantize: Literal["none", "int8", "int4"] = "none"
-    compile: bool = False
-    kv_bucket: int = 512
+    # The engine (issues 6 and 13, model/engine.py, docs/generate.md). `auto` is resolved per device
+    # by tasks.generate.engine_settings: int4 weight-only + the compiled step on CUDA, neither on a
+    # CPU (int8 is no faster there), so one config file runs on both; int4 asked on a CPU is an
+    # error before Ray starts. compile: full (the whole step; if compiling fails the engine falls
+    # back to the compiled forward with an eager sampling half, then to eager) or eager; true/false
+    # mean full/eager.
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
+    compile: Literal["auto", "full", "eager"] | bool = "auto"
+    kv_bucket: int = Field(512, ge=1)  # attended cache length granularity (one compiled graph per bucket)
+    prefill_tokens: int = Field(2048, ge=64)  # tokens per prefill forward: bounds its activation memory (engine default)
     # Bulk jobs (issue 7): inputs, counts, best-of-N and the quality filter, work units.
     inputs: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "shapes", "count": 4, "seed": 0, "tasks": ["t2i", "control:canny"]}
@@ -312,7 +316,9 @@ class GenerateConfig(Section):
     seed: int = 0
     pairs_per_unit: int = Field(16, ge=1)
     workers: int = Field(1, ge=1)  # engine actors on CPU; on GPUs one per GPU
-    max_batch: int = Field(8, ge=1)  # the engine's continuous batch (sequences per actor)
+    # The engine's continuous batch (images per actor). auto: as many as fit the GPU's free memory
+    # (Engine.fit_batch), 8 on a CPU; a number is a bound (tasks.generate.batch_that_fits).
+    max_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     job_retries: int = Field(2, ge=0)  # reruns of the remaining units after a Ray failure (a lost node)
     max_side: int = Field(2048, ge=32)
     max_count: int = Field(1000, ge=1)

@@ -13,6 +13,7 @@ arrive. Ray Data restarts an actor that dies and retries its unit (write_shard i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -47,10 +48,65 @@ def make_units(pairs: list[PairSpec], per_unit: int) -> list[dict]:
     return units
 
 
-def job_config(cfg) -> dict:
-    """What determines the rows (stored in the manifest; a rerun with other values is refused)."""
-    gen = cfg.generate.model_dump(exclude={"workers", "contact_sheet_pairs"})
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engines of a job run, resolved once by the driver from the config and the device."""
+
+    device: str  # cpu | cuda
+    quantize: str  # none | int8 | int4
+    compile: str  # full | eager: what was asked; a row's params hold what ran (full may fall back)
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "quantize": self.quantize, "compile": self.compile}
+
+
+def engine_settings(gen, device: str) -> EngineSettings:
+    """Resolve generate.quantize / generate.compile for the device the engines run on.
+
+    `auto`: int4 weight-only and the compiled step on CUDA (the paper's setup, what a GPU user
+    wants without thinking); none and eager on a CPU, where torchao has no int4 kernel, int8 is
+    no faster (docs/generate.md's CPU table) and inductor's compile costs more than it saves on a
+    short job. int4 asked on a CPU is a ConfigError naming the field (the CLI prints it as one
+    line, before Prefect or Ray start)."""
+    from tasks.config import ConfigError
+
+    cuda = device == "cuda"
+    quantize = gen.quantize if gen.quantize != "auto" else ("int4" if cuda else "none")
+    if quantize == "int4" and not cuda:
+        raise ConfigError(f"generate.quantize: int4 needs a CUDA GPU (torchao has no CPU int4 kernel) and this job's "
+                          f"engines run on {device}; set generate.quantize to int8, none or auto")
+    compile = gen.compile
+    if compile == "auto":
+        compile = "full" if cuda else "eager"
+    elif isinstance(compile, bool):
+        compile = "full" if compile else "eager"
+    return EngineSettings(device, quantize, compile)
+
+
+def local_device() -> str:
+    """Where an in-process Ray's actors run: this machine's GPU if it has one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def preflight(cfg) -> EngineSettings | None:
+    """The checks of a generate config that need no data and no Ray (the CLI runs them first):
+    the engine settings for this machine when Ray runs in-process; None for a cluster, whose
+    devices are known once Ray is up."""
+    import os
+
+    cluster = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # as tasks.ray_jobs.ray_started decides
+    return None if cluster else engine_settings(cfg.generate, local_device())
+
+
+def job_config(cfg, settings: EngineSettings) -> dict:
+    """What determines the rows (stored in the manifest; a rerun with other values is refused).
+    quantize and compile are the resolved ones: `auto` on a CPU and `none` are the same rows, and
+    int4 rows are never resumed with int8 ones."""
+    gen = cfg.generate.model_dump(exclude={"workers", "contact_sheet_pairs", "max_batch", "prefill_tokens"})
     gen["rewrite"] = {k: gen["rewrite"][k] for k in ("endpoint", "model", "system_prompt")}
+    gen.update(quantize=settings.quantize, compile=settings.compile)
     return {"models": cfg.models.model_dump(), "generate": gen, "evaluate": cfg.evaluate.model_dump()}
 
 
@@ -71,6 +127,12 @@ class Parts:
     movqgan: Any
     fingerprint: str
     device: str = "cpu"
+    quantize: str = "none"
+
+    def engine_params(self) -> dict:
+        """What a row records of the engine that made it: the quantization, and the compile mode
+        that ran (after any fallback: model/engine.py)."""
+        return {"quantize": self.quantize, "compile": getattr(self.engine, "compile_mode", "eager")}
 
 
 def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:
@@ -111,12 +173,9 @@ def check_models(cfg) -> str:
     return model_fingerprint(m.decoder_path, movqgan_sha256, layout.fingerprint)
 
 
-def load_parts(cfg, fingerprint: str | None = None) -> Parts:
-    """Load the decoder named by the config (transformers-format folder), wrap it in the engine.
-    `fingerprint`: check_models' answer, from the driver (None: computed here)."""
-    import torch
-
-    from model.engine import Engine
+def load_parts(cfg, fingerprint: str | None = None, settings: EngineSettings | None = None) -> Parts:
+    """Load the decoder named by the config (transformers-format folder), quantize it, wrap it in
+    the engine. `fingerprint`, `settings`: the driver's answers (None: computed here)."""
     from model.hf_checkpoint import load_decoder
     from model.layout import Layout
     from model.movqgan import load_movqgan
@@ -126,7 +185,10 @@ def load_parts(cfg, fingerprint: str | None = None) -> Parts:
         raise RequestError("models.decoder_path is not set: name a transformers-format decoder folder")
     if not m.movqgan_path:
         raise RequestError("models.movqgan_path is not set: name a MoVQGAN checkpoint (.ckpt/.pt/.safetensors)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = local_device()
+    settings = settings or engine_settings(cfg.generate, device)
+    if settings.device != device:  # the driver counted GPUs this actor does not see
+        raise RequestError(f"generate: the job was set up for {settings.device} engines, this actor has {device}")
     layout = Layout.from_config(m)
     model, meta = load_decoder(m.decoder_path, device=device)
     fp = checkpoint_layout_fingerprint(meta)
@@ -136,9 +198,45 @@ def load_parts(cfg, fingerprint: str | None = None) -> Parts:
             "use the tokenizer the checkpoint was trained with (models.tokenizer, models.tokenizer_path)"
         )
     movq = load_movqgan(m.movqgan_path, m.movqgan_preset, device=device, config=m.movqgan)
-    engine = Engine(model, layout, max_batch=cfg.generate.max_batch, device=device, compile=device == "cuda",
-                    window=cfg.generate.sjd_window)
-    return Parts(engine, layout, movq, fingerprint or check_models(cfg), device)
+    engine = build_engine(model, layout, cfg.generate, settings)
+    return Parts(engine, layout, movq, fingerprint or check_models(cfg), device, settings.quantize)
+
+
+def build_engine(model, layout, gen, settings: EngineSettings):
+    """The job's engine: the model quantized as settings say, the batch as large as gen.max_batch
+    asks and the device's free memory allows (Engine.fit_batch, the one place that computes it),
+    the prefill chunked to gen.prefill_tokens."""
+    from model.engine import Engine
+    from model.quantize import quantize_decoder
+
+    quantize_decoder(model, settings.quantize)
+    max_batch = batch_that_fits(model, layout, gen, settings.device)
+    return Engine(model, layout, max_batch=max_batch, device=settings.device, compile=settings.compile != "eager",
+                  window=gen.sjd_window, kv_bucket=gen.kv_bucket, prefill_tokens=gen.prefill_tokens)
+
+
+def batch_that_fits(model, layout, gen, device: str) -> int:
+    """The engine's batch: gen.max_batch on a CPU (8 for `auto`); on CUDA as many slots as the free
+    memory holds beside the loaded weights (Engine.fit_batch), at most gen.max_batch when it is a
+    number."""
+    import torch
+
+    from model.engine import Engine
+
+    if device != "cuda":
+        return 8 if gen.max_batch == "auto" else gen.max_batch
+    free = torch.cuda.mem_get_info()[0]
+    fits = Engine.fit_batch(model, max_seq=model.args.max_seq_len, free_bytes=free, window=gen.sjd_window,
+                            n_local=layout.codebook_size + 2, prefill_tokens=gen.prefill_tokens)
+    if fits < 1:
+        raise RequestError(f"generate: not one engine slot ({model.args.max_seq_len} positions) fits the "
+                           f"{free / 2**30:.1f} GiB free beside the weights; use generate.quantize int4 or a larger GPU")
+    if gen.max_batch == "auto":
+        return fits
+    if gen.max_batch > fits:
+        log.warning("generate: generate.max_batch %d does not fit the free memory; running %d (Engine.fit_batch)",
+                    gen.max_batch, fits)
+    return min(gen.max_batch, fits)
 
 
 def model_fingerprint(decoder_path: str, movqgan_sha256: str, layout_fingerprint: str) -> str:
@@ -157,13 +255,14 @@ def model_fingerprint(decoder_path: str, movqgan_sha256: str, layout_fingerprint
 class GenerateWorker:
     """Ray actor: one unit of pairs -> samples -> best-of-N -> one shard + rejects."""
 
-    def __init__(self, cfg: dict, out_uri: str, parts: Parts | None = None, fingerprint: str | None = None):
+    def __init__(self, cfg: dict, out_uri: str, parts: Parts | None = None, fingerprint: str | None = None,
+                 settings: dict | None = None):
         from tasks.config import PipelineConfig
         from tasks.verify import make_scorers
 
         self.cfg = PipelineConfig.model_validate(cfg)
         self.out_uri = out_uri
-        self.parts = parts or load_parts(self.cfg, fingerprint)
+        self.parts = parts or load_parts(self.cfg, fingerprint, EngineSettings(**settings) if settings else None)
         self.scorers = make_scorers(self.cfg)
         self.node = _node_id()
         # pyarrow's first conversion from Python objects imports pandas (about 0.3 s): an actor's
@@ -190,33 +289,16 @@ class GenerateWorker:
 
     def run_pairs(self, pairs: list[PairSpec]) -> tuple[list[dict], list[dict], dict]:
         """Generate, decode, verify and choose for a list of pairs (no I/O): rows, rejects, stats."""
-        import torch
-
-        from model.engine import Request
         from tasks.verify import best_index, passes, scorer_for
 
         gen = self.cfg.generate
-        layout, movq = self.parts.layout, self.parts.movqgan
         requests, owner = [], {}
         t0 = time.perf_counter()
         for p in pairs:
-            upper_codes = None
-            if p.upper is not None:
-                upper = np.array(_open_rgb(p.upper))[None]
-                with torch.inference_mode():
-                    upper_codes = movq.encode(upper)[0].cpu().numpy()
             n = gen.best_of if scorer_for(self.scorers, p.task) else 1
-            ids = layout.encode_prompt(p.prompt)
-            for j in range(n):
-                rid = f"{p.id}|{j}"
-                owner[rid] = (p, j)
-                requests.append(
-                    Request(
-                        id=rid, prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
-                        seed=sample_seed(p.seed, j), cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
-                        sjd=gen.sjd, window=gen.sjd_window, task=p.task,
-                    )
-                )
+            for j, req in enumerate(pair_requests(p, self.parts.layout, self.parts.movqgan, gen, n)):
+                owner[req.id] = (p, j)
+                requests.append(req)
         t_gen = time.perf_counter()
         results = {r.id: r for r in self.parts.engine.generate(iter(requests))}
         t_dec = time.perf_counter()
@@ -247,7 +329,7 @@ class GenerateWorker:
                 detail = {"scorer": scorer.name, "score": round(score, 4), "threshold": gen.thresholds[scorer.name], "seed": sample_seed(p.seed, j)}
                 rejects.append(_reject(p, "verify", "below_threshold", json.dumps(detail)))
                 continue
-            params = dict(p.params, best_of=len(got), sample=j, pair_seed=p.seed)
+            params = dict(p.params, best_of=len(got), sample=j, pair_seed=p.seed, **self.parts.engine_params())
             if scorer:
                 params.update(scorer=scorer.name, scores=[round(float(s), 4) for s in scores])
             rows.append(
@@ -301,6 +383,24 @@ class GenerateWorker:
         return upper, image[half:]
 
 
+def pair_requests(p: PairSpec, layout, movqgan, gen, n: int = 1) -> list:
+    """The engine requests of a pair's n samples (ids "<pair id>|<j>"): its prompt, size and seeds,
+    the upper panel MoVQGAN-encoded for image-to-image tasks, sampling as the config says. The job
+    and the benchmarks (bench/bulk.py, bench/generate.py acceptance) build them here."""
+    import torch
+
+    from model.engine import Request
+
+    upper_codes = None
+    if p.upper is not None:
+        with torch.inference_mode():
+            upper_codes = movqgan.encode(np.array(_open_rgb(p.upper))[None])[0].cpu().numpy()
+    ids = layout.encode_prompt(p.prompt)
+    return [Request(id=f"{p.id}|{j}", prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
+                    seed=sample_seed(p.seed, j), cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
+                    sjd=gen.sjd, window=gen.sjd_window, task=p.task) for j in range(n)]
+
+
 def _open_rgb(data: bytes):
     from PIL import Image
 
@@ -339,12 +439,12 @@ def _node_id() -> str | None:
 
 def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls: type = GenerateWorker) -> dict:
     """Run (or resume) the whole job; returns a small summary (URIs, counts, rates, statistics)."""
-    from storage import DatasetWriter
-    from tasks.ray_jobs import map_units, ray_started
+    from tasks.ray_jobs import ray_started
     from tasks.rewrite import make_rewriter
 
     t0 = time.perf_counter()
     gen = cfg.generate
+    settings = preflight(cfg)  # int4 asked on a CPU fails here, before anything is read or written
     rewriter = make_rewriter(cfg)
     expanded = expand_inputs(cfg, rewrite=rewriter)  # all validation happens here, before any model
     if not expanded.pairs:
@@ -355,7 +455,47 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
     units = make_units(expanded.pairs, gen.pairs_per_unit)
     uri = output_uri(cfg)
     job_digest = hashlib.sha256("\n".join(p.id for p in expanded.pairs).encode()).hexdigest()[:16]
-    writer = DatasetWriter(uri, kind="generated", config=job_config(cfg), inputs=_input_manifests(cfg),
+    with contextlib.ExitStack() as ray_scope:
+        if settings is None:  # a cluster: its devices decide, so Ray starts before the dataset is opened
+            ray_scope.enter_context(ray_started(cfg.ray))
+            settings = engine_settings(gen, "cuda" if _cluster_gpus() else "cpu")
+        return _run_units(cfg, settings, expanded, units, uri, job_digest, fingerprint, rewriter, progress,
+                          worker_cls, ray_scope, t0)
+
+
+def check_resume(uri: str, settings: EngineSettings) -> None:
+    """A dataset begun with other engine settings is not resumed: its rows would mix two models
+    (int4 and int8 weights sample differently). Said here by name; the writer's own check then
+    covers every other field of the config."""
+    from storage import DatasetNotFoundError, read_manifest, resolve
+
+    try:
+        made = read_manifest(resolve(uri)).get("config", {}).get("generate", {})
+    except DatasetNotFoundError:
+        return
+    asked = {"quantize": settings.quantize, "compile": settings.compile}
+    differ = {k: (made.get(k), v) for k, v in asked.items() if k in made and made[k] != v}
+    if differ:
+        what = ", ".join(f"generate.{k} {old!r} (this run: {new!r})" for k, (old, new) in differ.items())
+        raise RequestError(f"{uri}: its rows were generated with {what}; rerun with those settings to resume it, "
+                           "or write to another generate.output")
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _run_units(cfg, settings, expanded, units, uri, job_digest, fingerprint, rewriter, progress, worker_cls,
+               ray_scope, t0) -> dict:
+    from storage import DatasetWriter
+    from tasks.ray_jobs import map_units, ray_started
+
+    gen = cfg.generate
+    log.info("generate: engines on %s, quantize %s, compile %s", settings.device, settings.quantize, settings.compile)
+    check_resume(uri, settings)
+    writer = DatasetWriter(uri, kind="generated", config=job_config(cfg, settings), inputs=_input_manifests(cfg),
                            meta={"job": job_digest, "pairs": len(expanded.pairs), "units": len(units)})
     if REQUEST_UNIT not in writer.done_units:
         writer.write_unit(REQUEST_UNIT, None, expanded.rejects or None)
@@ -369,29 +509,27 @@ def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls
     log.info("generate: %d pairs in %d units, %d already done -> %s", len(expanded.pairs), len(units), state["done_units"], uri)
     _report(state, progress)
     if todo:
-        with ray_started(cfg.ray):
-            import ray
-
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            workers = gpus if gpus else gen.workers
-            for attempt in range(gen.job_retries + 1):
-                todo = [u for u in units if u["unit"] not in writer.done_units]
-                if not todo:
-                    break
-                try:
-                    for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri),
-                                            actor_kwargs={"fingerprint": fingerprint}, num_workers=workers,
-                                            num_gpus=1 if gpus else 0, num_cpus=1):
-                        writer.commit(result["info"])
-                        log.info("generate: unit %s committed (node %s, %.1f s)", result["info"]["unit"],
-                                 result["stats"].get("node"), result["stats"]["unit_s"])
-                        _account(state, result["stats"])
-                        _report(state, progress)
-                except Exception as e:  # a lost node can fail the whole Ray Data run: resume the rest
-                    if attempt == gen.job_retries or not _is_ray_failure(e):
-                        raise
-                    log.warning("generate: Ray failure (%s: %s); rerunning the %d units not committed",
-                                type(e).__name__, str(e)[:200], len([u for u in units if u["unit"] not in writer.done_units]))
+        ray_scope.enter_context(ray_started(cfg.ray))  # (a no-op when the cluster's Ray is already up)
+        gpus = _cluster_gpus() if settings.device == "cuda" else 0
+        workers = gpus if gpus else gen.workers
+        for attempt in range(gen.job_retries + 1):
+            todo = [u for u in units if u["unit"] not in writer.done_units]
+            if not todo:
+                break
+            try:
+                for result in map_units(todo, worker_cls, actor_args=(cfg.model_dump(), uri),
+                                        actor_kwargs={"fingerprint": fingerprint, "settings": settings.to_dict()},
+                                        num_workers=workers, num_gpus=1 if gpus else 0, num_cpus=1):
+                    writer.commit(result["info"])
+                    log.info("generate: unit %s committed (node %s, %.1f s)", result["info"]["unit"],
+                             result["stats"].get("node"), result["stats"]["unit_s"])
+                    _account(state, result["stats"])
+                    _report(state, progress)
+            except Exception as e:  # a lost node can fail the whole Ray Data run: resume the rest
+                if attempt == gen.job_retries or not _is_ray_failure(e):
+                    raise
+                log.warning("generate: Ray failure (%s: %s); rerunning the %d units not committed",
+                            type(e).__name__, str(e)[:200], len([u for u in units if u["unit"] not in writer.done_units]))
     fixed = reconcile(writer, {u["unit"] for u in units} - done)
     manifest = writer.finalize(pairs=len(expanded.pairs), request_rejects=len(expanded.rejects), recommitted=fixed)
     elapsed = time.perf_counter() - t0
@@ -505,15 +643,21 @@ def _input_manifests(cfg) -> list[dict]:
 def main() -> None:
     import argparse
 
+    import sys
+
     from tasks.build_panels import contact_sheet  # one contact sheet for panels and generated pairs
-    from tasks.config import load_config
+    from tasks.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. generate.best_of=2")
     args = ap.parse_args()
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg)
+    except ConfigError as e:
+        sys.exit(f"tasks.generate: error: {e}")
     summary = run_generate(cfg)
     summary["contact_sheet"] = contact_sheet(summary["uri"], cfg.generate.contact_sheet_pairs)
     print(json.dumps(summary, indent=1))

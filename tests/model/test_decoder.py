@@ -76,3 +76,36 @@ def test_static_cache_matches_full_forward_per_row_positions(tiny_args, random_d
             pos = pos + torch.tensor([1, 2, 3])  # each row keeps a different number of the window
     model.clear_cache()
     assert not model.has_cache
+
+
+def test_fused_projections_compute_the_same_and_keep_the_keys_on_disk(random_decoder, tiny_args, tmp_path):
+    """fuse_projections: one GEMM for q/k/v and one for gate/up; the numbers, the state_dict keys
+    and shapes, save_decoder's files and load_state_dict's input are those of the separate layers."""
+    from model.hf_checkpoint import load_decoder, save_decoder
+
+    model = random_decoder(tiny_args(), seed=5)
+    tokens = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections()
+    assert model.fused and not hasattr(model.layers[0].attention, "wq")
+    assert model.layers[0].attention.wqkv.weight.shape == (3 * 64, 64)
+    assert model.layers[0].feed_forward.w13.weight.shape == (2 * 160, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), want, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    # the release's files: written unfused, read back into an unfused decoder, equal
+    save_decoder(model, tmp_path / "ckpt")
+    loaded, _ = load_decoder(tmp_path / "ckpt")
+    assert not loaded.fused
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), want, rtol=1e-5, atol=1e-5)
+    # separate keys load into a fused model
+    other = random_decoder(tiny_args(), seed=6).fuse_projections()
+    other.load_state_dict(before)
+    with torch.no_grad():
+        torch.testing.assert_close(other(tokens), want, rtol=1e-5, atol=1e-5)

@@ -104,7 +104,8 @@ def test_int8_weight_only_on_cpu(model, small_layout):
         want = model(tokens)
     before = weight_bytes(model)
     quantize_decoder(model, "int8")
-    assert type(model.layers[0].feed_forward.w1.weight).__name__ != "Parameter"  # a torchao quantized tensor
+    assert model.fused  # q/k/v and gate/up fused before quantizing: one int8 GEMM each
+    assert type(model.layers[0].feed_forward.w13.weight).__name__ != "Parameter"  # a torchao quantized tensor
     assert weight_bytes(model) < 0.6 * before
     with torch.no_grad():
         got = model(tokens)
@@ -146,3 +147,76 @@ def test_with_the_real_shapes_layout(random_decoder):
     np.testing.assert_array_equal(out["e"].codes[:2], upper)
     ids, _ = lay.encode_sample("x", out["e"].codes)
     np.testing.assert_array_equal(lay.parse_image(ids), out["e"].codes)
+
+
+def test_chunked_prefill_gives_the_same_cache_and_images(model, small_layout):
+    """prefill_tokens bounds the tokens of each prefill forward; the cache it leaves and the images
+    are those of one forward over all contexts (the chunks attend to what the earlier ones wrote)."""
+    import torch
+
+    reqs, _ = mixed_requests(small_layout)
+    whole = Engine(model, small_layout, max_batch=6, window=8, kv_bucket=64)
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(a[0].numel()), with_kwargs=True)
+    whole._prefill([(b, _job(whole, r)) for b, r in enumerate(reqs)])
+    one_forward = list(sizes)
+    cache = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone()) for layer in model.layers]
+    sizes.clear()
+    chunked = Engine(model, small_layout, max_batch=6, window=8, kv_bucket=64, prefill_tokens=40)
+    chunked._prefill([(b, _job(chunked, r)) for b, r in enumerate(reqs)])
+    hook.remove()
+    assert len(one_forward) == 1 and max(sizes) <= 40 < one_forward[0] and len(sizes) > 3
+    for layer, (k, v) in zip(model.layers, cache):
+        c = layer.attention.kv_cache
+        n = max(len(j.context) for j in chunked.jobs) - 1  # slots below every row's context
+        for row, job in enumerate(chunked.jobs):
+            m = len(job.context) - 1
+            torch.testing.assert_close(c.k[row, :, :m], k[row, :, :m], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c.v[row, :, :m], v[row, :, :m], rtol=1e-5, atol=1e-6)
+        assert n > 40
+    model.clear_cache()
+    want = {r.id: r.codes for r in Engine(model, small_layout, max_batch=3, window=8, kv_bucket=64).generate(reqs)}
+    got = Engine(model, small_layout, max_batch=3, window=8, kv_bucket=64, prefill_tokens=16).generate(reqs)
+    for r in got:
+        np.testing.assert_array_equal(r.codes, want[r.id], err_msg=r.id)
+
+
+def _job(engine, r):
+    from model.engine import _Job
+
+    ctx, rows, cols = engine.check(r)
+    b = engine.jobs.index(None)
+    engine.jobs[b] = _Job(r, ctx, rows, cols, 0.0)
+    return engine.jobs[b]
+
+
+def test_fit_batch_is_the_engines_own_rule(model, small_layout):
+    """fit_batch answers the largest batch check_fits accepts; a batch that cannot fit is one clear
+    error naming max_batch, the memory asked and the memory free (the engine checks with it)."""
+    from model.decoder import ModelArgs
+
+    args = ModelArgs.from_name("7b")
+    gib = 2 ** 30
+    for free in (20 * gib, 123.5 * gib, 139 * gib):
+        best = Engine.fit_batch(args, 9789, free, margin=0.1)
+        assert best >= 1
+        Engine.check_fits(args, best, 9789, free, margin=0.1)  # what fit_batch chose is never refused
+        with pytest.raises(ValueError, match=f"max_batch {best + 1} needs [0-9.]+ GiB .* GiB are free: use max_batch {best} "):
+            Engine.check_fits(args, best + 1, 9789, free, margin=0.1)
+    need = Engine.memory_needed(args, 1, 9789)
+    assert need["kv_cache"] == 2 * 9789 * 32 * 2 * 4096 * 2  # bf16: 2 rows x slots x layers x K,V x dim
+    assert Engine.fit_batch(args, 9789, need["total"] // 2) == 0
+    # 26 rows x 9789 slots did not fit 123.5 GiB on the H200 (../shared/GPU.md): fit_batch agrees
+    assert Engine.fit_batch(args, 9789, 123.5 * gib) < 13
+
+    calls = []
+
+    class Tight(Engine):
+        def _free_bytes(self):
+            calls.append(1)
+            return Engine.memory_needed(model, 2, 256, n_local=18)["total"] / 0.9
+
+    Tight(model, small_layout, max_batch=2, window=16, max_seq=256, kv_bucket=64)
+    with pytest.raises(ValueError, match=r"Engine: max_batch 3 needs [0-9.]+ MiB .* MiB are free: use max_batch 2"):
+        Tight(model, small_layout, max_batch=3, window=16, max_seq=256, kv_bucket=64)
+    assert len(calls) == 2
