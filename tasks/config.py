@@ -127,11 +127,16 @@ class TrainConfig(Section):
     checkpoint_every: int = 50  # optimizer steps between torch.distributed.checkpoint saves
     keep_checkpoints: int = 2
     compile: bool = True  # GPU only: torch.compile each layer
-    activation_checkpointing: bool = True
+    # none | selective (matmul and attention outputs kept) | full (layer inputs kept) | auto: the
+    # least recompute that fits the GPU's memory at the stage's longest micro batch (none on CPUs);
+    # true/false mean full/none (model/training.py, docs/train.md).
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] | bool = "auto"
     mixed_precision: bool = True  # GPU only: bf16 params, fp32 reduce
     peak_tflops: float | None = None  # for MFU; None: datasheet (GPU) or measured (CPU)
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    max_failures: int = 0  # Ray Train restarts of the worker group (each resumes from the checkpoint)
+    max_failures: int = 3  # Ray Train restarts of the worker group after a lost worker (each resumes from the
+    # newest checkpoint); -1: no limit, 0: fail the run at once (a rerun resumes)
+    max_nonfinite: int = 5  # a non-finite loss skips the step; this many in a row stop the run
     fault: str | None = None  # "stage:step": kill a worker after that step (resume tests only)
     stages: list[StageConfig] = Field(default_factory=list)
 
