@@ -150,6 +150,7 @@ class Folder:
         pafs.copy_files(local_dir, self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def download(self, local_dir: str) -> None:
+        os.makedirs(local_dir, exist_ok=True)
         pafs.copy_files(self.path, local_dir, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
 
 
