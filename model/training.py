@@ -51,6 +51,8 @@ class Batch:
     inputs: torch.Tensor
     labels: torch.Tensor
     tokens: int = 0  # real (unpadded) input positions
+    positions: torch.Tensor | None = None  # packed rows: each sample's positions start at 0
+    doc: torch.Tensor | None = None  # packed rows: which sample of the row each position is (-1: padding)
 
     @property
     def supervised(self) -> int:
@@ -93,6 +95,85 @@ def make_batch(samples: list[tuple[list[int], int]], pad_id: int = 0, pad_multip
         labels[i, :n] = lab
     real = sum(len(ids) - 1 for ids, _ in samples)
     return Batch(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True), real)
+
+
+def pack(lengths: list[int], length: int) -> list[list[int]]:
+    """Sample indices per row: first-fit decreasing into rows of `length` input positions (a
+    sample of n tokens takes n - 1 positions). A sample longer than a row is an error."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        need = lengths[i] - 1
+        if need > length:
+            raise ValueError(f"pack: a sample of {lengths[i]} tokens does not fit rows of {length} positions")
+        for r, room in enumerate(free):
+            if room >= need:
+                rows[r].append(i)
+                free[r] -= need
+                break
+        else:
+            rows.append([i])
+            free.append(length - need)
+    return rows
+
+
+def make_packed_batches(samples: list[tuple[list[int], int]], length: int, rows_per_batch: int,
+                        n_batches: int | None = None, pad_id: int = 0,
+                        device: torch.device | str = "cpu") -> list[Batch]:
+    """(ids, loss_start) samples -> micro batches of exactly [rows_per_batch, length]: samples
+    packed into rows (pack()), positions restarting at 0 in each sample, `doc` telling the
+    samples of a row apart so attention stays inside each (attention_mask). One shape for the
+    whole stage: a compiled step never sees another. n_batches pads with empty micro batches
+    (no supervised token) so every rank runs as many forwards as the others (FSDP collectives).
+    Each sample's labels are exactly make_batch's, so the loss is the padded batch's loss.
+    """
+    rows = pack([len(ids) for ids, _ in samples], length)
+    need = -(-len(rows) // rows_per_batch)
+    n = max(need, n_batches or 0)
+    inputs = torch.full((n * rows_per_batch, length), pad_id, dtype=torch.long)
+    labels = torch.full_like(inputs, IGNORE)
+    positions = torch.zeros_like(inputs)
+    doc = torch.full_like(inputs, -1)
+    real = [0] * n
+    for r, members in enumerate(rows):
+        at = 0
+        for j, i in enumerate(members):
+            ids, loss_start = samples[i]
+            x = torch.as_tensor(ids, dtype=torch.long)
+            m = len(ids) - 1
+            inputs[r, at:at + m] = x[:-1]
+            lab = x[1:].clone()
+            lab[: max(loss_start - 1, 0)] = IGNORE
+            labels[r, at:at + m] = lab
+            positions[r, at:at + m] = torch.arange(m)
+            doc[r, at:at + m] = j
+            at += m
+            real[r // rows_per_batch] += m
+    out = []
+    for k in range(n):
+        sl = slice(k * rows_per_batch, (k + 1) * rows_per_batch)
+        out.append(Batch(inputs[sl].to(device, non_blocking=True), labels[sl].to(device, non_blocking=True), real[k],
+                         positions[sl].to(device, non_blocking=True), doc[sl].to(device, non_blocking=True)))
+    return out
+
+
+def attention_mask(doc: torch.Tensor, flex: bool | None = None):
+    """The mask of packed rows: position q sees position k when both belong to the same sample
+    (padding counts as one more) and k <= q. flex (default on CUDA): a FlexAttention BlockMask,
+    computing only the blocks inside samples; otherwise a bool [B, 1, T, T] for SDPA (CPUs:
+    FlexAttention has no backward there)."""
+    b, t = doc.shape
+    if flex is None:
+        flex = doc.is_cuda
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_sample_causal(bi, h, q, k):
+            return (doc[bi, q] == doc[bi, k]) & (k <= q)
+
+        return create_block_mask(same_sample_causal, b, None, t, t, device=doc.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def cfg_dropped(seed: int, *key, p: float = 0.1) -> bool:
@@ -346,7 +427,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     ce_sum = z_sum = 0.0
     for i, b in enumerate(micro_batches):
         with _no_grad_sync(model, last=i == len(micro_batches) - 1):
-            hidden = model(b.inputs, return_hidden=True)
+            if b.doc is None:
+                hidden = model(b.inputs, return_hidden=True)
+            else:  # packed rows
+                hidden = model(b.inputs, input_pos=b.positions, return_hidden=True, attn_mask=attention_mask(b.doc))
             ce, zz, _ = chunked_loss(hidden, b.labels, inner.output, chunk=loss_chunk)
             # DDP and FSDP average gradients over ranks: scale by world so the result is the
             # sum over the global batch divided by its supervised tokens.
