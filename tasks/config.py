@@ -124,6 +124,11 @@ class TrainConfig(Section):
     cfg_drop: float = 0.1  # share of samples that keep only their image part (CFG)
     loss_chunk: int = 2048  # supervised positions per chunk of the output head
     pad_multiple: int = 8
+    # Static shapes (GPUs: one compiled graph per stage): each step's samples packed into rows of
+    # one length per stage (pack_length, default the stage's longest sample), micro_batch rows a
+    # micro batch, attention kept inside each sample (model/training.py make_packed_batches).
+    pack: bool = False
+    pack_length: int | None = None
     checkpoint_every: int = 50  # optimizer steps between torch.distributed.checkpoint saves
     keep_checkpoints: int = 2
     compile: bool = True  # GPU only: torch.compile each layer

@@ -163,6 +163,13 @@ class StageSchedule:
         return b, rows[perm[i * self.per_rank:(i + 1) * self.per_rank]].tolist()
 
 
+def _pack_length(max_len: int, wanted: int | None) -> int:
+    """Row length of a packed stage: room for its longest sample (n tokens take n - 1 input
+    positions), at least train.pack_length, a multiple of 128 (FlexAttention's block)."""
+    need = max(max_len - 1, wanted or 0)
+    return -(-need // 128) * 128
+
+
 def plan_training(cfg: PipelineConfig) -> dict:
     """Check the config, the dataset and the run folder; return the JSON-able plan the workers run.
 
@@ -238,7 +245,8 @@ def plan_training(cfg: PipelineConfig) -> dict:
                        "decay": st.decay, "min_lr_ratio": st.min_lr_ratio, "steps": steps, "accum": accum,
                        "micro_batch": st.micro_batch, "global_batch": st.global_batch, "rows": int(mine.size),
                        "steps_per_epoch": sched.steps_per_epoch, "px": st.px,
-                       "max_len": int(lengths[mine].max())})
+                       "max_len": int(lengths[mine].max()),
+                       "pack_len": _pack_length(int(lengths[mine].max()), tc.pack_length) if tc.pack else None})
     root = Folder(run_dir(cfg))
     binding = {"format": FORMAT, "preset": cfg.models.decoder_preset, "args": _args_dict(args),
                "layout_fingerprint": layout.fingerprint, "dataset": uri}
@@ -336,7 +344,8 @@ class Worker:
             return "none"
         n_params = sum(p.numel() for p in self._n_params_model().parameters())
         memory = torch.cuda.get_device_properties(self.device).total_memory
-        return choose_activation_checkpointing(self.args, stage["micro_batch"] * stage["max_len"], self.world,
+        tokens = stage["micro_batch"] * (stage.get("pack_len") or stage["max_len"])
+        return choose_activation_checkpointing(self.args, tokens, self.world,
                                                memory, n_params, loss_chunk=self.tc["loss_chunk"])
 
     def _n_params_model(self):
@@ -366,7 +375,8 @@ class Worker:
         if self.rank == 0:
             log.info("%s: activation checkpointing %s", stage["name"], policy)
         model = parallelize(model, self.device, mixed_precision=self.tc["mixed_precision"],
-                            activation_checkpointing=policy, compile=self.tc["compile"])
+                            activation_checkpointing=policy, compile=self.tc["compile"],
+                            compile_dynamic=not stage.get("pack_len"))
         optimizer = build_optimizer(model, stage["lr"], betas=self.tc["betas"], weight_decay=self.tc["weight_decay"])
         if k > 0:
             prev = self.plan["all_stages"][k - 1]
@@ -421,7 +431,7 @@ class Worker:
 
     # -- data ----------------------------------------------------------------------------------
     def _fetch(self, sched: StageSchedule, stage: dict, step: int):
-        from model.training import cfg_dropped, drop_context, make_batch
+        from model.training import cfg_dropped, drop_context, make_batch, make_packed_batches
 
         b, rows = sched.rows_for(step, self.rank)
         table = self.ds.take(rows, columns=["id", "tokens", "loss_start"])
@@ -432,8 +442,26 @@ class Worker:
                 ids, start = drop_context(ids, start, self.plan["image_start"])
             samples.append((ids, start))
         mb = stage["micro_batch"]
+        if stage.get("pack_len"):
+            return b, make_packed_batches(samples, stage["pack_len"], rows_per_batch=mb, device=self.device)
         return b, [make_batch(samples[i:i + mb], pad_multiple=self.tc["pad_multiple"], device=self.device)
                    for i in range(0, len(samples), mb)]
+
+    def _same_count(self, stage: dict, batches: list) -> list:
+        """Packed rows: every rank runs as many micro batches as the one with most (FSDP2 gathers
+        parameters in each forward: the ranks must meet in every one); empty ones have no loss."""
+        import torch
+        import torch.distributed as dist
+
+        from model.training import make_packed_batches
+
+        if not stage.get("pack_len") or self.world == 1:
+            return batches
+        n = torch.tensor([len(batches)], device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        extra = int(n) - len(batches)
+        return batches + make_packed_batches([], stage["pack_len"], stage["micro_batch"], n_batches=extra,
+                                             device=self.device) if extra else batches
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -470,6 +498,7 @@ class Worker:
         pending = pool.submit(self._fetch, sched, stage, start) if start < stage["steps"] else None
         for step in range(start, stage["steps"]):
             b, batches = pending.result()
+            batches = self._same_count(stage, batches)
             if step + 1 < stage["steps"]:
                 pending = pool.submit(self._fetch, sched, stage, step + 1)
             lr = lr_at(step, peak=stage["lr"], total=stage["steps"], warmup=stage["warmup"], decay=stage["decay"],

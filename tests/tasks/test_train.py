@@ -324,3 +324,18 @@ def test_object_store_workdir(tmp_path, layout, monkeypatch):
         _, meta = load_decoder(local)
         assert meta["stage"] == "stage-2" and meta["final_loss"] == second["final_loss"]
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "runs").exists()
+
+
+def test_packed_stage_learns_as_the_padded_one(tmp_path, layout):
+    """train.pack: the same samples in rows of one length (attention inside each sample) give the
+    padded run's losses: packing changes the shapes, not the math."""
+    stages = one_stage(3, buckets=["64x64"])
+    padded = train(make(tmp_path / "a", layout, workers=0, stages=stages))
+    packed = train(make(tmp_path / "b", layout, workers=0, stages=stages, pack=True, pack_length=300))
+    a, b = padded["stages"][0]["losses"], packed["stages"][0]["losses"]
+    assert b == pytest.approx(a, rel=1e-4)
+    ckpt = json.loads((tmp_path / "b" / "runs" / "t" / "stage-1" / "ckpt" / "step-0000002" / "trainer.json")
+                      .read_text())
+    assert ckpt["history"][0]["seq_tokens"] == json.loads(
+        (tmp_path / "a" / "runs" / "t" / "stage-1" / "ckpt" / "step-0000002" / "trainer.json").read_text()
+    )["history"][0]["seq_tokens"]
