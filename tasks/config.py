@@ -87,6 +87,7 @@ class TokenizeConfig(Section):
     input: str = "panels"  # dataset name under the workdir, or a URI
     output: str = "tokens"
     decode_threads: int = 2  # PNG/JPEG decoding threads per actor, overlapping the encoder
+    decode_workers: int = 1  # Ray: CPU actors decoding units ahead of the encoder actors
     compile: bool = False  # torch.compile the encoder (GPU)
     overwrite: bool = False  # start the tokens dataset afresh instead of resuming it
 
