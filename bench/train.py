@@ -19,7 +19,8 @@ The setups (--setups, or --levers for all, cumulative, in this order):
                (FlexAttention block mask on GPUs), compile(dynamic=False): one graph per stage
 All setups share the chunked loss in the logits' dtype and fused AdamW on CUDA.
 Entry point for other scripts (bench.gpu): run(preset=, pxs=, tokens_per_step=, steps=, warmup=,
-compile=, setups=, device=) -> dict. Prints a table and writes bench/results/train-<device>-<preset>.json.
+compile=, setups=, device=) -> dict; setups default to packed on GPUs, ac-auto (padded) on CPUs.
+Prints a table and writes bench/results/train-<device>-<preset>.json.
 """
 from __future__ import annotations
 
@@ -33,8 +34,16 @@ import torch
 import torch.distributed as dist
 
 from model.decoder import Decoder, ModelArgs
-from model.training import (build_optimizer, choose_activation_checkpointing, flops_per_token, make_batch,
-                            make_packed_batches, parallelize, peak_flops, train_step)
+from model.training import (
+    build_optimizer,
+    choose_activation_checkpointing,
+    flops_per_token,
+    make_batch,
+    make_packed_batches,
+    parallelize,
+    peak_flops,
+    train_step,
+)
 
 PROMPT = 40  # tokens of a typical prompt turn
 VOCAB_TINY = 1604  # the shapes layout's vocabulary (model/layout.py)
@@ -55,10 +64,11 @@ def samples(n: int, length: int, vocab: int, seed: int) -> list[tuple[list[int],
     return [(torch.randint(0, vocab, (length,), generator=g).tolist(), PROMPT) for _ in range(n)]
 
 
-def pack_length(length: int, tokens_per_step: int) -> int:
-    """Row length of the packed setup: whole samples, up to about 8k positions a row (a multiple
-    of 128, FlexAttention's block), never more than one step's tokens."""
-    per_row = max(1, min(8192, tokens_per_step) // (length - 1))
+def pack_length(length: int, tokens_per_step: int, cuda: bool) -> int:
+    """Row length of the packed setup, a multiple of 128 (FlexAttention's block): on GPUs whole
+    samples up to about 8k positions a row, never more than one step's tokens; on CPUs one sample
+    a row (an SDPA mask computes the whole row's attention, samples apart or not)."""
+    per_row = max(1, min(8192, tokens_per_step) // (length - 1)) if cuda else 1
     return -(-per_row * (length - 1) // 128) * 128
 
 
@@ -73,9 +83,10 @@ def _ac(setup: dict, args: ModelArgs, device: torch.device, tokens: int) -> str:
 
 
 def run(preset: str = "tiny", pxs: list[int] = (64, 96, 128), tokens_per_step: int = 2048, steps: int = 5,
-        warmup: int = 1, compile: bool = True, setups: list[str] = ("packed",), device: str | None = None) -> dict:
+        warmup: int = 1, compile: bool = True, setups: list[str] | None = None, device: str | None = None) -> dict:
     cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    setups = list(setups or (["packed"] if cuda else ["ac-auto"]))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
@@ -93,7 +104,7 @@ def run(preset: str = "tiny", pxs: list[int] = (64, 96, 128), tokens_per_step: i
         for name in setups:
             setup = SETUPS[name]
             if setup["pack"]:
-                row_len = pack_length(length, tokens_per_step)
+                row_len = pack_length(length, tokens_per_step, cuda)
                 micro = make_packed_batches(data, row_len, rows_per_batch=-(-batch // (row_len // (length - 1))),
                                             device=dev)
             else:
@@ -149,7 +160,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10 if cuda else 5)
     p.add_argument("--warmup", type=int, default=3 if cuda else 1)
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=["packed"])
+    # CPUs: padded (an SDPA mask cannot skip the blocks between samples, so packing costs
+    # attention there); GPUs: packed (FlexAttention computes only the blocks inside samples).
+    p.add_argument("--setups", nargs="+", choices=list(SETUPS), default=["packed"] if cuda else ["ac-auto"])
     p.add_argument("--levers", action="store_true", help="every setup, in order (docs/train.md's table)")
     a = p.parse_args()
     setups = list(SETUPS) if a.levers else a.setups

@@ -54,12 +54,12 @@ def train(config_path: str = "configs/tiny.yaml", overrides: list[str] | None = 
     overrides = list(overrides or [])
     cfg = load_config(config_path, overrides)
     plan = plan_training(cfg)  # every bad-input error before any compute
-    stages = [train_stage(config_path, overrides, s["index"], s["name"]) for s in plan["stages"]]
-    _publish(plan["run_dir"], stages)
-    summary = {"run_dir": plan["run_dir"], "stages": stages, "final_loss": stages[-1]["final_loss"],
-               "export": stages[-1]["export"], "loss_curve": f"{plan['run_dir']}/loss.png",
+    stages = [train_stage(config_path, overrides, s.index, s.name) for s in plan.stages]
+    _publish(plan.run_dir, stages)
+    summary = {"run_dir": plan.run_dir, "stages": stages, "final_loss": stages[-1]["final_loss"],
+               "export": stages[-1]["export"], "loss_curve": f"{plan.run_dir}/loss.png",
                "ran": [s["stage"] for s in stages if s["ran"]],
-               "done": [s["name"] for s in plan["stages"] if stage_done(plan["run_dir"], s["name"])]}
+               "done": [s.name for s in plan.stages if stage_done(plan.run_dir, s.name)]}
     get_run_logger().info("train: %d stages, final loss %.4f, export %s", len(stages), summary["final_loss"],
                           summary["export"])
     return summary

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -284,7 +283,10 @@ AC_POLICIES = ("none", "selective", "full")
 def _selective_policy():
     """Op-level selective checkpointing: keep what is expensive to recompute (matmul outputs and
     attention), recompute the cheap rest (norms, rope, SiLU, products) in backward."""
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+    )
 
     aten = torch.ops.aten
     save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default}
@@ -356,7 +358,9 @@ def parallelize(model: nn.Module, device: torch.device, *, mixed_precision: bool
     unit kept unsharded after forward, as the chunked loss calls it once per chunk.
     CPU: fp32, DDP over the process group when there is one (gloo).
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     distributed = dist.is_available() and dist.is_initialized()
     policy = _ac_policy(activation_checkpointing)

@@ -63,7 +63,7 @@ class Folder:
         self.fs, self.path, self.uri, self.local = loc.fs, loc.path.rstrip("/"), loc.uri.rstrip("/"), loc.local
 
     @classmethod
-    def _at(cls, fs: pafs.FileSystem, path: str, uri: str, local: bool) -> "Folder":
+    def _at(cls, fs: pafs.FileSystem, path: str, uri: str, local: bool) -> Folder:
         f = cls.__new__(cls)
         f.fs, f.path, f.uri, f.local = fs, path.rstrip("/"), uri.rstrip("/"), local
         return f
@@ -74,7 +74,7 @@ class Folder:
     def __repr__(self) -> str:
         return f"Folder({self.uri!r})"
 
-    def __truediv__(self, name: str) -> "Folder":
+    def __truediv__(self, name: str) -> Folder:
         return Folder._at(self.fs, f"{self.path}/{name}", f"{self.uri}/{name}", self.local)
 
     def __str__(self) -> str:
@@ -135,7 +135,7 @@ class Folder:
         if self.exists():
             self.fs.delete_dir(self.path)
 
-    def children(self) -> list["Folder"]:
+    def children(self) -> list[Folder]:
         if not self.exists():
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
@@ -198,7 +198,7 @@ def _write_tensors(folder: Folder, name: str, tensors: dict) -> None:
 
     if folder.local:
         folder.mkdir()
-        save_file(tensors, folder._p(name))  # noqa: SLF001 (the folder is complete only with its marker)
+        save_file(tensors, folder._p(name))
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_file(tensors, os.path.join(tmp, name))
@@ -215,7 +215,7 @@ def _read_tensors(folder: Folder, name: str) -> dict:
         raise CheckpointError(f"{where}: missing in a checkpoint marked complete; delete {folder.uri} to resume "
                               "from the checkpoint before it")
     try:
-        return load_file(folder._p(name)) if folder.local else load(folder.read_bytes(name))  # noqa: SLF001
+        return load_file(folder._p(name)) if folder.local else load(folder.read_bytes(name))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{where}: not a readable safetensors file ({e}); delete {folder.uri} to resume "
                               "from the checkpoint before it") from None
@@ -288,7 +288,11 @@ def read(folder: Folder, with_optimizer: bool = True) -> tuple[dict, dict | None
 
 def gather_state(model, optimizer) -> tuple[dict, dict | None]:
     """Full state dicts (cpu, unsharded). Every rank calls it (FSDP2 gathers); rank 0 gets them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:
@@ -298,7 +302,11 @@ def gather_state(model, optimizer) -> tuple[dict, dict | None]:
 
 def apply_state(model, optimizer, model_state: dict, optim_state: dict | None) -> None:
     """Load full state dicts on every rank: plain on DDP, each rank keeps its shard on FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True)
     if optimizer is None or optim_state is None:

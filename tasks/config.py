@@ -130,7 +130,7 @@ class TrainConfig(Section):
     # micro batch, attention kept inside each sample (model/training.py make_packed_batches).
     pack: bool = False
     pack_length: int | None = None
-    checkpoint_every: int = 50  # optimizer steps between torch.distributed.checkpoint saves
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (tasks/checkpoints.py: safetensors + JSON)
     keep_checkpoints: int = 2
     compile: bool = True  # GPU only: torch.compile each layer
     # none | selective (matmul and attention outputs kept) | full (layer inputs kept) | auto: the
