@@ -170,7 +170,8 @@ def attention_mask(doc: torch.Tensor, flex: bool | None = None):
         def same_sample_causal(bi, h, q, k):
             return (doc[bi, q] == doc[bi, k]) & (k <= q)
 
-        return create_block_mask(same_sample_causal, b, None, t, t, device=doc.device)
+        # compiled on GPUs: the mask is built block by block, never as a [B, T, T] tensor
+        return create_block_mask(same_sample_causal, b, None, t, t, device=doc.device, _compile=doc.is_cuda)
     causal = torch.ones(t, t, dtype=torch.bool, device=doc.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
@@ -295,6 +296,9 @@ def _selective_policy():
         op = getattr(aten, name, None)
         if op is not None:
             save.add(op.default)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)  # packed rows on GPUs
+    if flex is not None:
+        save.add(flex)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
