@@ -120,7 +120,8 @@ def bench_e2e(count: int, size: int, use_ray: bool = False) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"workdir={tmp}", f"panels.source.count={count}", f"panels.rows_per_unit={count}",
-                f"panels.stage_size={size}", "panels.tasks={t2i: 1.0}", "tokenize.rows_per_unit=32"]
+                f"panels.stage_size={size}", f"panels.stage_sizes=[{size}]", "panels.tasks={t2i: 1.0}",
+                "tokenize.rows_per_unit=32"]
         cfg = load_config("configs/tiny.yaml", over)
         run_build(cfg, use_ray=False)
         t = time.perf_counter()
