@@ -1,16 +1,19 @@
 """Benchmark: MoVQGAN-270M encoding, the batched path vs the release's per-image fp32 loop.
 
     python -m bench.tokenize --device cpu                 # CPU: few images, a few minutes
-    python -m bench.tokenize --device cuda --compile      # GPU: bf16 autocast, channels-last, compiled
+    python -m bench.tokenize --device cuda --compile      # GPU: bf16, channels-last, compiled, one CUDA graph per bucket
     python -m bench.tokenize --e2e                        # CPU: the whole pre-tokenize job vs the encoder alone (tiny)
+    python -m bench.tokenize --e2e --e2e-ray              # the same through the Ray Data stages (decode -> encode)
 
 Random weights (speed does not depend on them). For each size: images/s of (a) a plain loop that
 encodes one image at a time in fp32, NCHW, as the release's pre_tokenize.py does, and (b) the
 project's path, `MoVQGAN.prepare(device)` then `encode(images, batch_size)` (bf16 autocast and
-channels-last on CUDA, optionally torch.compile), the ratio b/a and the achieved TFLOP/s from
+channels-last on CUDA; with --compile on CUDA static shapes and one CUDA graph per bucket shape,
+mode reduce-overhead), the ratio b/a and the achieved TFLOP/s from
 the counted encoder FLOPs (model.movqgan.encoder_flops: 0.89 / 3.72 / 8.94 TFLOP per image at
 256 / 512 / 768 px). Imports only model/ (and, with --e2e, the tasks that run the job on CPU),
 so it runs on a GPU machine that has torch alone. Prints a table and writes bench/results/.
+Entry point for other scripts (bench.gpu): bench_encoder(device, sizes, preset, compile, plan) -> rows.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def bench_encoder(device: str, sizes: list[int], preset: str, compile: bool, pla
                "loop_tflops": round(loop_ips * flops / 1e12, 3),
                "batched_images": n_batched, "batch": batch, "batched_img_s": round(batched_ips, 3),
                "batched_tflops": round(batched_ips * flops / 1e12, 3), "ratio": round(batched_ips / loop_ips, 2),
-               "tflop_per_image": round(flops / 1e12, 3), "peak_gib": peak,
+               "tflop_per_image": round(flops / 1e12, 3), "peak_gib": peak, "cuda_graphs": model.static_batches,
                # CPU seconds of this process: on a shared CPU machine, less noisy than wall time
                "loop_cpu_s_per_img": round(loop_cpu / n_loop, 2), "batched_cpu_s_per_img": round(batched_cpu / n_batched, 2)}
         rows.append(row)
@@ -104,9 +107,10 @@ def bench_encoder(device: str, sizes: list[int], preset: str, compile: bool, pla
     return rows
 
 
-def bench_e2e(count: int, size: int) -> dict:
-    """The tiny pre-tokenize job in one process (decode + encode + tokenize + write) vs the encoder
-    alone on the same, already-decoded images with the same batch size."""
+def bench_e2e(count: int, size: int, use_ray: bool = False) -> dict:
+    """The tiny pre-tokenize job (decode + encode + tokenize + write; in one process, or through
+    the Ray Data stages with use_ray) vs the encoder alone on the same, already-decoded images with
+    the same batch size."""
     from model.movqgan import TINY_ASSET, load_movqgan
     from storage import open_dataset
     from tasks.build_panels import run_build
@@ -116,11 +120,12 @@ def bench_e2e(count: int, size: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"workdir={tmp}", f"panels.source.count={count}", f"panels.rows_per_unit={count}",
-                f"panels.stage_size={size}", "panels.tasks={t2i: 1.0}", "tokenize.rows_per_unit=32"]
+                f"panels.stage_size={size}", f"panels.stage_sizes=[{size}]", "panels.tasks={t2i: 1.0}",
+                "tokenize.rows_per_unit=32"]
         cfg = load_config("configs/tiny.yaml", over)
         run_build(cfg, use_ray=False)
         t = time.perf_counter()
-        s = run_tokenize(cfg, use_ray=False)
+        s = run_tokenize(cfg, use_ray=use_ray)
         job_s = time.perf_counter() - t
         rows = open_dataset(cfg.dataset_uri("panels")).table(columns=["upper"]).column("upper").to_pylist()
         images = np.stack([decode_panel(b) for b in rows])
@@ -129,7 +134,7 @@ def bench_e2e(count: int, size: int) -> dict:
         t = time.perf_counter()
         model.encode(images, batch_size=cfg.tokenize.batch_size)
         enc_s = time.perf_counter() - t
-    return {"images": count, "size": size, "job_img_s": round(count / job_s, 2),
+    return {"images": count, "size": size, "ray": use_ray, "job_img_s": round(count / job_s, 2),
             "encoder_img_s": round(count / enc_s, 2), "job_over_encoder": round(enc_s / job_s, 3),
             "job_seconds": round(job_s, 2), "encoder_seconds": round(enc_s, 2), "stages": s["throughput"]}
 
@@ -145,6 +150,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--e2e", action="store_true", help="the tiny job vs the encoder alone (CPU), instead")
     ap.add_argument("--e2e-images", type=int, default=64)
+    ap.add_argument("--e2e-ray", action="store_true", help="the job through the Ray Data stages")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.threads:
@@ -153,9 +159,9 @@ def main(argv: list[str]) -> None:
            "machine": platform.processor() or platform.machine(),
            "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None}
     if a.e2e:
-        result = {"bench": "tokenize-e2e", **env, "e2e": bench_e2e(a.e2e_images, 128)}
+        result = {"bench": "tokenize-e2e", **env, "e2e": bench_e2e(a.e2e_images, 128, a.e2e_ray)}
         print(json.dumps(result["e2e"], indent=1))
-        name = "tokenize-e2e-cpu.json"
+        name = f"tokenize-e2e{'-ray' if a.e2e_ray else ''}-cpu.json"
     else:
         kind = "cuda" if a.device.startswith("cuda") else "cpu"
         plan = {s: tuple(a.images) if a.images else PLAN[kind].get(s, PLAN[kind][768]) for s in a.sizes}

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import base64
 import sys
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import Override, PipelineConfig, run_config
-from tasks.train import plan_training, stage_done, train as run_train
+from tasks.train import plan_training, read_run_file, stage_done, train as run_train
 
 
 @task(name="train-stage", task_run_name="train {name}")
@@ -38,9 +37,9 @@ def _publish(run_dir: str, stages: list[dict]) -> None:
           "tokens_per_s": round(s["tokens_per_s"]), "mfu": round(s["mfu"], 4), "ran_now": s["ran"],
           "export": s["export"]} for s in stages],
         key="train-stages", description=f"{run_dir}: one row per stage")
-    png = Path(run_dir) / "loss.png"
-    if png.is_file():
-        data = base64.b64encode(png.read_bytes()).decode()
+    png = read_run_file(run_dir, "loss.png")  # the run folder may be on an object store
+    if png is not None:
+        data = base64.b64encode(png).decode()
         create_markdown_artifact(
             f"# Loss curve: {run_dir}\n\n![loss curve](data:image/png;base64,{data})\n\n"
             f"TensorBoard: `tensorboard --logdir {run_dir}/tb`", key="train-loss-curve",
@@ -58,12 +57,12 @@ def train(config_path: str | None = None, overrides: list[Override] | None = Non
     """
     cfg = run_config(config, config_path, overrides, "train")
     plan = plan_training(cfg)  # every bad-input error before any compute
-    stages = [train_stage(cfg, s["index"], s["name"]) for s in plan["stages"]]
-    _publish(plan["run_dir"], stages)
-    summary = {"run_dir": plan["run_dir"], "stages": stages, "final_loss": stages[-1]["final_loss"],
-               "export": stages[-1]["export"], "loss_curve": str(Path(plan["run_dir"]) / "loss.png"),
+    stages = [train_stage(cfg, s.index, s.name) for s in plan.stages]
+    _publish(plan.run_dir, stages)
+    summary = {"run_dir": plan.run_dir, "stages": stages, "final_loss": stages[-1]["final_loss"],
+               "export": stages[-1]["export"], "loss_curve": f"{plan.run_dir}/loss.png",
                "ran": [s["stage"] for s in stages if s["ran"]],
-               "done": [s["name"] for s in plan["stages"] if stage_done(Path(plan["run_dir"]), s["name"])]}
+               "done": [s.name for s in plan.stages if stage_done(plan.run_dir, s.name)]}
     get_run_logger().info("train: %d stages, final loss %.4f, export %s", len(stages), summary["final_loss"],
                           summary["export"])
     return summary

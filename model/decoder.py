@@ -117,6 +117,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def masked_attention(q, k, v, mask, gqa: bool, dropout: float) -> torch.Tensor:
+    """Attention under a mask made by model/training.py's attention_mask: a FlexAttention
+    BlockMask (GPUs: only the blocks inside a sample are computed) or a bool [B, 1, T, T]."""
+    if not isinstance(mask, torch.Tensor):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=dropout)
+
+
 class _Fusable(nn.Module):
     """Linear layers reading the same input that fuse() turns into one (one GEMM instead of two or
     three; gpt-fast does the same). state_dict() still names the separate layers and
@@ -196,6 +206,8 @@ class Attention(_Fusable):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif self.kv_cache is None:  # packed training rows: attention kept inside each sample
+            y = masked_attention(q, k, v, mask, gqa, self.dropout if self.training else 0.0)
         else:
             k, v = self.kv_cache.update(input_pos, k, v, rows, kv_len)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
@@ -283,12 +295,13 @@ class Decoder(nn.Module):
         return self.layers[0].attention.kv_cache is not None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, return_hidden: bool = False,
-                rows: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, kv_len: int | None = None, attn_mask=None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or the final normed hidden states [B, T, dim]).
 
         input_pos [B, T]: positions of each row (with a cache: where K/V are written and which
         slots are read). rows: the cache rows these B sequences use (default: all, in order).
         kv_len: attend to the first kv_len cache slots only (must exceed every input_pos).
+        attn_mask (training without a cache): packed rows' mask, model/training.py attention_mask.
         """
         b, t = tokens.shape
         if input_pos is None:
@@ -299,7 +312,7 @@ class Decoder(nn.Module):
         sin = self.rope_sin[pos]
         x = self.tok_embeddings(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = None
+        mask = attn_mask
         if input_pos is not None and self.has_cache:
             n = kv_len or self.layers[0].attention.kv_cache.max_seq
             mask = torch.arange(n, device=tokens.device)[None, None, None, :] <= input_pos[:, None, :, None]

@@ -370,6 +370,7 @@ class MoVQGAN(nn.Module):
         self.amp_dtype: torch.dtype | None = None
         self.channels_last = False
         self._latent = self._encode_latent
+        self.static_batches = False
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "MoVQGAN":
@@ -384,9 +385,11 @@ class MoVQGAN(nn.Module):
         return self.quant_conv.weight.device
 
     def prepare(self, device: str | torch.device = "cpu", amp: bool | None = None, channels_last: bool | None = None,
-                compile: bool = False) -> "MoVQGAN":
+                compile: bool = False, cuda_graphs: bool | None = None) -> "MoVQGAN":
         """Move to a device for inference. On CUDA the defaults are bf16 autocast + channels-last;
-        compile=True wraps the encoder (dynamic shapes, so buckets do not recompile each time)."""
+        compile=True wraps the encoder: on CUDA (cuda_graphs, default on) with static shapes and
+        one CUDA graph per bucket shape (mode reduce-overhead; encode() pads a short last batch
+        to batch_size so a bucket has one shape), elsewhere with dynamic shapes."""
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.to(device).eval()
@@ -394,7 +397,17 @@ class MoVQGAN(nn.Module):
         self.channels_last = cuda if channels_last is None else channels_last
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
-        self._latent = torch.compile(self._encode_latent, dynamic=True) if compile else self._encode_latent
+        self.static_batches = bool(compile and (cuda if cuda_graphs is None else cuda_graphs))
+        if self.static_batches:
+            import torch._dynamo as dynamo
+
+            # one graph per (batch, bucket) shape: more buckets than dynamo's default of 8
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+            self._latent = torch.compile(self._encode_latent, mode="reduce-overhead", dynamic=False)
+        elif compile:
+            self._latent = torch.compile(self._encode_latent, dynamic=True)
+        else:
+            self._latent = self._encode_latent
         return self
 
     def _autocast(self):
@@ -430,7 +443,14 @@ class MoVQGAN(nn.Module):
     def encode(self, images, batch_size: int | None = None) -> torch.Tensor:
         """Images -> codes LongTensor [B, H/8, W/8] (raster order)."""
         x = self.to_input(images)
-        parts = [self.quantize.indices(self._latent(chunk)) for chunk in x.split(batch_size or max(1, len(x)))]
+        size = batch_size or max(1, len(x))
+        parts = []
+        for chunk in x.split(size):
+            n = len(chunk)
+            if self.static_batches and n < size:  # the compiled graph's one shape; GroupNorm is per image
+                chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
+            # indices() reads the latent at once: a CUDA graph's output is overwritten by its next replay
+            parts.append(self.quantize.indices(self._latent(chunk))[:n])
         return torch.cat(parts)
 
     @torch.inference_mode()

@@ -8,7 +8,9 @@ What it implements (REFERENCE.md, "The decoder"; Lumina-mGPT 2.0 section 5.1):
   1e-5 * logsumexp(logits)^2 over the same positions;
 - the cross-entropy is computed from the final hidden states in chunks of supervised
   positions, each chunk's logits recomputed in backward, so a 171k vocabulary never holds
-  [B, T, V] logits in memory;
+  [B, T, V] logits in memory, and each chunk's softmax is taken in the logits' dtype with fp32
+  sums (_LogitsLoss), so no fp32 copy of a chunk's [n, V] logits either;
+- a non-finite loss or gradient norm skips the optimizer step (all ranks agree) and says so;
 - AdamW (0.9, 0.95), weight decay 0.1 on matrices only (norm gains, biases and embeddings
   are not decayed, as in Llama/torchtitan practice);
 - warmup then cosine or linear decay;
@@ -18,7 +20,9 @@ What it implements (REFERENCE.md, "The decoder"; Lumina-mGPT 2.0 section 5.1):
 - classifier-free guidance training: a dropped sample keeps only its image part (from the
   image-start token on), like the unconditional branch at sampling;
 - parallelize(): FSDP2 fully_shard per layer with bf16 mixed precision, activation
-  checkpointing and torch.compile per layer on GPUs; DDP (gloo) or nothing on CPUs.
+  checkpointing (none | selective | full; choose_activation_checkpointing picks the least
+  recompute that fits the device's memory) and torch.compile per layer on GPUs; DDP (gloo) or
+  nothing on CPUs; fused AdamW whenever every parameter is on CUDA.
 """
 from __future__ import annotations
 
@@ -30,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -47,6 +50,8 @@ class Batch:
     inputs: torch.Tensor
     labels: torch.Tensor
     tokens: int = 0  # real (unpadded) input positions
+    positions: torch.Tensor | None = None  # packed rows: each sample's positions start at 0
+    doc: torch.Tensor | None = None  # packed rows: which sample of the row each position is (-1: padding)
 
     @property
     def supervised(self) -> int:
@@ -91,6 +96,86 @@ def make_batch(samples: list[tuple[list[int], int]], pad_id: int = 0, pad_multip
     return Batch(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True), real)
 
 
+def pack(lengths: list[int], length: int) -> list[list[int]]:
+    """Sample indices per row: first-fit decreasing into rows of `length` input positions (a
+    sample of n tokens takes n - 1 positions). A sample longer than a row is an error."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        need = lengths[i] - 1
+        if need > length:
+            raise ValueError(f"pack: a sample of {lengths[i]} tokens does not fit rows of {length} positions")
+        for r, room in enumerate(free):
+            if room >= need:
+                rows[r].append(i)
+                free[r] -= need
+                break
+        else:
+            rows.append([i])
+            free.append(length - need)
+    return rows
+
+
+def make_packed_batches(samples: list[tuple[list[int], int]], length: int, rows_per_batch: int,
+                        n_batches: int | None = None, pad_id: int = 0,
+                        device: torch.device | str = "cpu") -> list[Batch]:
+    """(ids, loss_start) samples -> micro batches of exactly [rows_per_batch, length]: samples
+    packed into rows (pack()), positions restarting at 0 in each sample, `doc` telling the
+    samples of a row apart so attention stays inside each (attention_mask). One shape for the
+    whole stage: a compiled step never sees another. n_batches pads with empty micro batches
+    (no supervised token) so every rank runs as many forwards as the others (FSDP collectives).
+    Each sample's labels are exactly make_batch's, so the loss is the padded batch's loss.
+    """
+    rows = pack([len(ids) for ids, _ in samples], length)
+    need = -(-len(rows) // rows_per_batch)
+    n = max(need, n_batches or 0)
+    inputs = torch.full((n * rows_per_batch, length), pad_id, dtype=torch.long)
+    labels = torch.full_like(inputs, IGNORE)
+    positions = torch.zeros_like(inputs)
+    doc = torch.full_like(inputs, -1)
+    real = [0] * n
+    for r, members in enumerate(rows):
+        at = 0
+        for j, i in enumerate(members):
+            ids, loss_start = samples[i]
+            x = torch.as_tensor(ids, dtype=torch.long)
+            m = len(ids) - 1
+            inputs[r, at:at + m] = x[:-1]
+            lab = x[1:].clone()
+            lab[: max(loss_start - 1, 0)] = IGNORE
+            labels[r, at:at + m] = lab
+            positions[r, at:at + m] = torch.arange(m)
+            doc[r, at:at + m] = j
+            at += m
+            real[r // rows_per_batch] += m
+    out = []
+    for k in range(n):
+        sl = slice(k * rows_per_batch, (k + 1) * rows_per_batch)
+        out.append(Batch(inputs[sl].to(device, non_blocking=True), labels[sl].to(device, non_blocking=True), real[k],
+                         positions[sl].to(device, non_blocking=True), doc[sl].to(device, non_blocking=True)))
+    return out
+
+
+def attention_mask(doc: torch.Tensor, flex: bool | None = None):
+    """The mask of packed rows: position q sees position k when both belong to the same sample
+    (padding counts as one more) and k <= q. flex (default on CUDA): a FlexAttention BlockMask,
+    computing only the blocks inside samples; otherwise a bool [B, 1, T, T] for SDPA (CPUs:
+    FlexAttention has no backward there)."""
+    b, t = doc.shape
+    if flex is None:
+        flex = doc.is_cuda
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_sample_causal(bi, h, q, k):
+            return (doc[bi, q] == doc[bi, k]) & (k <= q)
+
+        # compiled on GPUs: the mask is built block by block, never as a [B, T, T] tensor
+        return create_block_mask(same_sample_causal, b, None, t, t, device=doc.device, _compile=doc.is_cuda)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 def cfg_dropped(seed: int, *key, p: float = 0.1) -> bool:
     """Deterministic coin for the CFG context drop: a pure function of (seed, key), so a
     resumed run drops the same samples as an uninterrupted one."""
@@ -99,11 +184,37 @@ def cfg_dropped(seed: int, *key, p: float = 0.1) -> bool:
 
 # --- loss -----------------------------------------------------------------------------------
 
+class _LogitsLoss(torch.autograd.Function):
+    """[sum of cross-entropy, sum of logsumexp^2] of one chunk of logits [n, V], in the logits'
+    own dtype: no fp32 copy of [n, V] (bf16 on GPUs); the reductions accumulate in fp32.
+
+    Forward: m = max (exact in any dtype), s = sum exp(logits - m) accumulated in fp32,
+    lse = m + log s. Backward: d/dlogits = softmax * (g_ce + 2 g_z lse) - g_ce * onehot, the
+    softmax rebuilt as exp(logits - m) / s in one [n, V] buffer of the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        m = logits.amax(-1, keepdim=True)
+        s = torch.exp(logits - m).sum(-1, dtype=torch.float32)
+        lse = m.squeeze(-1).float() + s.log()
+        ce = lse - logits.gather(-1, target[:, None]).squeeze(-1).float()
+        ctx.save_for_backward(logits, target, m, s, lse)
+        return torch.stack([ce.sum(), lse.pow(2).sum()])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        logits, target, m, s, lse = ctx.saved_tensors
+        g = g.float()
+        grad = torch.exp(logits - m)
+        grad.mul_(((g[0] + 2 * g[1] * lse) / s)[:, None].to(grad.dtype))
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, target] -= g[0].to(grad.dtype)
+        return grad, None
+
+
 def _chunk_loss(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    ce = lse - logits.gather(-1, target[:, None]).squeeze(-1)
-    return torch.stack([ce.sum(), lse.pow(2).sum()])
+    return _LogitsLoss.apply(head(h), target)
 
 
 def chunked_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 2048,
@@ -167,22 +278,100 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+AC_POLICIES = ("none", "selective", "full")
+
+
+def _selective_policy():
+    """Op-level selective checkpointing: keep what is expensive to recompute (matmul outputs and
+    attention), recompute the cheap rest (norms, rope, SiLU, products) in backward."""
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        create_selective_checkpoint_contexts,
+    )
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        op = getattr(aten, name, None)
+        if op is not None:
+            save.add(op.default)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)  # packed rows on GPUs
+    if flex is not None:
+        save.add(flex)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(policy)
+
+
+def activation_bytes_per_token(args, policy: str, dtype_bytes: int = 2) -> float:
+    """Activation memory one token keeps for backward across all layers (an estimate).
+
+    Per layer, without checkpointing: the norms' inputs and outputs, q/k/v before and after
+    qk-norm and rope, attention output, the residuals (about 16 x dim) and the SwiGLU's gate,
+    up, activation and product (4-5 x hidden); selective keeps the matmul and attention outputs
+    (about 7 x dim + 2 x hidden); full keeps the layer input only (plus one layer's worth,
+    rebuilt during its backward).
+    """
+    d, f, n = args.dim, args.intermediate_size, args.n_layers
+    per_layer = {"none": 16 * d + 5 * f, "selective": 7 * d + 2 * f, "full": d}[policy]
+    rebuilt = 0 if policy == "none" else 16 * d + 5 * f  # one layer recomputed at a time
+    return dtype_bytes * (n * per_layer + rebuilt)
+
+
+def choose_activation_checkpointing(args, tokens_per_micro_batch: int, world: int, memory_bytes: float,
+                                    n_params: int, loss_chunk: int = 2048, headroom: float = 0.85) -> str:
+    """The least recompute that fits: none, else selective, else full.
+
+    Memory: fp32 parameters, gradients and two AdamW moments sharded over `world` ranks (16
+    bytes a parameter), one unsharded bf16 layer in flight, a chunk of bf16 logits with its
+    gradient, and the activations of one micro batch under each policy.
+    """
+    state = 16 * n_params / world + 2 * 2 * n_params / max(1, args.n_layers)
+    logits = 3 * 2 * loss_chunk * args.vocab_size
+    for policy in AC_POLICIES:
+        need = state + logits + tokens_per_micro_batch * activation_bytes_per_token(args, policy)
+        if need <= headroom * memory_bytes:
+            return policy
+    return "full"
+
+
+def _ac_policy(value) -> str:
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    if value not in AC_POLICIES:
+        raise ValueError(f"activation checkpointing {value!r}: expected one of {AC_POLICIES}")
+    return value
+
+
 def parallelize(model: nn.Module, device: torch.device, *, mixed_precision: bool = True,
-                activation_checkpointing: bool = True, compile: bool = True) -> nn.Module:
+                activation_checkpointing: str | bool = "full", compile: bool = True,
+                compile_dynamic: bool = True) -> nn.Module:
     """Wrap the decoder for training on `device`; the same call on one rank or many.
 
+    activation_checkpointing: none | selective (op level: matmul and attention outputs kept) |
+    full (each layer's input kept, the layer rebuilt in backward); True/False mean full/none.
     CUDA: per layer, activation checkpointing, then torch.compile of the layer (per-layer
-    compile reached 46% MFU vs 27% eager, REFERENCE.md; whole-model compile did not finish),
-    then FSDP2 fully_shard with bf16 params and fp32 gradient reduction. The output head is its
-    own FSDP unit kept unsharded after forward, as the chunked loss calls it once per chunk.
+    compile reached 46% MFU vs 27% eager, REFERENCE.md; whole-model compile did not finish;
+    compile_dynamic=False when the inputs are packed to one shape per stage), then FSDP2
+    fully_shard with bf16 params and fp32 gradient reduction. The output head is its own FSDP
+    unit kept unsharded after forward, as the chunked loss calls it once per chunk.
     CPU: fp32, DDP over the process group when there is one (gloo).
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     distributed = dist.is_available() and dist.is_initialized()
-    if activation_checkpointing:
+    policy = _ac_policy(activation_checkpointing)
+    if policy != "none":
+        kwargs = {"context_fn": _selective_policy()} if policy == "selective" else {}
         for i, layer in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(layer)
+            model.layers[i] = checkpoint_wrapper(layer, **kwargs)
     if device.type == "cuda":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -194,7 +383,7 @@ def parallelize(model: nn.Module, device: torch.device, *, mixed_precision: bool
         model.to(device)
         for layer in model.layers:
             if compile:
-                layer.compile(dynamic=True)
+                layer.compile(dynamic=compile_dynamic)
             fully_shard(layer, mp_policy=mp)
         fully_shard(model.output, mp_policy=mp, reshard_after_forward=False)
         fully_shard(model, mp_policy=mp)
@@ -231,7 +420,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 
     Returns loss (cross-entropy per supervised token), z_loss (mean logsumexp^2), tokens
     (supervised, global), seq_tokens (real input positions incl. prompts, no padding, global),
-    grad_norm, lr.
+    grad_norm, lr, skipped (True when the loss or the gradient norm was not finite: the
+    optimizer did not step and the gradients were dropped; the caller counts these).
     """
     device = micro_batches[0].inputs.device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -245,7 +435,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     ce_sum = z_sum = 0.0
     for i, b in enumerate(micro_batches):
         with _no_grad_sync(model, last=i == len(micro_batches) - 1):
-            hidden = model(b.inputs, return_hidden=True)
+            if b.doc is None:
+                hidden = model(b.inputs, return_hidden=True)
+            else:  # packed rows
+                hidden = model(b.inputs, input_pos=b.positions, return_hidden=True, attn_mask=attention_mask(b.doc))
             ce, zz, _ = chunked_loss(hidden, b.labels, inner.output, chunk=loss_chunk)
             # DDP and FSDP average gradients over ranks: scale by world so the result is the
             # sum over the global batch divided by its supervised tokens.
@@ -253,18 +446,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
             loss.backward()
         ce_sum += float(ce.detach())
         z_sum += float(zz.detach())
-    if grad_clip:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        grad_norm = float(norm)
-    else:
-        grad_norm = float("nan")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     ce_all, z_all = _all_sum([ce_sum, z_sum], device)
+    # The norm of all gradients (clipped to grad_clip when given): DDP and FSDP hold the same
+    # reduced gradients on every rank, so every rank sees the same norm and takes the same skip.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    grad_norm = float(norm)
+    finite = math.isfinite(ce_all) and math.isfinite(z_all) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return {"loss": ce_all / n_global, "z_loss": z_all / n_global, "tokens": int(n_global),
-            "seq_tokens": int(seq_global), "grad_norm": grad_norm, "lr": lr}
+            "seq_tokens": int(seq_global), "grad_norm": grad_norm, "lr": lr, "skipped": not finite}
 
 
 # --- throughput -------------------------------------------------------------------------------

@@ -215,6 +215,7 @@ class TokenizeConfig(Section):
     input: PathOrURI = "panels"  # dataset name under the workdir, or a URI
     output: PathOrURI = "tokens"
     decode_threads: int = Field(2, ge=1)  # PNG/JPEG decoding threads per actor, overlapping the encoder
+    decode_workers: int = Field(1, ge=1)  # Ray: CPU actors decoding units ahead of the encoder actors
     compile: bool = False  # torch.compile the encoder (GPU)
     overwrite: bool = False  # start the tokens dataset afresh instead of resuming it
 
@@ -252,14 +253,24 @@ class TrainConfig(Section):
     cfg_drop: float = Field(0.1, ge=0, le=1)  # share of samples that keep only their image part (CFG)
     loss_chunk: int = Field(2048, ge=1)  # supervised positions per chunk of the output head
     pad_multiple: int = Field(8, ge=1)
-    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between torch.distributed.checkpoint saves
+    # Static shapes (GPUs: one compiled graph per stage): each step's samples packed into rows of
+    # one length per stage (pack_length, default the stage's longest sample), micro_batch rows a
+    # micro batch, attention kept inside each sample (model/training.py make_packed_batches).
+    pack: bool = False
+    pack_length: int | None = Field(None, ge=2)
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints (tasks/checkpoints.py: safetensors + JSON)
     keep_checkpoints: int = Field(2, ge=1)
     compile: bool = True  # GPU only: torch.compile each layer
-    activation_checkpointing: bool = True
+    # none | selective (matmul and attention outputs kept) | full (layer inputs kept) | auto: the
+    # least recompute that fits the GPU's memory at the stage's longest micro batch (none on CPUs);
+    # true/false mean full/none (model/training.py, docs/train.md).
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] | bool = "auto"
     mixed_precision: bool = True  # GPU only: bf16 params, fp32 reduce
     peak_tflops: float | None = Field(None, gt=0)  # for MFU; None: datasheet (GPU) or measured (CPU)
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    max_failures: int = Field(0, ge=0)  # Ray Train restarts of the worker group (each resumes from the checkpoint)
+    max_failures: int = Field(3, ge=-1)  # Ray Train restarts of the worker group after a lost worker (each
+    # resumes from the newest checkpoint); -1: no limit, 0: fail the run at once (a rerun resumes)
+    max_nonfinite: int = Field(5, ge=1)  # a non-finite loss skips the step; this many in a row stop the run
     fault: str | None = None  # "stage:step": kill a worker after that step (resume tests only)
     stages: list[StageConfig] = Field(default_factory=list)
 

@@ -5,11 +5,13 @@
 
 The driver groups the panel rows by resolution bucket (the whole image's width x height), cuts each
 bucket into work units of tokenize.rows_per_unit rows and skips the units the tokens manifest
-already lists, so a rerun finishes only the rest. Each unit runs on an actor (`TokenizeWorker`:
-one MoVQGAN and one layout per actor, on a GPU when num_gpus > 0): it decodes the panels on a
-thread pool while the encoder works on the previous batch, encodes the whole image (upper panel
-over lower) in batches of one size, tokenizes the prompt and writes its shard with
-storage.write_shard. Rows that cannot be used become rejects with a reason: bad_size (not a
+already lists, so a rerun finishes only the rest. On Ray, two Ray Data stages: CPU actors
+(`DecodeStage`, tokenize.decode_workers) read a unit's rows, check them and decode the panels,
+ahead of the encoder actors (`EncodeStage`, tokenize.workers, num_gpus each: one MoVQGAN and one
+layout per actor; bf16, channels-last, and with tokenize.compile one CUDA graph per bucket shape
+on GPUs), which encode the whole image (upper panel over lower) in batches of one size, tokenize
+the prompt and write the unit's shard with storage.write_shard. Without Ray, the next unit
+decodes on a thread while this one encodes; both paths write the same bytes. Rows that cannot be used become rejects with a reason: bad_size (not a
 multiple of 32 px, the size-token unit, or panels that do not add up to the row's size),
 undecodable, too_long (the sample overflows tokenize.max_seq), bad_prompt.
 
@@ -43,7 +45,8 @@ from tasks.panels import Reject, decode_panel
 log = logging.getLogger(__name__)
 
 # Settings that change no output byte; a resumed run may change them freely.
-RUN_ONLY = {"workers", "num_gpus", "decode_threads", "compile", "overwrite", "batch_size", "output", "input"}
+RUN_ONLY = {"workers", "num_gpus", "decode_threads", "decode_workers", "compile", "overwrite", "batch_size", "output",
+            "input"}
 PANEL_COLUMNS = ["id", "task", "prompt", "width", "height", "upper", "lower"]
 
 
@@ -106,7 +109,8 @@ def list_units(ds, rows_per_unit: int) -> list[dict]:
 class Tokenizer:
     """One MoVQGAN + one layout: tokenizes units of panel rows. One per actor (or per process)."""
 
-    def __init__(self, panels_uri: str, out: str, models: dict, tokenize: dict, device: str | None = None):
+    def __init__(self, panels_uri: str, out: str, models: dict, tokenize: dict, device: str | None = None,
+                 encoder: bool = True):
         import torch
 
         self.tc = TokenizeConfig.model_validate(tokenize)
@@ -114,9 +118,12 @@ class Tokenizer:
         self.panels_uri, self.out = panels_uri, out
         if device is None:
             device = "cuda" if self.tc.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model: MoVQGAN = load_movqgan(movqgan_weights(mc), mc.movqgan_preset, config=mc.movqgan).prepare(
-            device, compile=self.tc.compile)
-        self.layout = Layout.from_config(mc, codebook_size=self.model.n_embed)  # the loaded model's codebook
+        self.model: MoVQGAN | None = None
+        if encoder:  # the decode stage of the Ray path has no encoder
+            self.model = load_movqgan(movqgan_weights(mc), mc.movqgan_preset, config=mc.movqgan).prepare(
+                device, compile=self.tc.compile)
+        # the loaded model's codebook; the decode stage reads it from the architecture (no weights)
+        self.layout = Layout.from_config(mc, codebook_size=self.model.n_embed if self.model is not None else None)
         self.pool = ThreadPoolExecutor(max(1, self.tc.decode_threads))
         self._ds = None
 
@@ -156,77 +163,88 @@ class Tokenizer:
             raise Reject("bad_size", f"the panels ({got}) do not make the row's {w}x{h} image", stage="tokenize")
         return image
 
-    def run_unit(self, unit: dict) -> dict:
-        """Tokenize one unit; write its shard and rejects; return the info to commit plus counters."""
+    def prepare_unit(self, unit: dict) -> dict:
+        """The CPU half of a unit: read its rows, check them, decode and stack their images.
+
+        Returns the unit, the rows that passed the checks (without their image bytes) with
+        their prompt ids, the checks' rejects, and for each good row either None (its image is
+        the next of `pixels`, uint8 [n, H, W, 3]: one bucket, one size) or its decode reject.
+        """
         t0 = time.perf_counter()
         table = self.ds.take(unit["rows"], columns=PANEL_COLUMNS)
         rows = table.to_pylist()
-        out_rows, rejects, prompts = [], [], {}
-        good: list[dict] = []
+        rejects, good = [], []
         for row in rows:
             try:
-                prompts[row["id"]] = self._check(row)
-                good.append(row)
+                ids = self._check(row)
+                good.append(row | {"prompt_ids": ids})
             except Reject as r:
                 rejects.append(r.row(row["id"]))
-        timing = {"decode": 0.0, "encode": 0.0, "write": 0.0}
+        images, status = [], []
+        for row, res in zip(good, self.pool.map(self._safe_pixels, good)):
+            if isinstance(res, Reject):
+                status.append(res.row(row["id"]))
+            else:
+                status.append(None)
+                images.append(res)
+        keep = ("id", "task", "prompt_ids")
+        return {"unit": unit, "rows_in": len(rows), "good": [{k: r[k] for k in keep} for r in good],
+                "rejects": rejects, "status": status, "pixels": np.stack(images) if images else None,
+                "seconds_decode": time.perf_counter() - t0}
+
+    def encode_unit(self, prepared: dict) -> dict:
+        """The encoder half: MoVQGAN codes in batches of batch_size, the samples in the layout,
+        the shard written. Rejects keep the order of the one-actor path (checks, then per batch
+        the decode rejects and the layout rejects), so the shard bytes do not depend on the path."""
+        t0 = time.perf_counter()
+        unit, good, status = prepared["unit"], prepared["good"], prepared["status"]
+        rejects = list(prepared["rejects"])
+        pixels = prepared["pixels"]
+        out_rows = []
+        timing = {"decode": prepared["seconds_decode"], "encode": 0.0, "write": 0.0}
         bs = max(1, self.tc.batch_size)
-        batches = [good[i:i + bs] for i in range(0, len(good), bs)]
-
-        def decode_batch(batch):
+        next_image = 0
+        for s in range(0, len(good), bs):
+            ok = []
+            for row, st in zip(good[s:s + bs], status[s:s + bs]):
+                if st is not None:
+                    rejects.append(st)
+                else:
+                    ok.append((row, next_image))
+                    next_image += 1
+            if not ok:
+                continue
             t = time.perf_counter()
-            results = []
-            for row, res in zip(batch, self.pool.map(self._safe_pixels, batch)):
-                results.append((row, res))
-            return results, time.perf_counter() - t
-
-        # Decode batch i+1 on the pool while the encoder runs on batch i.
-        with ThreadPoolExecutor(1) as ahead:
-            pending = ahead.submit(decode_batch, batches[0]) if batches else None
-            for i in range(len(batches)):
-                decoded, dt = pending.result()
-                timing["decode"] += dt
-                pending = ahead.submit(decode_batch, batches[i + 1]) if i + 1 < len(batches) else None
-                ok = []
-                for row, res in decoded:
-                    if isinstance(res, Reject):
-                        rejects.append(res.row(row["id"]))
-                    else:
-                        ok.append((row, res))
-                if not ok:
+            codes = self.model.encode(pixels[ok[0][1]:ok[-1][1] + 1], batch_size=bs).cpu().numpy()
+            timing["encode"] += time.perf_counter() - t
+            for (row, _), grid in zip(ok, codes):
+                try:
+                    ids = row["prompt_ids"] + self.layout.image_tokens(grid) + [self.layout.turn_end]
+                except LayoutError as e:
+                    rejects.append({"input_ref": row["id"], "stage": "tokenize", "reason": "layout", "detail": str(e)})
                     continue
-                t = time.perf_counter()
-                codes = self.model.encode(np.stack([img for _, img in ok])).cpu().numpy()
-                timing["encode"] += time.perf_counter() - t
-                for (row, _), grid in zip(ok, codes):
-                    try:
-                        ids = prompts[row["id"]] + self.layout.image_tokens(grid) + [self.layout.turn_end]
-                    except LayoutError as e:
-                        rejects.append({"input_ref": row["id"], "stage": "tokenize", "reason": "layout", "detail": str(e)})
-                        continue
-                    out_rows.append({"id": row["id"], "task": row["task"], "bucket": unit["bucket"],
-                                     "grid_h": int(grid.shape[0]), "grid_w": int(grid.shape[1]),
-                                     "tokens": np.asarray(ids, np.int32), "loss_start": len(prompts[row["id"]])})
+                out_rows.append({"id": row["id"], "task": row["task"], "bucket": unit["bucket"],
+                                 "grid_h": int(grid.shape[0]), "grid_w": int(grid.shape[1]),
+                                 "tokens": np.asarray(ids, np.int32), "loss_start": len(row["prompt_ids"])})
         t = time.perf_counter()
         out = _tokens_table(out_rows)
         info = write_shard(self.out, unit["unit"], out, rejects or None, kind="tokens")
         timing["write"] = time.perf_counter() - t
-        info["counts"] = {"bucket": unit["bucket"], "rows_in": len(rows), "rows_out": len(out_rows),
+        info["counts"] = {"bucket": unit["bucket"], "rows_in": prepared["rows_in"], "rows_out": len(out_rows),
                           "rejects": len(rejects), "tokens": int(sum(len(r["tokens"]) for r in out_rows)),
-                          "seconds": time.perf_counter() - t0, **{f"seconds_{k}": v for k, v in timing.items()}}
+                          "seconds": timing["decode"] + time.perf_counter() - t0,
+                          **{f"seconds_{k}": v for k, v in timing.items()}}
         return info
+
+    def run_unit(self, unit: dict) -> dict:
+        """Tokenize one unit in this process; write its shard and rejects; return the info to commit."""
+        return self.encode_unit(self.prepare_unit(unit))
 
     def _safe_pixels(self, row: dict):
         try:
             return self._pixels(row)
         except Reject as r:
             return r
-
-    def __call__(self, unit: dict) -> dict:
-        try:
-            return self.run_unit(unit)
-        except Exception as e:  # noqa: BLE001 - surface the unit's failure with its name
-            raise RuntimeError(f"tokenize unit {unit['unit']}: {type(e).__name__}: {e}\n{traceback.format_exc()}") from None
 
 
 def _tokens_table(rows: list[dict]) -> pa.Table | None:
@@ -241,8 +259,66 @@ def _tokens_table(rows: list[dict]) -> pa.Table | None:
     return pa.Table.from_arrays(arrays, schema=TOKENS)
 
 
-class TokenizeWorker(Tokenizer):
-    """The Ray Data actor: the same as Tokenizer, called once per unit."""
+class DecodeStage:
+    """Ray Data's CPU stage: a unit -> its rows checked and its images decoded (no encoder)."""
+
+    def __init__(self, **kwargs):
+        self.tok = Tokenizer(**kwargs, device="cpu", encoder=False)
+
+    def __call__(self, batch: dict) -> dict:
+        metas, pixels = [], []
+        for u in batch["unit"]:
+            unit = json.loads(u)
+            try:
+                p = self.tok.prepare_unit(unit)
+            except Exception as e:  # noqa: BLE001 - surface the unit's failure with its name
+                raise RuntimeError(f"tokenize unit {unit['unit']} (decode): {type(e).__name__}: {e}\n"
+                                   f"{traceback.format_exc()}") from None
+            px = p.pop("pixels")
+            p["shape"] = None if px is None else list(px.shape)
+            metas.append(json.dumps(p))
+            pixels.append(b"" if px is None else px.tobytes())
+        return {"prepared": np.array(metas, dtype=object), "pixels": np.array(pixels, dtype=object)}
+
+
+class EncodeStage:
+    """Ray Data's encoder stage (num_gpus per actor on GPUs): decoded units -> shards written."""
+
+    def __init__(self, **kwargs):
+        self.tok = Tokenizer(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        results = []
+        for meta, raw in zip(batch["prepared"], batch["pixels"]):
+            p = json.loads(meta)
+            shape = p.pop("shape")
+            p["pixels"] = None if shape is None else np.frombuffer(raw, np.uint8).reshape(shape)
+            try:
+                info = self.tok.encode_unit(p)
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"tokenize unit {p['unit']['unit']} (encode): {type(e).__name__}: {e}\n"
+                                   f"{traceback.format_exc()}") from None
+            results.append(json.dumps(info, default=str))
+        return {"result": np.array(results, dtype=object)}
+
+
+def staged_units(todo: list[dict], kwargs: dict, tc: TokenizeConfig):
+    """Ray Data stages: CPU actors decode units ahead of the encoder actors (one per GPU on GPUs),
+    so the encoder never waits on PNG decoding; yields each unit's shard info as it lands."""
+    import ray.data
+
+    if not todo:
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = False
+    items = [{"unit": json.dumps(u)} for u in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(DecodeStage, fn_constructor_kwargs=kwargs, batch_size=1, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=max(1, min(tc.decode_workers, len(items)))))
+    ds = ds.map_batches(EncodeStage, fn_constructor_kwargs=kwargs, batch_size=1, num_cpus=1, num_gpus=tc.num_gpus,
+                        compute=ray.data.ActorPoolStrategy(size=max(1, min(tc.workers, len(items)))))
+    for row in ds.iter_rows():
+        yield json.loads(row["result"])
 
 
 def run_tokenize(cfg: PipelineConfig, progress: Callable[[dict], None] | None = None, use_ray: bool = True) -> dict:
@@ -264,15 +340,19 @@ def run_tokenize(cfg: PipelineConfig, progress: Callable[[dict], None] | None = 
     kwargs = {"panels_uri": panels_uri, "out": out, "models": cfg.models.model_dump(), "tokenize": tc.model_dump()}
 
     def results():
-        if not use_ray:
+        if not use_ray:  # this process: the next unit decodes on a thread while this one encodes
             worker = Tokenizer(**kwargs)
-            for u in todo:
-                yield worker.run_unit(u)
+            with ThreadPoolExecutor(1) as ahead:
+                pending = ahead.submit(worker.prepare_unit, todo[0]) if todo else None
+                for i in range(len(todo)):
+                    prepared = pending.result()
+                    pending = ahead.submit(worker.prepare_unit, todo[i + 1]) if i + 1 < len(todo) else None
+                    yield worker.encode_unit(prepared)
             return
-        from tasks.ray_jobs import map_units, ray_started
+        from tasks.ray_jobs import ray_started
 
         with ray_started(cfg.ray):
-            yield from map_units(todo, TokenizeWorker, actor_kwargs=kwargs, num_workers=tc.workers, num_gpus=tc.num_gpus)
+            yield from staged_units(todo, kwargs, tc)
 
     t0 = time.perf_counter()
     run = Counter()

@@ -159,4 +159,30 @@ def test_on_ray_actors(tmp_path, weights, ray_local):
     make_panels(str(tmp_path / "panels"))
     s = run_tokenize(_cfg(tmp_path, weights, "tokenize.workers=1"), use_ray=True)
     assert s["balanced"] and s["rows_out"] == 9 and s["units_run"] == s["units_total"]
-    assert s["throughput"]["encode_s"] > 0
+    assert s["throughput"]["encode_s"] > 0 and s["throughput"]["decode_s"] > 0
+    # The Ray Data stages (CPU decode actors ahead of the encoder actors) write the same shard
+    # bytes as the one-process path: same rows, same rejects, same order.
+    local = run_tokenize(_cfg(tmp_path / "local", weights, f"tokenize.input={tmp_path / 'panels'}"), use_ray=False)
+
+    def shards(summary):
+        m = open_dataset(summary["dataset"]).manifest
+        return {(kind, e["unit"]): e["sha256"] for kind in ("shards", "rejects") for e in m[kind]}
+
+    assert shards(s) == shards(local) and len(shards(s)) >= s["units_total"]
+
+
+def test_static_batches_pad_the_last_batch_without_changing_codes(weights):
+    """With CUDA graphs (tokenize.compile on a GPU) every batch of a bucket has one shape: a short
+    last batch is padded with blank images. GroupNorm works per image, so the codes are the same."""
+    from model.movqgan import load_movqgan
+
+    model = load_movqgan(weights, "tiny")
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
+    plain = model.encode(images, batch_size=3)
+    seen = []
+    latent = model._latent
+    model._latent = lambda x: seen.append(tuple(x.shape)) or latent(x)
+    model.static_batches = True
+    padded = model.encode(images, batch_size=3)
+    assert seen == [(3, 3, 32, 48), (3, 3, 32, 48)]  # 3 + (2 padded to 3)
+    assert torch.equal(plain, padded) and padded.shape == (5, 4, 6)

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import MOVQGAN_RECORD, STAGES, TINY, tiny_config, tokens_table, write_tokens  # noqa: E402
+from train_fixtures import (MOVQGAN_RECORD, STAGES, TINY, moto_s3, tiny_config, tokens_table,  # noqa: E402
+                            write_tokens)
 
 from model.layout import Layout  # noqa: E402
 from tasks.config import load_config  # noqa: E402
@@ -184,7 +189,7 @@ def test_three_stages_golden_curve_then_kill_in_stage_2_and_resume(tmp_path, lay
     shutil.copytree(run / "stage-1", run2 / "stage-1")
     shutil.copy(run / "run.json", run2 / "run.json")
     before = (run2 / "stage-1" / "summary.json").stat().st_mtime_ns
-    faulty = load_config(tiny_config(tmp_path, run="r", fault="stage-2:3"))
+    faulty = load_config(tiny_config(tmp_path, run="r", fault="stage-2:3", max_failures=0))
     with pytest.raises(TrainError, match="rerun to resume"):
         train(faulty)
     assert (run2 / "stage-2" / "ckpt" / "step-0000002" / "trainer.json").is_file()
@@ -193,3 +198,144 @@ def test_three_stages_golden_curve_then_kill_in_stage_2_and_resume(tmp_path, lay
     assert resumed["ran"] == ["stage-2", "stage-3"]
     assert (run2 / "stage-1" / "summary.json").stat().st_mtime_ns == before  # a finished stage is not rerun
     assert losses(resumed) == got  # bit-identical: same batches, same CFG drops, same optimizer state
+
+    # A lost worker with the default failure budget: the worker announces itself after step 3 of
+    # stage 2 (its pid in a file) and waits; the test SIGKILLs it there. Ray Train restarts the
+    # workers by itself, they resume from the step-2 checkpoint, and the run completes without a
+    # rerun, with the same losses as the run never interrupted.
+    run3 = tmp_path / "runs" / "k"
+    run3.mkdir(parents=True)
+    shutil.copytree(run / "stage-1", run3 / "stage-1")
+    shutil.copy(run / "run.json", run3 / "run.json")
+    lost = load_config(tiny_config(tmp_path, run="k", fault="stage-2:3:announce"))
+    assert lost.train.max_failures > 0  # the default
+    killed = []
+    killer = threading.Thread(target=kill_on_announce, args=(run3 / "fault-pid", killed), daemon=True)
+    killer.start()
+    survived = train(lost)
+    killer.join(timeout=60)
+    assert killed and killed[0] != os.getpid()
+    assert survived["ran"] == ["stage-2", "stage-3"]
+    assert losses(survived) == got
+
+
+def kill_on_announce(pid_file: Path, killed: list, deadline_s: float = 900) -> None:
+    """SIGKILL the process whose pid the worker wrote to pid_file (it waits there to be killed)."""
+    end = time.time() + deadline_s
+    while not pid_file.is_file() or not pid_file.read_text().strip():
+        if time.time() > end:
+            return
+        time.sleep(0.1)  # waiting for the announcement; the worker does not move on until killed
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+
+
+# --- survive: non-finite losses, planted pickles, an object-store workdir ---------------------------
+
+def one_stage(steps: int, **kw) -> list[dict]:
+    return [{**STAGES[0], "steps": steps, **kw}]
+
+
+def test_nonfinite_losses_skip_the_step_then_stop_the_run(tmp_path, layout, monkeypatch):
+    import torch
+
+    import model.training as mt
+
+    real_step, real_loss = mt.train_step, mt.chunked_loss
+    bad, calls = {1, 3, 4}, []  # steps 2, 4 and 5 (0-based calls) see a NaN loss
+
+    def nan_loss(*a, **kw):
+        ce, z, n = real_loss(*a, **kw)
+        return ce * float("nan"), z, n
+
+    def step(model, optimizer, batches, lr, **kw):
+        k = len(calls)
+        calls.append(k)
+        if k in bad:
+            monkeypatch.setattr(mt, "chunked_loss", nan_loss)
+        try:
+            return real_step(model, optimizer, batches, lr, **kw)
+        finally:
+            monkeypatch.setattr(mt, "chunked_loss", real_loss)
+
+    monkeypatch.setattr(mt, "train_step", step)
+    cfg = make(tmp_path, layout, workers=0, stages=one_stage(8), max_nonfinite=2)
+    with pytest.raises(TrainError, match=r"stage-1 step 5: 2 optimizer steps in a row with a non-finite loss.*"
+                                         r"train.max_nonfinite 2.*resumes from the newest checkpoint"):
+        train(cfg)
+    assert len(calls) == 5  # stopped right there
+    ckpt = tmp_path / "runs" / "t" / "stage-1" / "ckpt" / "step-0000004" / "trainer.json"
+    history = json.loads(ckpt.read_text())["history"]
+    assert [h.get("skipped", False) for h in history] == [False, True, False, True]
+    assert history[1]["loss"] is None and all(h["loss"] > 0 for h in history if not h.get("skipped"))
+    assert not (tmp_path / "runs" / "t" / "stage-1" / "summary.json").exists()
+    del torch
+
+
+def test_planted_pickle_in_the_run_folder_never_runs(tmp_path, layout):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    cfg = make(tmp_path, layout, workers=0, stages=one_stage(2))
+    step = tmp_path / "runs" / "t" / "stage-1" / "ckpt" / "step-0999999"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(pickle.dumps(Boom()))  # torch.distributed.checkpoint's layout
+    (step / "__0_0.distcp").write_bytes(b"\0" * 64)
+    (step / "trainer.json").write_text(json.dumps({"format": 1, "step": 999999, "history": []}))
+    with pytest.raises(TrainError, match=r"step-0999999: a checkpoint in torch.distributed.checkpoint's format.*"
+                                         r"never loaded because unpickling"):
+        train(cfg)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_object_store_workdir(tmp_path, layout, monkeypatch):
+    import pyarrow.fs as pafs
+
+    monkeypatch.chdir(tmp_path)  # a pathlib slip would make a local folder "s3:" here
+    with moto_s3("pf-train") as fs:
+        write_tokens("s3://pf-train/work/tokens", layout)
+        cfg = load_config(tiny_config(tmp_path, workers=0, checkpoint_every=1,
+                                      stages=[{**STAGES[0], "steps": 2}, {**STAGES[1], "steps": 2}]))
+        cfg.workdir = "s3://pf-train/work"
+        first = train(cfg, stages=[0])
+        assert first["run_dir"] == "s3://pf-train/work/runs/t" and first["ran"] == ["stage-1"]
+        second = train(cfg)  # stage 2 starts from stage 1's final checkpoint, read from the bucket
+        assert second["ran"] == ["stage-2"]
+        assert train(cfg)["ran"] == []  # done stages are found in the bucket
+        files = {i.path.removeprefix("pf-train/work/runs/t/") for i in
+                 fs.get_file_info(pafs.FileSelector("pf-train/work/runs/t", recursive=True))
+                 if i.type == pafs.FileType.File}
+        for stage in ("stage-1", "stage-2"):
+            assert {f"{stage}/summary.json", f"{stage}/ckpt/step-0000002/trainer.json",
+                    f"{stage}/ckpt/step-0000002/model.safetensors", f"{stage}/ckpt/step-0000002/optimizer.safetensors",
+                    f"{stage}/export/model.safetensors", f"{stage}/export/config.json",
+                    f"{stage}/export/panelforge.json"} <= files
+            assert any(f.startswith(f"tb/{stage}/events.out.tfevents") for f in files)
+        assert {"run.json", "loss.png"} <= files
+        # The export in the bucket is the release format: copy it down and load it.
+        local = tmp_path / "export"
+        local.mkdir()
+        pafs.copy_files("pf-train/work/runs/t/stage-2/export", str(local), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        from model.hf_checkpoint import load_decoder
+
+        _, meta = load_decoder(local)
+        assert meta["stage"] == "stage-2" and meta["final_loss"] == second["final_loss"]
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "runs").exists()
+
+
+def test_packed_stage_learns_as_the_padded_one(tmp_path, layout):
+    """train.pack: the same samples in rows of one length (attention inside each sample) give the
+    padded run's losses: packing changes the shapes, not the math."""
+    stages = one_stage(3, buckets=["64x64"])
+    padded = train(make(tmp_path / "a", layout, workers=0, stages=stages))
+    packed = train(make(tmp_path / "b", layout, workers=0, stages=stages, pack=True, pack_length=300))
+    a, b = padded["stages"][0]["losses"], packed["stages"][0]["losses"]
+    assert b == pytest.approx(a, rel=1e-4)
+    ckpt = json.loads((tmp_path / "b" / "runs" / "t" / "stage-1" / "ckpt" / "step-0000002" / "trainer.json")
+                      .read_text())
+    assert ckpt["history"][0]["seq_tokens"] == json.loads(
+        (tmp_path / "a" / "runs" / "t" / "stage-1" / "ckpt" / "step-0000002" / "trainer.json").read_text()
+    )["history"][0]["seq_tokens"]
