@@ -18,7 +18,6 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable
 
 import numpy as np

@@ -329,7 +329,7 @@ class GenerateConfig(Section):
     workers: int = Field(1, ge=1)  # engine actors on CPU; on GPUs one per GPU
     # The engine's continuous batch (images per actor). auto: as many as fit the GPU's free memory
     # (Engine.fit_batch), 8 on a CPU; a number is a bound (tasks.generate.batch_that_fits).
-    max_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    max_batch: int | Literal["auto"] = "auto"
     job_retries: int = Field(2, ge=0)  # reruns of the remaining units after a Ray failure (a lost node)
     max_side: int = Field(2048, ge=32)
     max_count: int = Field(1000, ge=1)
@@ -341,6 +341,13 @@ class GenerateConfig(Section):
     @classmethod
     def _inputs_kind(cls, v: dict) -> dict:
         return _check_spec("generate.inputs", v, GENERATE_INPUTS)
+
+    @field_validator("max_batch", mode="before")
+    @classmethod
+    def _batch_or_auto(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"expected 'auto' or a whole number >= 1 (got {v!r})")
 
     @field_validator("scorer")
     @classmethod

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from model.prompts import PromptError, is_dual, render_prompt, split_task
+from model.prompts import PromptError, render_prompt, split_task
 
 UPPER_TASKS = ("edit", "subject")  # plus control:<map>, dense:<map>: the upper panel is given
 MIN_SIDE = 64
