@@ -132,9 +132,7 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
     # seeds apart from train()'s pools, so the fine-tune sees scenes the first training did not
     pools = [image_pool(pool_size // 2, 64, first_seed=1_000_000 + seed * 100_000),
              image_pool(pool_size // 2, 128, first_seed=1_000_000 + seed * 100_000 + pool_size)]
-    model.eval()  # the frozen half has no dropout or batch norm; eval() only matters for clarity
-    codes = [pool_codes(model, p) for p in pools]
-    model.train()
+    codes = [pool_codes(model, p) for p in pools]  # no dropout or batch norm: train mode encodes alike
     opt = torch.optim.Adam(trainable, lr=lr, betas=(0.5, 0.9), foreach=True)
     curve, acc, t0, reached = [], {"rec": 0.0, "edge": 0.0}, time.perf_counter(), 0
     for step in range(1, steps + 1):
