@@ -1,6 +1,8 @@
 """Train the tiny MoVQGAN on the shapes source: the image tokenizer the demo ships.
 
     python -m tasks.train_movqgan --steps 800 --out assets/movqgan-tiny.safetensors --preview /tmp/movq-recon.png
+    python -m tasks.train_movqgan --init-from assets/movqgan-tiny.safetensors --freeze-codes --steps 2000 \
+        --lr 5e-4 --edge-weight 1.0 --out /tmp/movq-sharper.safetensors --preview /tmp/movq-sharper.png
 
 Images: shapes scenes rendered by tasks/shapes.py plus the control maps the panels hold (canny,
 soft edge, depth), so the tokenizer sees everything the demo encodes. Random crops and flips.
@@ -10,6 +12,14 @@ shapes the pixel losses are enough and keep training to minutes on one CPU core.
 starts from encoder outputs and codes unused for a while are restarted on current ones (dead-code
 restart, as in Jukebox / improved VQGAN training), so a small budget still uses most codes.
 One thread by default: the development machines are shared.
+
+--freeze-codes (with --init-from) trains only the decoder half (post_quant_conv, decoder) and keeps
+the encoder, quant_conv and codebook bit for bit: every image gets the same codes as before, so a
+transformer decoder trained on the old codes stays valid and only the pictures it draws get
+sharper. Codes are taken from whole images, the way the pipeline encodes them, and the decoder
+learns on windows of that code grid (no flips: a flipped image has other codes). --edge-weight
+adds an L1 loss on the image gradients, which for flat-coloured shapes is where the pixel losses
+leave the blur.
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.movqgan import MoVQGAN, count_parameters, save_movqgan, to_uint8
+from model.movqgan import MoVQGAN, count_parameters, load_movqgan, read_state_dict, save_movqgan, to_uint8
 from tasks.annotators import canny, soft_edge
 from tasks.shapes import render_scene
 
@@ -70,6 +80,122 @@ def _restart_dead_codes(model: MoVQGAN, z: torch.Tensor, usage: torch.Tensor, rn
     pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=rng)
     model.quantize.embedding.weight.data[dead] = flat[pick] + 0.01 * torch.randn(dead.numel(), flat.shape[1], generator=rng)
     return int(dead.numel())
+
+
+def gradient_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical finite differences: penalises soft edges directly."""
+    return (F.l1_loss(recon[..., :, 1:] - recon[..., :, :-1], x[..., :, 1:] - x[..., :, :-1])
+            + F.l1_loss(recon[..., 1:, :] - recon[..., :-1, :], x[..., 1:, :] - x[..., :-1, :]))
+
+
+FROZEN_PREFIXES = ("encoder.", "quant_conv.", "quantize.")  # what decides the codes
+
+
+@torch.no_grad()
+def pool_codes(model: MoVQGAN, pool: np.ndarray, batch: int = 32) -> torch.Tensor:
+    """The codes of whole pool images, as the pipeline would encode them: LongTensor [n, h/8, w/8]."""
+    return torch.cat([model.quantize.indices(model.quant_conv(model.encoder(
+        torch.from_numpy(pool[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0)))
+        for i in range(0, len(pool), batch)])
+
+
+def _code_windows(pool: np.ndarray, codes: torch.Tensor, rng: np.random.Generator, batch: int,
+                  window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of `window` x `window` codes and the pixels they stand for."""
+    idx = rng.integers(0, len(pool), batch)
+    _, ch, cw = codes.shape
+    k = min(window, ch, cw)
+    ys, xs = rng.integers(0, ch - k + 1, batch), rng.integers(0, cw - k + 1, batch)
+    c = torch.stack([codes[i, y:y + k, x_:x_ + k] for i, y, x_ in zip(idx, ys, xs)])
+    px = np.stack([pool[i, 8 * y:8 * (y + k), 8 * x_:8 * (x_ + k)] for i, y, x_ in zip(idx, ys, xs)])
+    return c, torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, batch: int = 8, window: int = 8,
+                     lr: float = 5e-4, edge_weight: float = 1.0, pool_size: int = 768, seed: int = 1,
+                     threads: int = 1, log_every: int = 50,
+                     budget_seconds: float | None = None) -> tuple[MoVQGAN, list[dict]]:
+    """Train only the decoder half of a trained MoVQGAN on its own (frozen) codes.
+
+    budget_seconds: a wall-clock budget on a shared machine, where steps/s is unknown in advance:
+    the learning rate follows its warmup + cosine over whichever of steps or time runs out first,
+    so the run ends on time with the rate annealed (the curve records the steps reached)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = load_movqgan(init_from, preset).train()
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(FROZEN_PREFIXES))
+        if p.requires_grad:
+            trainable.append(p)
+    # seeds apart from train()'s pools, so the fine-tune sees scenes the first training did not
+    pools = [image_pool(pool_size // 2, 64, first_seed=1_000_000 + seed * 100_000),
+             image_pool(pool_size // 2, 128, first_seed=1_000_000 + seed * 100_000 + pool_size)]
+    codes = [pool_codes(model, p) for p in pools]  # no dropout or batch norm: train mode encodes alike
+    opt = torch.optim.Adam(trainable, lr=lr, betas=(0.5, 0.9), foreach=True)
+    curve, acc, t0, reached = [], {"rec": 0.0, "edge": 0.0}, time.perf_counter(), 0
+    for step in range(1, steps + 1):
+        done = max(step / steps, (time.perf_counter() - t0) / budget_seconds if budget_seconds else 0.0)
+        if done > 1.0:
+            break
+        reached = step
+        for g in opt.param_groups:  # 5% linear warmup, then cosine to 1% of the peak
+            g["lr"] = lr * (done / 0.05 if done < 0.05 else 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+        c, x = _code_windows(pools[step % 2], codes[step % 2], rng, batch, window)
+        zq = model.quantize.lookup(c)
+        recon = model.decoder(model.post_quant_conv(zq), zq)
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        edge = gradient_l1(recon, x)
+        loss = rec + edge_weight * edge
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc["rec"] += rec.item()
+        acc["edge"] += edge.item()
+        if step % log_every == 0 or step == steps:
+            _log_row(curve, acc, step, log_every, lr=round(opt.param_groups[0]["lr"], 7), t0=t0)
+    if reached % log_every and reached != steps:  # stopped by the budget between two rows
+        _log_row(curve, acc, reached, log_every, lr=round(opt.param_groups[0]["lr"], 7), t0=t0)
+    return model.eval(), curve
+
+
+def _log_row(curve: list[dict], acc: dict, step: int, log_every: int, t0: float, **extra) -> None:
+    """Append the means since the last row to the curve, log it, and reset the sums."""
+    n = log_every if step % log_every == 0 else step % log_every
+    row = {"step": step, **{k: round(v / n, 5) for k, v in acc.items()}, **extra,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    curve.append(row)
+    log.info("step %d %s", step, row)
+    acc.update(dict.fromkeys(acc, 0.0))
+
+
+def same_codes(a: str | Path, b: str | Path) -> bool:
+    """Whether two MoVQGAN files hold bit-identical encoder, quant_conv and codebook weights."""
+    sa, sb = read_state_dict(a), read_state_dict(b)
+    keys = [k for k in sa if k.startswith(FROZEN_PREFIXES)]
+    return bool(keys) and all(k in sb and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in keys)
+
+
+def repoint_decoder(decoder_dir: str | Path, old: str | Path, new: str | Path) -> dict:
+    """Let a transformer decoder trained on `old`'s codes run with `new`, a MoVQGAN with the very
+    same encoder and codebook (a --freeze-codes fine-tune): rewrites the MoVQGAN sha256 that the
+    decoder's panelforge.json records (generate checks it) and keeps the old one beside it.
+    Refused when the decoder did not learn `old`'s codes or when `new` would encode differently."""
+    from tasks.tokenize import file_sha256
+
+    meta_path = Path(decoder_dir) / "panelforge.json"
+    meta = json.loads(meta_path.read_text())
+    recorded = (meta.get("movqgan") or {}).get("sha256")
+    if recorded != file_sha256(str(old)):
+        raise ValueError(f"{meta_path}: records MoVQGAN sha256 {str(recorded)[:12]}..., not that of {old}: "
+                         "the decoder did not learn its codes; retrain the decoder instead")
+    if not same_codes(old, new):
+        raise ValueError(f"{new}: encoder or codebook differ from {old}, so its codes differ: retrain the decoder")
+    meta["movqgan"] = {**meta["movqgan"], "sha256": file_sha256(str(new)),
+                       "codes_same_as_sha256": meta["movqgan"].get("codes_same_as_sha256", recorded)}
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return meta["movqgan"]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -153,6 +279,14 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init-from", default=None, help="a trained MoVQGAN to start from (with --freeze-codes)")
+    ap.add_argument("--freeze-codes", action="store_true", help="train only the decoder half: codes stay the same")
+    ap.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient L1 (--freeze-codes)")
+    ap.add_argument("--window", type=int, default=8, help="code windows the decoder trains on (--freeze-codes)")
+    ap.add_argument("--budget-seconds", type=float, default=None,
+                    help="--freeze-codes: end after this wall time (learning rate annealed over it) or --steps")
+    ap.add_argument("--repoint-decoder", default=None, metavar="FOLDER",
+                    help="after --freeze-codes: let this decoder (trained on --init-from's codes) use --out")
     ap.add_argument("--out", default="assets/movqgan-tiny.safetensors")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored weights")
     ap.add_argument("--preview", default=None, help="PNG: held-out originals over reconstructions")
@@ -160,12 +294,32 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
-    model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads)
+    meta = {}
+    if a.freeze_codes:
+        if not a.init_from:
+            ap.error("--freeze-codes needs --init-from: the MoVQGAN whose codes to keep")
+        if Path(a.out).resolve() == Path(a.init_from).resolve():
+            ap.error("--out is --init-from: write elsewhere (the codes are checked against --init-from), then move")
+        model, curve = finetune_decoder(a.init_from, a.preset, a.steps, a.batch, a.window, a.lr, a.edge_weight,
+                                        a.pool, a.seed, a.threads, budget_seconds=a.budget_seconds)
+        meta["steps_reached"] = curve[-1]["step"] if curve else 0
+        meta["budget_seconds"] = a.budget_seconds
+    else:
+        model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads)
     seconds = time.perf_counter() - t0
     metrics, imgs, recon = evaluate(model)
-    meta = {"trained_by": "tasks/train_movqgan.py", "steps": a.steps, "batch": a.batch, "crop": a.crop,
+    meta = {**meta, "trained_by": "tasks/train_movqgan.py", "steps": a.steps, "batch": a.batch, "crop": a.crop,
             "seed": a.seed, "psnr_heldout_128px": metrics["psnr"], "train_seconds": round(seconds)}
+    if a.freeze_codes:
+        meta.update(decoder_finetuned_from=Path(a.init_from).name, window=a.window, edge_weight=a.edge_weight)
+        meta.pop("crop")
     save_movqgan(model, a.out, dtype=getattr(torch, a.dtype), meta=meta)
+    if a.freeze_codes and not same_codes(a.init_from, a.out):
+        raise SystemExit(f"{a.out}: the encoder or codebook differ from {a.init_from}: the codes would change")
+    if a.repoint_decoder:
+        if not a.freeze_codes:
+            ap.error("--repoint-decoder needs --freeze-codes: other codes need a retrained decoder")
+        repoint_decoder(a.repoint_decoder, a.init_from, a.out)
     if a.preview:
         save_preview(imgs, recon, a.preview)
     if a.curve:

@@ -28,3 +28,48 @@ def test_shipped_models_load_together():
     assert decoder.tok_embeddings.weight.shape[0] == layout.vocab_size
     movq = load_movqgan(ASSETS / "movqgan-tiny.safetensors", "tiny")
     assert movq.quantize.embedding.weight.shape[0] == layout.codebook_size
+
+
+def test_shipped_decoder_learned_the_shipped_movqgan_codes():
+    # generate refuses a decoder whose recorded MoVQGAN is another file: the pair must ship together
+    from tasks.tokenize import file_sha256
+
+    meta = json.loads((ASSETS / "decoder-tiny" / "panelforge.json").read_text())
+    assert meta["movqgan"]["sha256"] == file_sha256(str(ASSETS / "movqgan-tiny.safetensors"))
+
+
+def test_decoder_only_finetune_keeps_the_codes_and_repoints_the_decoder(tmp_path):
+    import numpy as np
+    import pytest
+    import torch
+
+    from model.movqgan import MoVQGAN, load_movqgan, save_movqgan
+    from tasks.tokenize import file_sha256
+    from tasks.train_movqgan import finetune_decoder, image_pool, repoint_decoder, same_codes
+
+    torch.manual_seed(0)
+    old = tmp_path / "old.safetensors"
+    save_movqgan(MoVQGAN("tiny"), old, dtype=torch.float16)
+    model, curve = finetune_decoder(str(old), steps=2, batch=2, window=4, pool_size=4, log_every=1)
+    new = tmp_path / "new.safetensors"
+    save_movqgan(model, new, dtype=torch.float16)
+    assert same_codes(old, new) and len(curve) == 2
+    a, b = load_movqgan(old, "tiny"), load_movqgan(new, "tiny")
+    assert not torch.equal(a.decoder.conv_out.weight, b.decoder.conv_out.weight)  # the decoder half trained
+    images = image_pool(3, 64, first_seed=777)
+    assert torch.equal(a.encode(images), b.encode(images))
+    assert not np.array_equal(a.decode(a.encode(images)).numpy(), b.decode(b.encode(images)).numpy())
+
+    decoder = tmp_path / "decoder"
+    decoder.mkdir()
+    (decoder / "panelforge.json").write_text(json.dumps({"movqgan": {"sha256": file_sha256(str(old)), "weights": "x"}}))
+    torch.manual_seed(1)
+    other = tmp_path / "other.safetensors"
+    save_movqgan(MoVQGAN("tiny"), other, dtype=torch.float16)  # another encoder and codebook
+    with pytest.raises(ValueError, match="codes differ"):
+        repoint_decoder(decoder, old, other)
+    with pytest.raises(ValueError, match="did not learn"):
+        repoint_decoder(decoder, other, new)
+    assert json.loads((decoder / "panelforge.json").read_text())["movqgan"]["sha256"] == file_sha256(str(old))
+    rec = repoint_decoder(decoder, old, new)
+    assert rec == {"sha256": file_sha256(str(new)), "weights": "x", "codes_same_as_sha256": file_sha256(str(old))}
