@@ -50,10 +50,10 @@ def counter_bits(seed: torch.Tensor, step: torch.Tensor, index: torch.Tensor, st
     """
     seed = seed.long()
     lo, hi = seed.to(torch.int32), (seed >> 32).to(torch.int32)  # int64 -> int32 keeps the low word
-    h = _mix(lo ^ _mix(hi * _GOLDEN + (stream + 1)))
-    h = _mix(h ^ (step.to(torch.int32) * _GOLDEN))
-    h = _mix(h[:, None] + index.to(torch.int32) * _C1)
-    h = _mix(h ^ _GOLDEN)
+    key = _mix(lo ^ _mix(hi + _mix(torch.full_like(hi, stream) + _GOLDEN)))  # (seed, stream)
+    h = _mix(key + step.to(torch.int32) * _C1)
+    h = _mix(h[:, None] ^ _mix(index.to(torch.int32) * _C2 + _GOLDEN))  # the index mixed on its own first
+    h = _mix(h + key[:, None])
     return _shr(h, 8)
 
 

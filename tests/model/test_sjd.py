@@ -12,14 +12,20 @@ import torch.nn.functional as F
 from model import sampling as S
 from model.decoder import ModelArgs
 from model.engine import Engine, Request
-from model.sjd import next_window, verify
+from model.sjd import DRAFT_KINDS, next_window, refill, verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, speculative: bool):
-    """Drive verify / next_window with a known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}])."""
+def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, speculative: bool,
+                   drafts_kind: str = "uniform", width: int = 2):
+    """Drive verify / next_window / refill with a known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}]).
+
+    drafts_kind: the draft initialisation (model.sjd.DRAFT_KINDS), "above" being the token `width`
+    positions back (a row of `width` tokens), once accepted."""
     v = table.shape[0]
+    kind = torch.full((rows,), DRAFT_KINDS.index(drafts_kind))
+    code_q = S.uniform_codes_q(v)
     seed = torch.arange(rows) + (0 if speculative else 10**6)
     step = torch.zeros(rows, dtype=torch.long)
     idx = torch.arange(window).expand(rows, window)
@@ -38,30 +44,42 @@ def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, s
                                 torch.full((rows,), window), spec)
         assert (gained >= 1).all() and (gained <= window).all()
         fresh = S.sample(p, S.counter_uniform(seed, step, idx, S.STREAM_FRESH))
-        rand = (S.counter_uniform(seed, step, idx, S.STREAM_DRAFT) * v).long()
+        rand = S.uniform_codes(S.counter_bits(seed, step, idx, S.STREAM_DRAFT), v)
         drafts, q = next_window(p, fresh, gained, rand)
         keep = torch.arange(window)[None] < gained[:, None]
         pos = (n[:, None] + torch.arange(window)).clamp(max=out.shape[1] - 1)
         out.scatter_(1, pos, torch.where(keep, tokens, out.gather(1, pos)))
+        t_next = n[:, None] + gained[:, None] + torch.arange(window)  # positions of the next window
+        above_at = t_next - width
+        known = (above_at >= 0) & (above_at < (n + gained)[:, None])
+        above = torch.where(known, out.gather(1, above_at.clamp(0, out.shape[1] - 1)), 0).clamp(min=0)  # rows done
+        carry = torch.arange(window)[None] + gained[:, None] < window
+        drafts, q = refill(drafts, q, carry, above, known, rand, S.counter_uniform(seed, step, idx, S.STREAM_MIX),
+                           code_q, kind)
         last = tokens.gather(1, (gained - 1)[:, None])[:, 0]
         steps_to_n = torch.where(n < n_tokens, step + 1, steps_to_n)
         n, step = n + gained, step + 1
     return out[:, :n_tokens], steps_to_n
 
 
-def test_speculative_rule_samples_the_target_distribution(chi_square):
+@pytest.mark.parametrize("drafts_kind", DRAFT_KINDS)
+def test_speculative_rule_samples_the_target_distribution(chi_square, drafts_kind):
+    """Every draft initialisation: the joint of the first four tokens (two 'rows' of two) passes
+    chi-square against the exact one; 5 symbols, not a power of two, so the uniform part of q is
+    the exact (unequal) distribution of the random codes."""
     torch.manual_seed(0)
     v = 5
     table = 2.5 * torch.randn(v, v)  # peaked, so accepting wrong drafts would show
     p = torch.softmax(table, -1)
-    exact = torch.einsum("a,ab,bc->abc", p[0], p, p).reshape(-1)  # joint of the first three tokens
-    for speculative in (True, False):
-        tokens, steps = run_bigram_sjd(table, rows=20000, window=4, n_tokens=3, speculative=speculative)
-        codes = tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2]
-        counts = torch.bincount(codes, minlength=v ** 3)
+    exact = torch.einsum("a,ab,bc,cd->abcd", p[0], p, p, p).reshape(-1)  # joint of the first four tokens
+    for speculative in (True, False) if drafts_kind == "uniform" else (True,):
+        tokens, steps = run_bigram_sjd(table, rows=20000, window=4, n_tokens=4, speculative=speculative,
+                                       drafts_kind=drafts_kind)
+        codes = ((tokens[:, 0] * v + tokens[:, 1]) * v + tokens[:, 2]) * v + tokens[:, 3]
+        counts = torch.bincount(codes, minlength=v ** 4)
         assert chi_square(counts, exact) > 1e-3, speculative
         if speculative:
-            assert steps.float().mean() < 3.0  # and it did speculate: fewer steps than tokens
+            assert steps.float().mean() < 4.0  # and it did speculate: fewer steps than tokens
 
 
 def test_verify_rejects_to_the_residual():
