@@ -121,7 +121,8 @@ def peaky_model(random_decoder, small_layout):
     return random_decoder(args, seed=1, scale=0.35)
 
 
-def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout):
+@pytest.mark.parametrize("drafts", DRAFT_KINDS)
+def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, drafts):
     lay = small_layout
     prompt = lay.encode_prompt("two squares")
     h, w = 32, 64
@@ -138,7 +139,7 @@ def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout):
     want = (np.array(body).reshape(h // 8, w // 8 + 1)[:, :-1] - lay.code_offset)
     assert min(gaps) > 1e-3  # no near-ties, so temperature 1e-5 is greedy
     reqs = [Request(id=f"{sjd}", prompt_ids=prompt, height=h, width=w, seed=7, cfg=3.0, temperature=1e-5,
-                    top_k=lay.codebook_size, sjd=sjd) for sjd in (True, False)]
+                    top_k=lay.codebook_size, sjd=sjd, drafts=drafts) for sjd in (True, False)]
     results = {r.id: r for r in Engine(peaky_model, lay, max_batch=2, window=8, kv_bucket=64).generate(reqs)}
     for r in results.values():
         assert r.error is None
@@ -175,3 +176,37 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
             counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
             assert counts[marg[k] == 0].sum() == 0  # never outside the top-k support
             assert chi_square(counts, marg[k]) > 1e-3, (sjd, k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafts", ["above", "above+carry"])
+def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout, chi_square, drafts):
+    """Image to image, so the lower panel's first row has its row above from the start: the first
+    three generated codes over many seeds pass chi-square against the exact marginals."""
+    lay = small_layout
+    prompt, h, w, cfg, top_k = lay.encode_prompt("mirror"), 64, 32, 2.0, 10
+    upper = np.arange(16).reshape(4, 4) % lay.codebook_size
+    prefix = lay.image_prefix(h, w)
+    given = [int(t) for t in np.concatenate([upper + lay.code_offset, np.full((4, 1), lay.row_end)], 1).reshape(-1)]
+    probs = lambda body: guided_probs(*reference_logits(peaky_model, lay, prompt, prefix, given + body),  # noqa: E731
+                                      lay, cfg, top_k, 1.0)
+    p0 = probs([])
+    p1_given = torch.stack([probs([lay.code_offset + a]) for a in range(lay.codebook_size)])
+    pairs = list(itertools.product(range(lay.codebook_size), repeat=2))
+    with torch.no_grad():
+        cond = torch.tensor([prompt + prefix + given + [lay.code_offset + a, lay.code_offset + b] for a, b in pairs])
+        unc = torch.tensor([prefix + given + [lay.code_offset + a, lay.code_offset + b] for a, b in pairs])
+        c2, u2 = peaky_model(cond)[:, -1], peaky_model(unc)[:, -1]
+    p2_given = torch.stack([guided_probs(c2[i], u2[i], lay, cfg, top_k, 1.0) for i in range(len(pairs))])
+    joint01 = p0[:, None] * p1_given
+    marg = [p0, joint01.sum(0), (joint01.reshape(-1, 1) * p2_given).sum(0)]
+    n = 768
+    reqs = [Request(id=str(i), prompt_ids=prompt, height=h, width=w, upper_codes=upper, seed=5000 + i, cfg=cfg,
+                    top_k=top_k, drafts=drafts) for i in range(n)]
+    results = list(Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64).generate(reqs))
+    codes = torch.tensor(np.stack([r.codes[4:].reshape(-1)[:3] for r in results]))
+    for k in range(3):
+        counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
+        assert counts[marg[k] == 0].sum() == 0
+        assert chi_square(counts, marg[k]) > 1e-3, (drafts, k)
+    assert sum(r.tokens for r in results) / sum(r.steps for r in results) > 1.0
