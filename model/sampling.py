@@ -14,6 +14,8 @@ it is in and whatever its neighbours do, the draws are one vectorized op for the
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # What the layout allows at a position of the image span (REFERENCE.md, "Sequence layout").
@@ -75,7 +77,7 @@ def uniform_codes_q(n_codes: int, size: int | None = None) -> torch.Tensor:
         raise ValueError(f"uniform_codes_q: {n_codes} codes; expected 1..2^24")
     edges = [-(-(c << 24) // n_codes) for c in range(n_codes + 1)]  # ceil(c * 2^24 / n)
     q = torch.zeros(size or n_codes, dtype=torch.float64)
-    q[:n_codes] = torch.tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.float64) / (1 << 24)
+    q[:n_codes] = torch.tensor([b - a for a, b in itertools.pairwise(edges)], dtype=torch.float64) / (1 << 24)
     return q.float()
 
 

@@ -188,7 +188,7 @@ def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout
     upper = np.arange(16).reshape(4, 4) % lay.codebook_size
     prefix = lay.image_prefix(h, w)
     given = [int(t) for t in np.concatenate([upper + lay.code_offset, np.full((4, 1), lay.row_end)], 1).reshape(-1)]
-    probs = lambda body: guided_probs(*reference_logits(peaky_model, lay, prompt, prefix, given + body),  # noqa: E731
+    probs = lambda body: guided_probs(*reference_logits(peaky_model, lay, prompt, prefix, given + body),
                                       lay, cfg, top_k, 1.0)
     p0 = probs([])
     p1_given = torch.stack([probs([lay.code_offset + a]) for a in range(lay.codebook_size)])
