@@ -105,7 +105,7 @@ class Slots(NamedTuple):
 
     @classmethod
     def empty(cls, max_batch: int, window: int, n_local: int, body_len: int, device) -> "Slots":
-        z = lambda dtype=torch.long: torch.zeros(max_batch, dtype=dtype, device=device)  # noqa: E731
+        z = lambda dtype=torch.long: torch.zeros(max_batch, dtype=dtype, device=device)
         return cls(active=z(torch.bool), speculative=z(torch.bool), pos=z(), uoff=z(), body0=z(), rows=z(), cols=z(),
                    seed=z(), nstep=z(), top_k=z(), limit=z(), draft_kind=z(), last_tok=z(), cfg=z(torch.float),
                    temperature=z(torch.float), drafts=torch.zeros(max_batch, window, dtype=torch.long, device=device),
@@ -214,7 +214,7 @@ class Engine:
         prefill_tokens: as the engine will be built. The engine checks its own max_batch with the
         same numbers (Engine.check_fits), so a batch chosen here is never refused there.
         """
-        need = lambda b: Engine.memory_needed(model_or_args, b, max_seq, cache_dtype, window, n_local,  # noqa: E731
+        need = lambda b: Engine.memory_needed(model_or_args, b, max_seq, cache_dtype, window, n_local,
                                               prefill_tokens)["total"]
         budget = free_bytes * (1 - margin)
         if need(1) > budget:

@@ -14,6 +14,8 @@ it is in and whatever its neighbours do, the draws are one vectorized op for the
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # What the layout allows at a position of the image span (REFERENCE.md, "Sequence layout").
@@ -50,10 +52,10 @@ def counter_bits(seed: torch.Tensor, step: torch.Tensor, index: torch.Tensor, st
     """
     seed = seed.long()
     lo, hi = seed.to(torch.int32), (seed >> 32).to(torch.int32)  # int64 -> int32 keeps the low word
-    h = _mix(lo ^ _mix(hi * _GOLDEN + (stream + 1)))
-    h = _mix(h ^ (step.to(torch.int32) * _GOLDEN))
-    h = _mix(h[:, None] + index.to(torch.int32) * _C1)
-    h = _mix(h ^ _GOLDEN)
+    key = _mix(lo ^ _mix(hi + _mix(torch.full_like(hi, stream) + _GOLDEN)))  # (seed, stream)
+    h = _mix(key + step.to(torch.int32) * _C1)
+    h = _mix(h[:, None] ^ _mix(index.to(torch.int32) * _C2 + _GOLDEN))  # the index mixed on its own first
+    h = _mix(h + key[:, None])
     return _shr(h, 8)
 
 
@@ -75,7 +77,7 @@ def uniform_codes_q(n_codes: int, size: int | None = None) -> torch.Tensor:
         raise ValueError(f"uniform_codes_q: {n_codes} codes; expected 1..2^24")
     edges = [-(-(c << 24) // n_codes) for c in range(n_codes + 1)]  # ceil(c * 2^24 / n)
     q = torch.zeros(size or n_codes, dtype=torch.float64)
-    q[:n_codes] = torch.tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.float64) / (1 << 24)
+    q[:n_codes] = torch.tensor([b - a for a, b in itertools.pairwise(edges)], dtype=torch.float64) / (1 << 24)
     return q.float()
 
 

@@ -96,8 +96,8 @@ def test_fused_projections_compute_the_same_and_keep_the_keys_on_disk(random_dec
         torch.testing.assert_close(model(tokens), want, rtol=1e-5, atol=1e-5)
     after = model.state_dict()
     assert set(after) == set(before)
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
     # the release's files: written unfused, read back into an unfused decoder, equal
     save_decoder(model, tmp_path / "ckpt")
     loaded, _ = load_decoder(tmp_path / "ckpt")

@@ -56,9 +56,9 @@ def triton_hazards(gm: torch.fx.GraphModule) -> list[str]:
             walk(node.kwargs, node)
         elif node.op == "get_attr":
             t = getattr(gm, node.target, None)
-            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel() and t.dtype != torch.bool:
-                if int(t.min()) < INT32_MIN or int(t.max()) > INT32_MAX:
-                    found.append(f"{node.target}: an int64 tensor constant outside int32")
+            integer = isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dtype != torch.bool
+            if integer and t.numel() and (int(t.min()) < INT32_MIN or int(t.max()) > INT32_MAX):
+                found.append(f"{node.target}: an int64 tensor constant outside int32")
     return found
 
 
