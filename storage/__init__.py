@@ -8,13 +8,15 @@ from storage.errors import (
     StorageError,
     UnsupportedURIError,
 )
+from storage.hashing import FAST as HASH_ALGORITHM
 from storage.manifest import lineage_entry, read_manifest
+from storage.repair import repair
 from storage.schemas import GENERATED, PANELS, REJECTS, SCHEMA_VERSION, SCHEMAS, TOKENS
 from storage.uri import resolve
 
 __all__ = [
-    "ChecksumError", "Dataset", "DatasetMismatchError", "DatasetNotFoundError", "DatasetWriter",
+    "HASH_ALGORITHM", "ChecksumError", "Dataset", "DatasetMismatchError", "DatasetNotFoundError", "DatasetWriter",
     "GENERATED", "ManifestError", "PANELS", "REJECTS", "SCHEMAS", "SCHEMA_VERSION", "StorageError",
     "TOKENS", "UnsupportedURIError", "lineage_entry", "open_dataset", "read_manifest",
-    "rejects_table", "resolve", "write_shard",
+    "rejects_table", "repair", "resolve", "write_shard",
 ]
