@@ -320,6 +320,7 @@ class DatasetWriter:
         self._clean_temporaries()
         self._log_fd: int | None = None
         self._log_records = 0
+        self._folded_units = len(self._units)  # what manifest.json lists
         self._cache: tuple[dict, frozenset] | None = None
         # A complete dataset opened again (a rerun) stays as it is until a unit is committed:
         # a rerun with nothing left to do rewrites nothing. Otherwise fold the log of the last
@@ -352,7 +353,8 @@ class DatasetWriter:
         """List a unit written by write_shard. Committing a unit again replaces it (no duplicates).
 
         Constant time: one appended, fsynced line; the log is folded into manifest.json only
-        when it is as long as the manifest (so the folding costs O(1) per commit on average)."""
+        when it has as many records as manifest.json lists units (so folding costs O(1) per
+        commit on average, and the log never outgrows the manifest)."""
         unit = _check_unit(info["unit"])
         where = self.loc.display(MANIFEST)
         record = {"unit": unit, "shard": info.get("shard") or None, "rejects": info.get("rejects") or None}
@@ -374,7 +376,7 @@ class DatasetWriter:
             line = line[os.write(self._log_fd, line):]
         os.fsync(self._log_fd)  # the newline is the commit point
         self._log_records += 1
-        if self._log_records >= max(COMPACT_MIN, len(self._units)):
+        if self._log_records >= max(COMPACT_MIN, self._folded_units):
             self._fold()
 
     def _fold(self) -> None:
@@ -383,6 +385,7 @@ class DatasetWriter:
             self._log_fd = None
         self._header["log"] = _compact(self.loc, self._header, self._units).get("log")
         self._log_records = 0
+        self._folded_units = len(self._units)
 
     def finalize(self, **summary: Any) -> dict:
         """Mark the dataset complete; extra keyword values go to the manifest's summary. A dataset

@@ -174,7 +174,7 @@ def read_log(loc: Location, name: str) -> tuple[list[dict], int]:
     crash mid-append: no closing newline) is left out. Raises FileNotFoundError."""
     if not loc.local:
         return [], 0
-    path = loc.join(name)
+    path = inside_root(loc, name)
     with open(path, "rb") as f:
         raw = f.read()
     records, end = [], 0
