@@ -1,5 +1,5 @@
 """PanelForge storage: Arrow IPC shard datasets with manifests (DESIGN.md, "Datasets on disk")."""
-from storage.dataset import Dataset, DatasetWriter, open_dataset, rejects_table, write_shard
+from storage.dataset import Dataset, DatasetWriter, open_dataset, rehash, rejects_table, write_shard
 from storage.errors import (
     ChecksumError,
     DatasetMismatchError,
@@ -18,5 +18,5 @@ __all__ = [
     "HASH_ALGORITHM", "ChecksumError", "Dataset", "DatasetMismatchError", "DatasetNotFoundError", "DatasetWriter",
     "GENERATED", "ManifestError", "PANELS", "REJECTS", "SCHEMAS", "SCHEMA_VERSION", "StorageError",
     "TOKENS", "UnsupportedURIError", "lineage_entry", "open_dataset", "read_manifest",
-    "rejects_table", "repair", "resolve", "write_shard",
+    "rehash", "rejects_table", "repair", "resolve", "write_shard",
 ]

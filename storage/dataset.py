@@ -107,8 +107,10 @@ def _schema_metadata(kind: str | None, meta: dict | None, what: str) -> dict[byt
     out = {b"panelforge.table": what.encode(), b"panelforge.schema_version": str(SCHEMA_VERSION).encode()}
     if kind:
         out[b"panelforge.kind"] = kind.encode()
-    if meta and meta.get("layout_fingerprint"):
-        out[b"panelforge.layout_fingerprint"] = str(meta["layout_fingerprint"]).encode()
+    # tokens datasets record their layout's fingerprint in meta (tasks/tokenize.py: layout.meta())
+    fingerprint = (meta or {}).get("layout_fingerprint") or (meta or {}).get("fingerprint")
+    if fingerprint:
+        out[b"panelforge.layout_fingerprint"] = str(fingerprint).encode()
     return out
 
 
@@ -465,6 +467,23 @@ def _content_problem(entry: dict, buf) -> str | None:
         return (f"{algorithm} {got[:16]}... does not match the manifest's {want[:16]}...: "
                 "the file is corrupt or was changed")
     return None
+
+
+def rehash(where: str | os.PathLike | Location, entry: dict) -> dict | None:
+    """The entry with the size and hash of the file as it is now, or None when it still matches
+    (a driver re-committing a file that a zombie worker replaced after its commit)."""
+    loc = _location(where)
+    path = member_path(loc, entry["file"], loc.display(MANIFEST))
+    if loc.local:
+        digest, size = hash_local(path)
+    else:
+        with loc.fs.open_input_stream(path) as f:
+            digest, size = hash_stream(f)
+    if entry.get(FAST) == digest and entry["bytes"] == size:
+        return None
+    fresh = {k: v for k, v in entry.items() if k != "sha256"}
+    fresh.update({FAST: digest, "bytes": size})
+    return fresh
 
 
 def file_problem(loc: Location, entry: dict) -> str | None:

@@ -265,6 +265,8 @@ def run_tokenize(cfg: PipelineConfig, progress: Callable[[dict], None] | None = 
     kwargs = {"panels_uri": panels_uri, "out": out, "models": cfg.models.model_dump(), "tokenize": tc.model_dump()}
 
     def results():
+        if not todo:  # every unit is committed: a rerun loads no model and starts no Ray
+            return
         if not use_ray:
             worker = Tokenizer(**kwargs)
             for u in todo:
