@@ -78,7 +78,7 @@ def file_sha256(path: str) -> str:
 def open_panels(uri: str):
     """The input panels dataset, or a TokenizeError that says why it cannot be tokenized."""
     try:
-        ds = open_dataset(uri)
+        ds = open_dataset(uri, check=True)  # a damaged panel shard stops the job, named
     except StorageError as e:  # missing, unreadable, or another schema version
         raise TokenizeError(f"cannot tokenize {uri}: {e}") from None
     if ds.kind != "panels":
