@@ -30,7 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from storage.errors import ChecksumError, DatasetMismatchError, DatasetNotFoundError, StorageError
+from storage.errors import (
+    ChecksumError,
+    DatasetMismatchError,
+    DatasetNotFoundError,
+    StorageError,
+)
 from storage.hashing import FAST, hash_bytes, hash_local, hash_stream, recorded
 from storage.manifest import (
     FORMAT,
@@ -46,7 +51,6 @@ from storage.manifest import (
     read_base,
     read_log,
     read_manifest,
-    unit_order,
     with_units,
     write_manifest,
 )

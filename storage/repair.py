@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from storage.dataset import _compact, _header_of, _units_of, _location, file_problem
+from storage.dataset import _compact, _header_of, _location, _units_of, file_problem
 from storage.manifest import MANIFEST, inside_root, read_manifest
 
 

@@ -37,10 +37,10 @@ def test_training_refuses_a_damaged_token_shard(tmp_path):
 
 def test_pretokenize_refuses_a_damaged_panel_shard(tmp_path):
     import torch
+    from test_tokenize import make_panels
 
     from model.movqgan import MoVQGAN, save_movqgan
     from tasks.tokenize import run_tokenize
-    from test_tokenize import make_panels
 
     torch.manual_seed(0)
     weights = tmp_path / "tiny.safetensors"

@@ -45,11 +45,10 @@ def test_rerun_of_complete_panels_starts_no_ray(tmp_path, monkeypatch):
 
 def test_rerun_of_complete_tokens_starts_no_ray(tmp_path, monkeypatch):
     import torch
-
-    from model.movqgan import MoVQGAN, save_movqgan
     from test_tokenize import make_panels
 
     import tasks.tokenize as tok
+    from model.movqgan import MoVQGAN, save_movqgan
 
     torch.manual_seed(0)
     weights = tmp_path / "tiny.safetensors"
