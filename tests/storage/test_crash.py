@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from storage import open_dataset
 
 UNITS = 50
@@ -70,6 +72,7 @@ def _committed(path: Path) -> list[str]:
     return ds.manifest["units"]
 
 
+@pytest.mark.slow  # ~20 s quiet, a minute under load: make test runs it, make test-fast leaves it to test_commit_log.py
 def test_sigkill_at_chosen_points_then_rerun(tmp_path):
     path = tmp_path / "ds"
     rng = random.Random(1234)
