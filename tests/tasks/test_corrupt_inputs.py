@@ -1,5 +1,6 @@
 """Training and pre-tokenization read their inputs with hash checks: a damaged shard stops the job
-with its name and what to do, before a damaged row is used.
+with its name and what to do, before a damaged row is used; after `datasets repair`, the job's
+rerun redoes only the damaged unit, byte for byte.
 
     .venv/bin/python -m pytest -q tests/tasks/test_corrupt_inputs.py
 """
@@ -51,3 +52,28 @@ def test_pretokenize_refuses_a_damaged_panel_shard(tmp_path):
     with pytest.raises(ChecksumError, match=r"panels/shards/00001.arrow: xxh3_128 .*panelforge datasets repair"):
         run_tokenize(cfg, use_ray=False)
     assert not (tmp_path / "tokens" / "shards").exists() or not any((tmp_path / "tokens" / "shards").iterdir())
+
+
+def test_repair_then_rerun_of_the_panels_job_redoes_only_the_damaged_unit(tmp_path, capsys):
+    from flows.cli import main
+    from storage import open_dataset
+    from tasks.build_panels import run_build
+
+    cfg = load_config("configs/tiny.yaml", [f"workdir={tmp_path}", "panels.source.count=12", "panels.rows_per_unit=4",
+                                            "panels.stage_size=64"])
+    assert run_build(cfg, use_ray=False)["units_run"] == 3  # the uninterrupted run
+    shards = tmp_path / "panels" / "shards"
+    whole = {p.name: p.read_bytes() for p in shards.iterdir()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    _flip(shards / "00001.arrow")
+    with pytest.raises(ChecksumError, match=r"shards/00001.arrow: .*panelforge datasets repair"):
+        open_dataset(tmp_path / "panels").table()
+
+    assert main(["datasets", "repair", str(tmp_path / "panels")]) == 0
+    assert "dropped unit 00001: shards/00001.arrow" in capsys.readouterr().out
+    rerun = run_build(cfg, use_ray=False)
+    assert (rerun["units_run"], rerun["units_skipped"], rerun["rows_out"]) == (1, 2, 12)
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == whole  # byte for byte
+    assert {n: (shards / n).stat().st_mtime_ns for n in ("00000.arrow", "00002.arrow")} == \
+        {n: mtimes[n] for n in ("00000.arrow", "00002.arrow")}  # only the damaged unit recomputed
+    assert open_dataset(tmp_path / "panels", verify=True).manifest["status"] == "complete"
