@@ -1,5 +1,5 @@
 # PanelForge: `make demo` runs the end-to-end pipeline on the embedded default,
-# `make test` runs the whole suite. Both create .venv (pip) when it is missing.
+# `make test` runs the whole suite, `make test-fast` the fast loop (docs/testing.md). Both create .venv (pip) when it is missing.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
-.PHONY: venv demo test clean bench
+.PHONY: venv demo test test-fast clean bench
 
 venv: $(STAMP)
 
@@ -30,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/flows
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,13 +1,17 @@
-"""Storage throughput: storage/ against bare pyarrow doing the same Arrow IPC writes and reads.
+"""Storage throughput: storage/ against bare pyarrow doing the same Arrow IPC writes and reads;
+and the cost of one commit as a dataset grows.
 
     .venv/bin/python -m bench.storage                  # 200k rows of ~1,000 int32 tokens
     .venv/bin/python -m bench.storage --rows 20000     # a quick run
+    .venv/bin/python -m bench.storage --commit-scaling # one commit at 1,000 / 10,000 / 100,000 units
 
 Both sides write the same tables as the same number of IPC files, and read them back memory-
 mapped, touching every token (a sum), so that both pay for the same bytes. storage/ does more:
-temp name + rename, sha256 of every shard, the manifest after every shard. Rounds alternate
-the two sides and the best round of each counts (the machine may be shared). Results are
-printed and saved to bench/results/storage.json.
+temp name + rename, the xxh3-128 hash of every shard, one fsynced commit record per shard; its
+reads check each shard's hash on first open (the default; the run without checks is printed
+too). Rounds alternate the sides and the best round of each counts (the machine may be
+shared). Results are printed and saved to bench/results/storage.json (--commit-scaling:
+bench/results/storage-commits.json).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from storage import DatasetWriter, open_dataset
+from storage.dataset import _VERIFIED, _compact
+from storage.uri import resolve
 
 
 def make_tables(rows: int, per_shard: int, mean_len: int, seed: int = 0) -> list[pa.Table]:
@@ -75,9 +81,11 @@ def storage_write(folder: Path, tables: list[pa.Table]) -> None:
     w.finalize()
 
 
-def storage_read(folder: Path) -> tuple[int, int]:
+def storage_read(folder: Path, check: bool = True) -> tuple[int, int]:
+    # A fresh process would check each shard once: forget what this one has checked.
+    _VERIFIED.clear()
     rows = total = 0
-    for batch in open_dataset(folder).iter_batches(batch_size=4096):
+    for batch in open_dataset(folder, check=check).iter_batches(batch_size=4096):
         total += int(np.asarray(batch.column("tokens").values).sum(dtype=np.int64))
         rows += batch.num_rows
     return rows, total
@@ -89,6 +97,51 @@ def timed(fn, *args):
     return time.perf_counter() - t, out
 
 
+def commit_scaling(sizes: list[int], commits: int, scratch: Path) -> dict:
+    """Time single commits into datasets that already list n units, one dataset per n. The
+    commits go round-robin over the datasets, so a load that changes during the run (the
+    machine is shared) weighs on every size alike."""
+    entry = {"rows": 64, "bytes": 300_000, "xxh3_128": "0" * 32, "rows_per_task": {"t2i": 64}}
+    writers, out = {}, {}
+    for n in sizes:
+        folder = scratch / f"commits-{n}"
+        w = DatasetWriter(folder, "tokens", meta={"layout_fingerprint": "bench"})
+        units = {f"{u:07d}": {"shard": dict(entry, unit=f"{u:07d}", file=f"shards/{u:07d}.arrow"), "rejects": None}
+                 for u in range(n)}
+        t = time.perf_counter()
+        _compact(resolve(folder), w._header, units)  # what folding a log into manifest.json costs at n
+        fold = time.perf_counter() - t
+        w.close()
+        t = time.perf_counter()
+        writers[n] = DatasetWriter(folder, "tokens", meta={"layout_fingerprint": "bench"})  # a rerun opening it
+        out[n] = {"fold_s": round(fold, 3), "fold_per_commit_ms": round(1e3 * fold / n, 4),
+                  "open_writer_s": round(time.perf_counter() - t, 3)}
+        assert len(writers[n].done_units) == n
+    times = {n: [] for n in sizes}
+    for k in range(commits):
+        for n in sizes:
+            unit = f"{n + k:07d}"
+            info = {"unit": unit, "shard": dict(entry, unit=unit, file=f"shards/{unit}.arrow"), "rejects": None}
+            t = time.perf_counter()
+            writers[n].commit(info)
+            times[n].append(time.perf_counter() - t)
+    for n in sizes:
+        writers[n].close()
+        t = time.perf_counter()
+        assert len(open_dataset(scratch / f"commits-{n}").manifest["units"]) == n + commits
+        ts = sorted(times[n])
+        out[n].update(median_ms=round(1e3 * ts[len(ts) // 2], 3), p90_ms=round(1e3 * ts[int(0.9 * len(ts))], 3),
+                      max_ms=round(1e3 * ts[-1], 3), read_manifest_s=round(time.perf_counter() - t, 3))
+        shutil.rmtree(scratch / f"commits-{n}")
+        r = out[n]
+        print(f"{n:>8,} units: one commit median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, max {r['max_ms']:.3f} ms; "
+              f"fold {r['fold_s']:.3f} s ({r['fold_per_commit_ms']:.4f} ms a commit, amortised); "
+              f"open writer {r['open_writer_s']:.3f} s, read manifest {r['read_manifest_s']:.3f} s", flush=True)
+    medians = [r["median_ms"] for r in out.values()]
+    return {"sizes": out, "spread": round(max(medians) / min(medians), 2), "commits_timed": commits,
+            "load": os.getloadavg(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+
+
 def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -97,13 +150,29 @@ def main() -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/results/storage.json")
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--commit-scaling", action="store_true", help="time one commit at 1,000, 10,000 and 100,000 units")
+    ap.add_argument("--commits", type=int, default=300, help="commits timed at each size (--commit-scaling)")
     args = ap.parse_args()
+
+    if args.commit_scaling:
+        scratch = Path(args.dir or tempfile.mkdtemp(prefix="pf-bench-"))
+        try:
+            result = commit_scaling([1_000, 10_000, 100_000], args.commits, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"largest / smallest median commit: {result['spread']:.2f}x (goal: within 2x)")
+        out = Path(args.out).with_name("storage-commits.json") if args.out == "bench/results/storage.json" else Path(args.out)
+        result["command"] = f"python -m bench.storage --commit-scaling --commits {args.commits}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {out}")
+        return result
 
     tables = make_tables(args.rows, args.per_shard, args.tokens)
     nbytes = sum(t.nbytes for t in tables)
     print(f"{args.rows:,} rows, {len(tables)} shards, {nbytes / 2**20:,.0f} MiB of Arrow data")
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="pf-bench-"))
-    times = {k: [] for k in ("bare_write", "storage_write", "bare_read", "storage_read")}
+    times = {k: [] for k in ("bare_write", "storage_write", "bare_read", "storage_read", "storage_read_unchecked")}
     try:
         for r in range(args.rounds):
             for side in ("bare", "storage") if r % 2 == 0 else ("storage", "bare"):
@@ -115,6 +184,10 @@ def main() -> dict:
                 assert rows == args.rows, (side, rows)
                 times[f"{side}_write"].append(tw)
                 times[f"{side}_read"].append(tr)
+                if side == "storage":
+                    tu, (rows_u, total_u) = timed(storage_read, folder, False)
+                    assert (rows_u, total_u) == (rows, total)
+                    times["storage_read_unchecked"].append(tu)
                 shutil.rmtree(folder)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     finally:
@@ -128,14 +201,18 @@ def main() -> dict:
         "rows_per_s": {k: round(args.rows / v) for k, v in best.items()},
         "write_ratio": round(best["bare_write"] / best["storage_write"], 3),
         "read_ratio": round(best["bare_read"] / best["storage_read"], 3),
+        "read_ratio_unchecked": round(best["bare_read"] / best["storage_read_unchecked"], 3),
+        "load": os.getloadavg(),
         "rounds": {k: [round(x, 3) for x in v] for k, v in times.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "command": "python -m bench.storage " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "dir")),
+        "command": "python -m bench.storage " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "dir", "commit_scaling", "commits")),
     }
     print(f"write: storage {result['rows_per_s']['storage_write']:,} rows/s, bare pyarrow "
           f"{result['rows_per_s']['bare_write']:,} rows/s, ratio {result['write_ratio']:.2f}")
     print(f"read:  storage {result['rows_per_s']['storage_read']:,} rows/s, bare pyarrow "
-          f"{result['rows_per_s']['bare_read']:,} rows/s, ratio {result['read_ratio']:.2f}")
+          f"{result['rows_per_s']['bare_read']:,} rows/s, ratio {result['read_ratio']:.2f} "
+          f"(without the hash check {result['read_ratio_unchecked']:.2f})")
+    print(f"load average at the end: {result['load']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.out}")

@@ -3,6 +3,7 @@
     panelforge --help
     panelforge build-panels --config configs/tiny.yaml panels.source.count=32
     panelforge datasets show out/tiny/panels
+    panelforge datasets repair out/tiny/panels
 
 Every flow subcommand takes a YAML config and KEY=VALUE overrides (parsed as YAML values).
 The whole config is validated and the stage's preflight run (tasks/config.py: check_config)
@@ -79,10 +80,31 @@ def run_flow(command: str, config: str, overrides: list[str]) -> dict:
     return flow(config=cfg)
 
 
-def _show_dataset(path: str, verify: bool, as_json: bool) -> None:
+def _datasets(args: argparse.Namespace) -> int:
+    """`panelforge datasets show|repair|export`."""
+    if args.datasets_command == "export":
+        from storage.export import export_dataset
+
+        print(json.dumps(export_dataset(args.path, args.out, args.format, args.row_group_mb), indent=2))
+        return 0
+    if args.datasets_command == "repair":
+        from storage.repair import describe, repair
+
+        report = repair(args.path)
+        print(json.dumps(report, indent=2) if args.json else describe(report))
+        return 0
+    _show_dataset(args.path, args.verify, args.json, args.sha256)
+    return 0
+
+
+def _show_dataset(path: str, verify: bool, as_json: bool, sha256: bool = False) -> None:
     from storage import open_dataset
 
     ds = open_dataset(path)
+    if sha256:  # for publishing: the lines `sha256sum -c` reads, run in the dataset's folder
+        for name, digest in ds.sha256s():
+            print(f"{digest}  {name}")
+        return
     if verify:
         checked = ds.verify()
     info = ds.summary()
@@ -96,7 +118,7 @@ def _show_dataset(path: str, verify: bool, as_json: bool) -> None:
     print(f"shards    {info['shards']}")
     print(f"made by   {info['code_version']}")
     if verify:
-        print(f"verified  {checked} files, every sha256 matches")
+        print(f"verified  {checked} files, every content hash matches")
     if info["meta"]:
         print("meta      " + ", ".join(f"{k}={v}" for k, v in sorted(info["meta"].items())))
     print("rows per task")
@@ -135,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs `retrain` with configs/tiny.yaml: Prefect local, Ray in-process, local files.",
     )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    ds = sub.add_parser("datasets", help="inspect datasets", description="Inspect PanelForge datasets.")
+    ds = sub.add_parser("datasets", help="inspect and repair datasets", description="Inspect and repair PanelForge datasets.")
     ds_sub = ds.add_subparsers(dest="datasets_command", metavar="ACTION", required=True)
     show = ds_sub.add_parser(
         "show",
@@ -144,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rejects per reason and lineage.",
     )
     show.add_argument("path", help="dataset folder or URI (s3://bucket/prefix)")
-    show.add_argument("--verify", action="store_true", help="recompute every shard's sha256")
+    show.add_argument("--verify", action="store_true", help="re-hash every file against the manifest")
+    show.add_argument("--sha256", action="store_true", help="print every file's sha256 (sha256sum format), for publishing")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     export = ds_sub.add_parser(
         "export",
@@ -156,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="parquet", choices=["parquet"])
     export.add_argument("--row-group-mb", type=float, default=64, help="uncompressed MiB per row group (default 64)")
     export.add_argument("out", help="output folder or URI")
+    repair = ds_sub.add_parser(
+        "repair",
+        help="drop the units whose files are missing or corrupt; a rerun of the job redoes them",
+        description="Re-hash every file of a dataset and drop from its manifest each unit with a missing, "
+        "damaged or symlinked file (reported); then rerun the job that made it: it redoes exactly those units.",
+    )
+    repair.add_argument("path", help="dataset folder or URI (s3://bucket/prefix)")
+    repair.add_argument("--json", action="store_true", help="machine-readable report")
     cfg = sub.add_parser("config", help="print the resolved config", description="Validate and print a config.")
     cfg.add_argument("--config", default=DEFAULT_CONFIG)
     cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -176,12 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.requests import RequestError
 
     try:
-        if args.command == "datasets" and args.datasets_command == "export":
-            from storage.export import export_dataset
-
-            print(json.dumps(export_dataset(args.path, args.out, args.format, args.row_group_mb), indent=2))
-        elif args.command == "datasets":
-            _show_dataset(args.path, args.verify, args.json)
+        if args.command == "datasets":
+            return _datasets(args)
         elif args.command == "config":
             print(json.dumps(load_config(args.config, args.overrides).model_dump(), indent=2))
         elif args.command == "demo":

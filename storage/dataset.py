@@ -5,9 +5,11 @@
 A dataset is a folder (or object-store prefix) holding `manifest.json`, `shards/<unit>.arrow`
 and `rejects/<unit>.arrow`. Work is done in deterministic *units* (e.g. "00017" or "bucket-256x256-3"):
 a unit's shard and its rejects are written under temporary names, renamed when complete, and
-only then listed in the manifest, which is itself replaced atomically. A unit listed in the
-manifest is done; anything else is redone by a rerun, which overwrites the same file names, so
-a row is never duplicated however often a job crashes.
+only then committed (one line appended to the manifest's commit log: storage/manifest.py). A
+committed unit is done; anything else is redone by a rerun, which overwrites the same file
+names, so a row is never duplicated however often a job crashes. Readers check each file's
+content hash the first time a process opens it; `panelforge datasets repair` drops the units
+whose files are missing or damaged, and the job's rerun redoes them (storage/repair.py).
 
 Workers of a distributed job call `write_shard` themselves and send the small info dict back to
 the driver, which alone calls `DatasetWriter.commit` (one writer of the manifest per dataset).
@@ -15,13 +17,10 @@ the driver, which alone calls `DatasetWriter.commit` (one writer of the manifest
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
-import queue
 import re
 import sys
-import threading
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,27 +30,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from storage.errors import ChecksumError, DatasetMismatchError, DatasetNotFoundError, StorageError
+from storage.errors import (
+    ChecksumError,
+    DatasetMismatchError,
+    DatasetNotFoundError,
+    StorageError,
+)
+from storage.hashing import FAST, hash_bytes, hash_local, hash_stream, recorded
 from storage.manifest import (
     FORMAT,
+    MANIFEST,
+    apply_records,
+    check_entry,
     check_member,
     code_version,
+    inside_root,
     lineage_entry,
+    member_path,
     now,
+    read_base,
+    read_log,
     read_manifest,
+    with_units,
     write_manifest,
 )
 from storage.schemas import REJECTS, SCHEMA_VERSION, SCHEMAS
 from storage.uri import Location, resolve
 
 _UNIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
-_HASH_CHUNK = 8 << 20
-
-
-def unit_order(unit: str) -> list:
-    """Sort key of unit names, numbers compared as numbers: "64x64-00001" < "96x96-00000" <
-    "128x128-00000" (the stages' order), "g9" < "g10"."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", unit) if part]
 
 
 def _check_unit(unit: str) -> str:
@@ -100,82 +106,66 @@ def rejects_table(rejects: pa.Table | Iterable[dict] | None) -> pa.Table | None:
     )
 
 
-class _HashingFile:
-    """A write-only file that forwards every write and feeds it to sha256 on another thread.
-
-    hashlib releases the GIL on large inputs, so the hash overlaps the IPC writer's own work
-    (bench/storage.py). The buffers the writer hands over are views of the table being written,
-    which outlives the writer, so queuing them without a copy is safe.
-    """
-
-    def __init__(self, sink):
-        self.sink = sink
-        self.hasher = hashlib.sha256()
-        self.size = 0
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._hash, daemon=True)
-        self._thread.start()
-
-    def _hash(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self.hasher.update(data)
-
-    def write(self, data) -> int:
-        self.sink.write(data)
-        self._queue.put(data)
-        n = data.nbytes if isinstance(data, memoryview) else len(data)
-        self.size += n
-        return n
-
-    def hexdigest(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
-        return self.hasher.hexdigest()
-
-    # the file protocol pyarrow.PythonFile asks of a write-only stream
-    closed = False
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
+def _schema_metadata(kind: str | None, meta: dict | None, what: str) -> dict[bytes, bytes]:
+    """What an outside tool (duckdb, polars, Spark) needs to know of a file without the manifest."""
+    out = {b"panelforge.table": what.encode(), b"panelforge.schema_version": str(SCHEMA_VERSION).encode()}
+    if kind:
+        out[b"panelforge.kind"] = kind.encode()
+    # tokens datasets record their layout's fingerprint in meta (tasks/tokenize.py: layout.meta())
+    fingerprint = (meta or {}).get("layout_fingerprint") or (meta or {}).get("fingerprint")
+    if fingerprint:
+        out[b"panelforge.layout_fingerprint"] = str(fingerprint).encode()
+    return out
 
 
-def _ipc_into(sink, table: pa.Table) -> dict:
-    out = _HashingFile(sink)
-    try:
-        with pa.ipc.new_file(pa.PythonFile(out, mode="w"), table.schema) as writer:
-            writer.write_table(table)
-    finally:
-        digest = out.hexdigest()
-    return {"bytes": out.size, "sha256": digest}
+def _ipc_bytes(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
 
 
 def _put(loc: Location, rel: str, table: pa.Table) -> dict:
-    """Write table as an Arrow IPC file at rel, atomically, with its sha256."""
+    """Write table as an Arrow IPC file at rel, atomically, with its content hash.
+
+    Locally pyarrow writes the file natively, as a bare pyarrow user would, and the hash is
+    taken of the written bytes through a memory map (they are in the page cache): nothing goes
+    through a Python file object. On object stores the file is built in memory, hashed, and
+    sent in one PUT.
+    """
     final = loc.join(rel)
     if loc.local:
-        tmp = final.rsplit("/", 1)[0] + f"/.{rel.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            entry = _ipc_into(f, table)
+        folder, name = rel.rsplit("/", 1)
+        tmp = inside_root(loc, folder) + f"/.{name}.{uuid.uuid4().hex}.tmp"
+        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+        digest, size = hash_local(tmp)
         os.replace(tmp, final)  # the unit's file appears whole or not at all
     else:
+        buf = _ipc_bytes(table)
+        digest, size = hash_bytes(buf), buf.size
         with loc.fs.open_output_stream(final) as f:  # an object appears when its upload completes
-            entry = _ipc_into(f, table)
-    return {"file": rel, **entry}
+            f.write(buf)
+    return {"file": rel, "bytes": size, FAST: digest}
+
+
+_META_CACHE: dict[str, tuple[tuple, dict]] = {}
+
+
+def _dataset_meta(loc: Location) -> dict:
+    """The meta of the dataset a worker writes into (its manifest.json, re-read only when it changes)."""
+    info = loc.fs.get_file_info(loc.join(MANIFEST))
+    if info.type == pafs.FileType.NotFound:
+        return {}
+    key = (info.size, info.mtime_ns)
+    cached = _META_CACHE.get(loc.uri)
+    if cached is None or cached[0] != key:
+        try:
+            meta = read_base(loc).get("meta", {})
+        except StorageError:
+            meta = {}
+        _META_CACHE[loc.uri] = cached = (key, meta)
+    return cached[1]
 
 
 def write_shard(
@@ -184,18 +174,24 @@ def write_shard(
     table: pa.Table | None,
     rejects: pa.Table | Iterable[dict] | None = None,
     kind: str | None = None,
+    meta: dict | None = None,
 ) -> dict:
     """Write one unit's shard (and rejects) from any process; returns the info dict to commit.
 
     `kind` picks the schema to conform the table to (panels, tokens, generated); when None the
-    table's own schema is kept.
+    table's own schema is kept. Each file's Arrow schema metadata records the kind, the schema
+    version and the layout fingerprint (from `meta`, else the dataset's manifest), so tools that
+    read the files without PanelForge can tell what they hold.
     """
     loc = _location(where)
     _check_unit(unit)
     info: dict[str, Any] = {"unit": unit, "shard": None, "rejects": None}
+    if meta is None:
+        meta = _dataset_meta(loc)
     if table is not None and table.num_rows:
         if kind is not None:
             table = _conform(table, SCHEMAS[kind], f"{kind} shard of unit {unit!r}")
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **_schema_metadata(kind, meta, "rows")})
         entry = _put(loc, f"shards/{unit}.arrow", table)
         entry.update(unit=unit, rows=table.num_rows)
         if "task" in table.column_names:
@@ -203,6 +199,7 @@ def write_shard(
         info["shard"] = entry
     rej = rejects_table(rejects)
     if rej is not None and rej.num_rows:
+        rej = rej.replace_schema_metadata(_schema_metadata(kind, meta, "rejects"))
         entry = _put(loc, f"rejects/{unit}.arrow", rej)
         entry.update(unit=unit, rows=rej.num_rows, reasons=dict(Counter(rej.column("reason").to_pylist())))
         info["rejects"] = entry
@@ -214,11 +211,52 @@ def _diff(a: dict, b: dict) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+COMPACT_MIN = 1024  # a commit log is folded into manifest.json once it has this many records
+_LOG_GLOB = re.compile(r"^commits-[0-9a-f]{12}\.jsonl$")
+
+
+def _new_log_name() -> str:
+    return f"commits-{uuid.uuid4().hex[:12]}.jsonl"
+
+
+def _units_of(manifest: dict) -> dict[str, dict]:
+    units = {u: {"shard": None, "rejects": None} for u in manifest["units"]}
+    for key, single in (("shards", "shard"), ("rejects", "rejects")):
+        for entry in manifest[key]:
+            units.setdefault(entry["unit"], {"shard": None, "rejects": None})[single] = entry
+    return units
+
+
+def _header_of(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in ("units", "shards", "rejects")}
+
+
+def _compact(loc: Location, header: dict, units: dict[str, dict]) -> dict:
+    """Write manifest.json listing every unit, naming a new (empty) commit log, then delete the
+    logs it replaces: a crash between the two leaves a stale log that no manifest names, which
+    the next writer deletes."""
+    manifest = with_units(header, units)
+    if loc.local:
+        manifest["log"] = _new_log_name()
+    write_manifest(loc, manifest)
+    if loc.local:
+        _delete_stale_logs(loc, keep=manifest["log"])
+    return manifest
+
+
+def _delete_stale_logs(loc: Location, keep: str | None) -> None:
+    for name in os.listdir(inside_root(loc, "")):
+        if _LOG_GLOB.match(name) and name != keep:
+            os.remove(inside_root(loc, name))
+
+
 class DatasetWriter:
     """Creates a dataset, or resumes one made with the same kind, config and meta.
 
     The manifest is written by this object only. An existing manifest that is unreadable is an
-    error, never overwritten; `overwrite=True` starts afresh deliberately.
+    error, never overwritten; `overwrite=True` starts afresh deliberately. A commit costs the
+    same at any size of dataset: on local disks it appends one fsynced line to the commit log
+    (storage/manifest.py); on object stores, which cannot append, it rewrites manifest.json.
     """
 
     def __init__(
@@ -238,14 +276,23 @@ class DatasetWriter:
         config = json.loads(json.dumps(config or {}, default=str))
         meta = json.loads(json.dumps(meta or {}, default=str))
         try:
-            existing = read_manifest(self.loc)
+            base = read_base(self.loc)
         except DatasetNotFoundError:
-            existing = None
+            base = None
+        records, log_exists = [], False
+        if base is not None and base.get("log"):
+            check_member(self.loc, base["log"], self.loc.display(MANIFEST))
+            try:
+                records, _ = read_log(self.loc, base["log"])
+                log_exists = self.loc.local
+            except FileNotFoundError:
+                pass
+        existing = None if base is None else apply_records(base, records)
         if existing is not None and overwrite:
             self._remove(existing)
             existing = None
         if existing is not None:
-            where = self.loc.display("manifest.json")
+            where = self.loc.display(MANIFEST)
             if existing["kind"] != kind:
                 raise DatasetMismatchError(f"{where}: holds a {existing['kind']!r} dataset, not {kind!r}")
             for name, want in (("meta", meta), ("config", config)):
@@ -257,10 +304,11 @@ class DatasetWriter:
                         + {"panels": "panels.overwrite=true", "tokens": "tokenize.overwrite=true",
                            "generated": "delete it, or choose another generate.output"}.get(kind, "overwrite=True") + ")"
                     )
-            self.manifest = existing
+            self._header = _header_of(existing)
+            self._units = _units_of(existing)
         else:
             self.loc.fs.create_dir(self.loc.path, recursive=True)
-            self.manifest = {
+            self._header = {
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
                 "kind": kind,
@@ -272,80 +320,200 @@ class DatasetWriter:
                 "meta": meta,
                 "inputs": [lineage_entry(m) for m in inputs],
                 "columns": {f.name: str(f.type) for f in SCHEMAS[kind]},
-                "units": [],
-                "shards": [],
-                "rejects": [],
             }
+            self._units = {}
         for sub in ("shards", "rejects"):
             self.loc.fs.create_dir(self.loc.join(sub), recursive=True)
+            inside_root(self.loc, sub)  # `shards/` linked elsewhere: refuse before writing into it
         self._clean_temporaries()
+        self._log_fd: int | None = None
+        self._log_records = 0
+        self._folded_units = len(self._units)  # what manifest.json lists
+        self._cache: tuple[dict, frozenset] | None = None
         # A complete dataset opened again (a rerun) stays as it is until a unit is committed:
-        # a rerun with nothing left to do rewrites nothing.
-        if self.manifest.get("status") != "complete":
-            self.manifest["status"] = "writing"
-            write_manifest(self.loc, self.manifest)
+        # a rerun with nothing left to do rewrites nothing. Otherwise fold the log of the last
+        # run into manifest.json, so that this run appends to a fresh log (never after a torn line).
+        if existing is None or log_exists:
+            self._header["log"] = _compact(self.loc, self._header, self._units).get("log")
+
+    # -- the committed state -------------------------------------------------------------------
+    def _state(self) -> tuple[dict, frozenset]:
+        if self._cache is None:
+            self._cache = (with_units(self._header, self._units), frozenset(self._units))
+        return self._cache
 
     @property
-    def done_units(self) -> set[str]:
-        return set(self.manifest["units"])
+    def manifest(self) -> dict:
+        """The committed state, as read_manifest returns it (built when asked, not per commit)."""
+        return self._state()[0]
+
+    @property
+    def done_units(self) -> frozenset[str]:
+        """The units committed so far (a snapshot: later commits do not change it)."""
+        return self._state()[1]
 
     def write_unit(self, unit: str, table: pa.Table | None, rejects=None) -> dict:
-        info = write_shard(self.loc, unit, table, rejects, kind=self.kind)
+        info = write_shard(self.loc, unit, table, rejects, kind=self.kind, meta=self._header.get("meta"))
         self.commit(info)
         return info
 
     def commit(self, info: dict) -> None:
-        """List a unit written by write_shard. Committing a unit again replaces it (no duplicates)."""
+        """List a unit written by write_shard. Committing a unit again replaces it (no duplicates).
+
+        Constant time: one appended, fsynced line; the log is folded into manifest.json only
+        when it has as many records as manifest.json lists units (so folding costs O(1) per
+        commit on average, and the log never outgrows the manifest)."""
         unit = _check_unit(info["unit"])
-        self.manifest["status"] = "writing"
-        for key in ("shards", "rejects"):
-            self.manifest[key] = [e for e in self.manifest[key] if e["unit"] != unit]
-        if info.get("shard"):
-            self.manifest["shards"].append(info["shard"])
-        if info.get("rejects"):
-            self.manifest["rejects"].append(info["rejects"])
-        if unit not in self.manifest["units"]:
-            self.manifest["units"].append(unit)
-        # Listed in unit order, not commit order: parallel workers finish units in any order, and
-        # a global row index (what training batches are drawn by) must not depend on timing.
-        for key in ("shards", "rejects"):
-            self.manifest[key].sort(key=lambda e: unit_order(e["unit"]))
-        self.manifest["units"].sort(key=unit_order)
-        write_manifest(self.loc, self.manifest)
+        where = self.loc.display(MANIFEST)
+        record = {"unit": unit, "shard": info.get("shard") or None, "rejects": info.get("rejects") or None}
+        for key in ("shard", "rejects"):
+            if record[key] is not None:
+                check_member(self.loc, check_entry(record[key], where)["file"], where)
+        self._units[unit] = {"shard": record["shard"], "rejects": record["rejects"]}
+        self._header["status"] = "writing"
+        self._cache = None
+        if not self.loc.local or not self._header.get("log"):  # no log named yet (a manifest of an older release)
+            self._fold()
+        if not self.loc.local:
+            return
+        if self._log_fd is None:
+            self._log_fd = os.open(inside_root(self.loc, self._header["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            _fsync_dir(self.loc.path)  # the new log's name, durable before its first record counts
+        line = memoryview(json.dumps(record, separators=(",", ":"), sort_keys=True).encode() + b"\n")
+        while line:
+            line = line[os.write(self._log_fd, line):]
+        os.fsync(self._log_fd)  # the newline is the commit point
+        self._log_records += 1
+        if self._log_records >= max(COMPACT_MIN, self._folded_units):
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        self._header["log"] = _compact(self.loc, self._header, self._units).get("log")
+        self._log_records = 0
+        self._folded_units = len(self._units)
 
     def finalize(self, **summary: Any) -> dict:
         """Mark the dataset complete; extra keyword values go to the manifest's summary. A dataset
         that was complete when opened and got no new unit is left untouched (its summary is the
         run's that made it)."""
-        if self.manifest.get("status") == "complete":
+        if self._header.get("status") == "complete":
             return self.manifest
-        self.manifest["status"] = "complete"
-        self.manifest["summary"] = json.loads(json.dumps(summary, default=str))
-        write_manifest(self.loc, self.manifest)
+        self._header["status"] = "complete"
+        self._header["summary"] = json.loads(json.dumps(summary, default=str))
+        self._cache = None
+        self._fold()
         return self.manifest
 
+    def close(self) -> None:
+        """Close the commit log (what is committed stays committed; finalize is separate)."""
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def _remove(self, manifest: dict) -> None:
-        for entry in manifest["shards"] + manifest["rejects"]:
-            path = check_member(self.loc, entry["file"], self.loc.display("manifest.json"))
+        where = self.loc.display(MANIFEST)
+        # Every path first: a link out of the dataset refuses the overwrite before anything goes.
+        paths = [member_path(self.loc, e["file"], where) for e in manifest["shards"] + manifest["rejects"]]
+        for path in paths:
             if self.loc.fs.get_file_info(path).type != pafs.FileType.NotFound:
                 self.loc.fs.delete_file(path)
-        self.loc.fs.delete_file(self.loc.join("manifest.json"))
+        if self.loc.local:
+            _delete_stale_logs(self.loc, keep=None)
+        self.loc.fs.delete_file(self.loc.join(MANIFEST))
 
     def _clean_temporaries(self) -> None:
         if not self.loc.local:
             return  # object stores have no half-written objects to clean
         for sub in ("shards", "rejects", ""):
-            folder = self.loc.join(sub) if sub else self.loc.path
+            folder = inside_root(self.loc, sub)
             for name in os.listdir(folder):
                 if name.startswith(".") and name.endswith(".tmp"):
-                    os.remove(os.path.join(folder, name))
+                    os.remove(os.path.join(folder, name))  # a link itself, never what it points to
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Files this process has hashed and found intact: (path, inode, size, mtime, digest). A file
+# replaced or rewritten since has another key and is checked again.
+_VERIFIED: set[tuple] = set()
+
+
+def _verified_key(path: str, entry: dict) -> tuple:
+    st = os.stat(path)
+    return (path, st.st_ino, st.st_size, st.st_mtime_ns, recorded(entry))
+
+
+def repair_hint(loc: Location) -> str:
+    return (f"run `panelforge datasets repair {loc.uri}` (it drops the damaged units from the manifest), "
+            "then rerun the job that made the dataset: it redoes only those units")
+
+
+def _content_problem(entry: dict, buf) -> str | None:
+    size = memoryview(buf).nbytes
+    if size != entry["bytes"]:
+        return f"is {size:,} bytes, the manifest says {entry['bytes']:,}: the file is truncated or was replaced"
+    algorithm, want = recorded(entry)
+    got = hash_bytes(buf, algorithm)
+    if got != want:
+        return (f"{algorithm} {got[:16]}... does not match the manifest's {want[:16]}...: "
+                "the file is corrupt or was changed")
+    return None
+
+
+def rehash(where: str | os.PathLike | Location, entry: dict) -> dict | None:
+    """The entry with the size and hash of the file as it is now, or None when it still matches
+    (a driver re-committing a file that a zombie worker replaced after its commit)."""
+    loc = _location(where)
+    path = member_path(loc, entry["file"], loc.display(MANIFEST))
+    if loc.local:
+        digest, size = hash_local(path)
+    else:
+        with loc.fs.open_input_stream(path) as f:
+            digest, size = hash_stream(f)
+    if entry.get(FAST) == digest and entry["bytes"] == size:
+        return None
+    fresh = {k: v for k, v in entry.items() if k != "sha256"}
+    fresh.update({FAST: digest, "bytes": size})
+    return fresh
+
+
+def file_problem(loc: Location, entry: dict) -> str | None:
+    """What is wrong with one file of a manifest (missing, a link out, damaged), or None."""
+    try:
+        path = member_path(loc, entry["file"], loc.display(MANIFEST))
+    except StorageError as e:
+        return str(e).split(": ", 1)[-1]
+    try:
+        if loc.local:
+            with pa.memory_map(path, "r") as f:
+                return _content_problem(entry, f.read_buffer())
+        with loc.fs.open_input_file(path) as f:
+            return _content_problem(entry, f.read_buffer())
+    except FileNotFoundError:
+        return "listed in the manifest but missing"
 
 
 class Dataset:
     """Reads a dataset: memory-mapped local shards, random access, batches, partitions."""
 
-    def __init__(self, loc: Location, manifest: dict):
+    def __init__(self, loc: Location, manifest: dict, check: bool = True):
         self.loc = loc
+        self.check = check
         self.manifest = manifest
         self.kind: str = manifest["kind"]
         self.meta: dict = manifest.get("meta", {})
@@ -367,26 +535,45 @@ class Dataset:
     def __len__(self) -> int:
         return int(self._ends[-1]) if self._ends else 0
 
+    def _read(self, entry: dict) -> pa.Table:
+        """One file of the dataset, memory-mapped locally; with `check`, its content hash is
+        compared with the manifest's the first time this process opens it."""
+        where = self.loc.display(MANIFEST)
+        path = member_path(self.loc, entry["file"], where)
+        try:
+            if self.loc.local:
+                buf = pa.memory_map(path, "r").read_buffer()
+                key = _verified_key(path, entry)
+            else:
+                with self.loc.fs.open_input_file(path) as f:
+                    buf = f.read_buffer()
+                key = None
+        except FileNotFoundError:
+            raise ChecksumError(f"{self.loc.display(entry['file'])}: listed in the manifest but missing; "
+                                + repair_hint(self.loc)) from None
+        if self.check and (key is None or key not in _VERIFIED):
+            problem = _content_problem(entry, buf)
+            if problem:
+                raise ChecksumError(f"{self.loc.display(entry['file'])}: {problem}; " + repair_hint(self.loc))
+            if key is not None:
+                _VERIFIED.add(key)
+        try:
+            return pa.ipc.open_file(buf).read_all()
+        except pa.ArrowInvalid as e:
+            raise ChecksumError(f"{self.loc.display(entry['file'])}: not a readable Arrow file ({e}); "
+                                + repair_hint(self.loc)) from None
+
     def shard_table(self, i: int) -> pa.Table:
         table = self._cache.get(i)
         if table is not None:
             self._cache.move_to_end(i)
             return table
         entry = self.shards[i]
-        path = check_member(self.loc, entry["file"], self.loc.display("manifest.json"))
-        try:
-            if self.loc.local:
-                source = pa.memory_map(path, "r")
-            else:
-                source = self.loc.fs.open_input_file(path)
-            table = pa.ipc.open_file(source).read_all()
-        except FileNotFoundError:
-            raise StorageError(f"{self.loc.display(entry['file'])}: listed in the manifest but missing") from None
-        except pa.ArrowInvalid as e:
-            raise ChecksumError(f"{self.loc.display(entry['file'])}: not a readable Arrow file ({e})") from None
+        table = self._read(entry)
         if table.num_rows != entry["rows"]:
             raise ChecksumError(
-                f"{self.loc.display(entry['file'])}: holds {table.num_rows} rows, manifest says {entry['rows']}"
+                f"{self.loc.display(entry['file'])}: holds {table.num_rows} rows, manifest says {entry['rows']}; "
+                + repair_hint(self.loc)
             )
         self._cache[i] = table
         if len(self._cache) > self._cache_size:
@@ -460,11 +647,7 @@ class Dataset:
         return list(range(rank, n, world_size))
 
     def rejects(self) -> pa.Table:
-        tables = []
-        for entry in self.manifest["rejects"]:
-            path = check_member(self.loc, entry["file"], self.loc.display("manifest.json"))
-            with self.loc.fs.open_input_file(path) as f:
-                tables.append(pa.ipc.open_file(f).read_all())
+        tables = [self._read(entry) for entry in self.manifest["rejects"]]
         return pa.concat_tables(tables) if tables else REJECTS.empty_table()
 
     def reject_counts(self) -> dict[str, int]:
@@ -480,25 +663,27 @@ class Dataset:
         return dict(total)
 
     def verify(self) -> int:
-        """Recompute every file's sha256; raises ChecksumError naming the first bad file."""
+        """Re-hash every file (shards and rejects); raises ChecksumError naming the first bad file."""
         checked = 0
         for entry in self.shards + self.manifest["rejects"]:
-            path = check_member(self.loc, entry["file"], self.loc.display("manifest.json"))
-            hasher = hashlib.sha256()
-            try:
-                with self.loc.fs.open_input_stream(path) as f:
-                    while chunk := f.read(_HASH_CHUNK):
-                        hasher.update(chunk)
-            except FileNotFoundError:
-                raise ChecksumError(f"{self.loc.display(entry['file'])}: listed in the manifest but missing") from None
-            if hasher.hexdigest() != entry["sha256"]:
-                raise ChecksumError(
-                    f"{self.loc.display(entry['file'])}: sha256 {hasher.hexdigest()[:16]}... does not match "
-                    f"the manifest's {entry['sha256'][:16]}...; the shard is corrupt: rerun the job "
-                    "after deleting it"
-                )
+            problem = file_problem(self.loc, entry)
+            if problem:
+                raise ChecksumError(f"{self.loc.display(entry['file'])}: {problem}; " + repair_hint(self.loc))
             checked += 1
         return checked
+
+    def sha256s(self) -> list[tuple[str, str]]:
+        """(file, sha256) of every file, for publishing (`sha256sum -c` reads the same lines)."""
+        out = []
+        for entry in self.shards + self.manifest["rejects"]:
+            path = member_path(self.loc, entry["file"], self.loc.display(MANIFEST))
+            if self.loc.local:
+                digest, _ = hash_local(path, "sha256")
+            else:
+                with self.loc.fs.open_input_stream(path) as f:
+                    digest, _ = hash_stream(f, "sha256")
+            out.append((entry["file"], digest))
+        return out
 
     def summary(self) -> dict:
         return {
@@ -517,9 +702,11 @@ class Dataset:
         }
 
 
-def open_dataset(uri: str | os.PathLike, verify: bool = False) -> Dataset:
+def open_dataset(uri: str | os.PathLike, verify: bool = False, check: bool = True) -> Dataset:
+    """Open a dataset for reading. With `check` (the default) each file's content hash is checked
+    the first time this process reads it; `verify` re-hashes every file now."""
     loc = resolve(uri)
-    ds = Dataset(loc, read_manifest(loc))
+    ds = Dataset(loc, read_manifest(loc), check=check)
     if verify:
         ds.verify()
     return ds

@@ -305,6 +305,8 @@ def run_build(cfg: PipelineConfig, progress: Callable[[dict], None] | None = Non
              "rows_in": 0}
 
     def results():
+        if not todo:  # every unit is committed: a rerun loads no model and starts no Ray
+            return
         if not use_ray:
             maker = PanelMaker(pc.model_dump())
             for u in todo:

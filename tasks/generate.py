@@ -556,11 +556,10 @@ def reconcile(writer, units: set[str]) -> int:
 
     A worker on a node that Ray declared dead can still finish its unit and rename its shard over
     the retry's (a zombie writer on shared storage). Either file is a whole, valid generation of
-    the unit (written atomically), but its sha256 is not the committed one (timings differ). Hashing
+    the unit (written atomically), but its hash is not the committed one (timings differ). Hashing
     is negligible beside generating the images; returns the number of entries re-committed."""
-    import hashlib as _h
+    from storage import rehash
 
-    loc = writer.loc
     fixed = 0
     for unit in sorted(units & writer.done_units):
         info = {"unit": unit, "shard": None, "rejects": None}
@@ -569,14 +568,10 @@ def reconcile(writer, units: set[str]) -> int:
             entry = next((dict(e) for e in writer.manifest[key] if e["unit"] == unit), None)
             if entry is None:
                 continue
-            hasher, size = _h.sha256(), 0
-            with loc.fs.open_input_stream(loc.join(entry["file"])) as f:
-                while chunk := f.read(8 << 20):
-                    hasher.update(chunk)
-                    size += len(chunk)
-            if hasher.hexdigest() != entry["sha256"]:
+            fresh = rehash(writer.loc, entry)
+            if fresh is not None:
                 log.warning("generate: %s was rewritten after its commit (a worker of a lost node); re-committed", entry["file"])
-                entry.update(sha256=hasher.hexdigest(), bytes=size)
+                entry = fresh
                 changed = True
             info[single] = entry
         if changed:

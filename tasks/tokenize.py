@@ -81,7 +81,7 @@ def file_sha256(path: str) -> str:
 def open_panels(uri: str):
     """The input panels dataset, or a TokenizeError that says why it cannot be tokenized."""
     try:
-        ds = open_dataset(uri)
+        ds = open_dataset(uri, check=True)  # a damaged panel shard stops the job, named
     except StorageError as e:  # missing, unreadable, or another schema version
         raise TokenizeError(f"cannot tokenize {uri}: {e}") from None
     if ds.kind != "panels":
@@ -340,6 +340,8 @@ def run_tokenize(cfg: PipelineConfig, progress: Callable[[dict], None] | None = 
     kwargs = {"panels_uri": panels_uri, "out": out, "models": cfg.models.model_dump(), "tokenize": tc.model_dump()}
 
     def results():
+        if not todo:  # every unit is committed: a rerun loads no model and starts no Ray
+            return
         if not use_ray:  # this process: the next unit decodes on a thread while this one encodes
             worker = Tokenizer(**kwargs)
             with ThreadPoolExecutor(1) as ahead:

@@ -227,7 +227,7 @@ def plan_training(cfg: PipelineConfig) -> TrainPlan:
     args = model_args(cfg, layout)
     uri = dataset_uri(cfg, tc.dataset)
     try:
-        ds = open_dataset(uri)
+        ds = open_dataset(uri, check=True)  # a damaged shard stops training, named
     except StorageError as e:
         raise TrainError(f"train.dataset {uri}: {e}; run pretokenize first") from None
     if ds.kind != "tokens":
@@ -365,7 +365,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        self.ds = open_dataset(plan.dataset)
+        self.ds = open_dataset(plan.dataset, check=True)
         table = self.ds.table(columns=["bucket"])
         self.row_buckets = table.column("bucket").to_pylist()
         self.rank_of = rank_index(self.ds, self.world)

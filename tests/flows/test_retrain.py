@@ -2,6 +2,9 @@
 redoes none of the finished work, and ends with the same outputs as an uninterrupted run.
 
     .venv/bin/python -m pytest -q tests/flows/test_retrain.py
+
+The kill point is an event: the killed run stops itself right after stage 3 saved step 2
+(tests/flows/retrain_stop.py) and says so in a file; the test kills it then.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
+HERE = Path(__file__).resolve().parent
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 KILL_STAGE, KILL_AFTER = "stage-3", 2  # kill once stage 3 has checkpointed step 2 of 16
 
@@ -77,22 +81,23 @@ def test_retrain_killed_in_stage_3_resumes_there_and_matches_an_uninterrupted_ru
 
     # The same run in a process of its own (sharing the test's Prefect API), SIGKILLed in stage 3.
     work = tmp_path / "killed"
-    env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()), PYTHONPATH=str(ROOT))
+    stopped = tmp_path / "stopped"
+    env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()), PYTHONPATH=f"{ROOT}{os.pathsep}{HERE}",
+               PF_STOP_AFTER=f"{KILL_STAGE}:{KILL_AFTER}", PF_STOP_FILE=str(stopped))
     log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.retrain", CONFIG, *small(work)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import retrain_stop; retrain_stop.main()", CONFIG, *small(work)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     run = work / "runs" / "demo"
     deadline = time.time() + 600
     try:
-        while _checkpointed(run) is None:
+        while not stopped.exists():  # the run waits there, stage 3 unfinished, until killed
             assert proc.poll() is None, f"the run ended before stage 3 checkpointed: {(tmp_path / 'killed.log').read_text()[-3000:]}"
             assert time.time() < deadline, "stage 3 never checkpointed"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the flow and everything it started (Ray's processes)
         proc.wait()
-    if (run / KILL_STAGE / "summary.json").exists():
-        pytest.fail("stage 3 finished before the kill: the test needs more steps in stage 3")
+    assert _checkpointed(run) is not None and not (run / KILL_STAGE / "summary.json").exists()
 
     # What the killed run had finished, to check that the rerun leaves it alone.
     panels, tokens = work / "panels" / "manifest.json", work / "tokens" / "manifest.json"

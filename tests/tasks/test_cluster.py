@@ -2,6 +2,12 @@
 
     .venv/bin/python -m pytest -q tests/tasks/test_cluster.py
 
+The kill point is an event, not a time: node a's worker stops when its second unit begins
+(tests/tasks/kill_points.py); the other nodes' workers hold at their second unit until it has,
+so node a cannot be left without work. The job cannot finish while that unit is stopped, so the
+test kills node a (once the driver has committed node a's first unit) with work left, whatever
+the machine's load, and the stopped unit must be redone on another node.
+
 Every process of the cluster runs with this test's own RAY_TMPDIR, so its `ray start` address
 file and sessions never meet another Ray on the machine (a session's in-process Ray, a
 colleague's test), and the test stops exactly those processes, by pid, never with `ray stop`.
@@ -30,6 +36,7 @@ from tasks.config import load_config  # noqa: E402
 from tasks.generate import output_uri  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 RAY = str(Path(sys.executable).parent / "ray")
 NODE = re.compile(r"unit (\S+) committed \(node ([0-9a-f]+),")
 
@@ -65,8 +72,12 @@ def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path):
     uri = output_uri(load_config(cfg_path))
     ray_tmp = f"/tmp/pfc{os.getpid()}"
     port = _free_port()
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), RAY_DISABLE_USAGE_STATS="1")
+    stop_file = tmp_path / "node-a-stopped"
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}", RAY_DISABLE_USAGE_STATS="1",
+               PF_STOP_FILE=str(stop_file), PF_HOLD_AT_UNIT="2")  # workers of the head and node b
     env.pop("RAY_ADDRESS", None)
+    env_a = dict(env, PF_STOP_AT_UNIT="2")  # node a's workers: stop at their second unit
+    del env_a["PF_HOLD_AT_UNIT"]
     common = ["--node-ip-address=127.0.0.1", "--object-store-memory=78643200", "--disable-usage-stats"]
     address = f"127.0.0.1:{port}"
     log = tmp_path / "job.log"
@@ -77,7 +88,8 @@ def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path):
         for n in ("a", "b"):  # one after the other: a raylet must register within 30 s, even on a busy machine
             for attempt in range(2):
                 r = subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=1",
-                                    f"--resources={{\"pf_node_{n}\": 1}}", *common], env=env, capture_output=True,
+                                    f"--resources={{\"pf_node_{n}\": 1}}", *common], env=env_a if n == "a" else env,
+                                   capture_output=True,
                                    text=True, timeout=180)
                 if r.returncode == 0:
                     break
@@ -85,7 +97,7 @@ def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path):
         victim_pid, victim_node = raylet_of(ray_tmp, "pf_node_a")
 
         with open(log, "w") as out:
-            job = subprocess.Popen([sys.executable, "-m", "tasks.generate", "--config", str(cfg_path)], cwd=REPO,
+            job = subprocess.Popen([sys.executable, "-m", "kill_points", "--config", str(cfg_path)], cwd=REPO,
                                    env=dict(env, RAY_ADDRESS=address), stdout=out, stderr=subprocess.STDOUT)
             deadline = time.time() + 300
             killed_after: set[str] = set()
@@ -93,13 +105,17 @@ def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path):
                 units_by_node: dict[str, list[str]] = {}
                 for unit, node in NODE.findall(log.read_text()):
                     units_by_node.setdefault(node, []).append(unit)
-                if not killed_after and victim_node in units_by_node and len(units_by_node) >= 3:
+                # node a's worker is stopped in its second unit (the job cannot end before the kill)
+                if not killed_after and stop_file.exists() and victim_node in units_by_node and len(units_by_node) >= 3:
                     os.kill(victim_pid, signal.SIGKILL)  # node a is gone, with its actor
                     killed_after = {u for us in units_by_node.values() for u in us}
                 time.sleep(0.3)
-            rc = job.wait(timeout=max(1, deadline - time.time()))
+            if job.poll() is None:  # past the deadline: stop it, and say why below
+                job.kill()
+            rc = job.wait()
         text = log.read_text()
-        assert killed_after, "node a never got a unit before the job ended:\n" + text[-3000:]
+        assert killed_after, ("node a never stopped in its second unit with units of all three nodes committed "
+                              "(were the workers spread one per node?):\n" + text[-3000:])
         assert rc == 0, text[-3000:]
     finally:
         for pid in processes_with_env("RAY_TMPDIR", ray_tmp):
@@ -112,6 +128,9 @@ def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path):
     nodes = {node for _, node in NODE.findall(text)}
     assert len(nodes) == 3  # the work spread over all three nodes
     assert len(killed_after) < 12  # node a died mid-job, with units left to do
+    stopped = stop_file.read_text()
+    redone = [n for u, n in NODE.findall(text) if u == stopped]
+    assert len(redone) == 1 and redone[0] != victim_node, redone  # redone once, by a surviving node
     summary = json.loads(text[text.rindex("\n{") + 1 :])
     assert summary["units"] == 12 and summary["rows"] == 12
     ds = open_dataset(uri, verify=True)

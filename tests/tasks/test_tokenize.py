@@ -118,7 +118,7 @@ def test_resume_after_interruption(tmp_path, weights):
 
     with pytest.raises(KeyboardInterrupt):
         run_tokenize(cfg, progress=stop, use_ray=False)
-    partial = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    partial = open_dataset(tmp_path / "tokens").manifest  # manifest.json with its commit log
     assert len(partial["units"]) == 2 and partial["status"] == "writing"
     s = run_tokenize(cfg, use_ray=False)
     assert s["units_skipped"] == 2 and s["units_run"] == s["units_total"] - 2
