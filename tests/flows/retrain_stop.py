@@ -24,7 +24,7 @@ def install() -> None:
 
     def save_then_stop(self, stage_dir, at_step, *args, **kwargs):
         save(self, stage_dir, at_step, *args, **kwargs)
-        if Path(stage_dir).name == stage and at_step == int(step):
+        if stage_dir.name == stage and at_step == int(step):  # a tasks.checkpoints.Folder
             tmp = f"{stop_file}.tmp"
             Path(tmp).write_text(f"{stage}:{at_step}")
             os.replace(tmp, stop_file)
