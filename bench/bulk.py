@@ -6,7 +6,7 @@
 In one run, on the same requests (same prompts, sizes, seeds, upper panels):
 - engine: model/engine.py alone, every request streamed through one continuous batch, codes
   only (nothing decoded, scored or written): its images/hour;
-- job: the job's path for the same pairs: expand the inputs (tasks/requests.py), split them in
+- job: the job's path for the same pairs: expand the inputs (tasks/generate/requests.py), split them in
   units, and per unit the actor's work (tasks/generate.GenerateWorker: MoVQGAN-encode the upper
   panels, the engine, MoVQGAN-decode, canny F1 verify, PNG-encode, write the shard) plus the
   driver's commit, then finalize: pairs/hour.
@@ -46,7 +46,7 @@ def write_models(folder: Path, preset: str) -> tuple[str, str]:
 
 def engine_side(worker, pairs) -> dict:
     """The engine alone on the requests the job makes (built before the clock starts)."""
-    from tasks.generate import pair_requests
+    from tasks.generate.job import pair_requests
 
     gen, parts = worker.cfg.generate, worker.parts
     reqs = [r for p in pairs for r in pair_requests(p, parts.layout, parts.movqgan, gen)]
@@ -59,8 +59,8 @@ def engine_side(worker, pairs) -> dict:
 
 def job_side(cfg, worker) -> dict:
     from storage import DatasetWriter
-    from tasks.generate import EngineSettings, job_config, make_units, output_uri, reconcile
-    from tasks.requests import expand_inputs
+    from tasks.generate.job import EngineSettings, job_config, make_units, output_uri, reconcile
+    from tasks.generate.requests import expand_inputs
 
     t0 = time.perf_counter()
     pairs = expand_inputs(cfg).pairs
@@ -94,7 +94,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from tasks.config import load_config
-    from tasks.generate import GenerateWorker, load_parts, output_uri
+    from tasks.generate.job import GenerateWorker, load_parts, output_uri
 
     work = Path(tempfile.mkdtemp(prefix="panelforge-bulk-"))
     try:
@@ -106,7 +106,7 @@ def main() -> None:
             f"size: {args.size}, tasks: {tasks}}}", "generate.best_of=1", f"generate.pairs_per_unit={args.unit}",
             f"generate.max_batch={args.max_batch}"])
         worker = GenerateWorker(cfg.model_dump(), output_uri(cfg), parts=load_parts(cfg))
-        from tasks.requests import expand_inputs
+        from tasks.generate.requests import expand_inputs
 
         pairs = expand_inputs(cfg).pairs
         device = worker.parts.device

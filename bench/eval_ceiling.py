@@ -1,5 +1,5 @@
 """What the evaluation's figures can reach through a given MoVQGAN: the figures of
-tasks/evaluate.py for three "generators" on the same shapes scenes: the scene itself (the
+tasks/evaluate/job.py for three "generators" on the same shapes scenes: the scene itself (the
 figure's top), the scene passed through the MoVQGAN (encode, decode: the best any decoder can do
 with these codes), and another scene (the unconditioned floor).
 
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.annotators import canny
+from tasks.panels.annotators import canny
 from tasks.config import EvaluateConfig
-from tasks.evaluate_figures import shapes_depth
-from tasks.shape_detector import agreement, asked_shapes, detect_shapes
-from tasks.shapes import render_scene
-from tasks.verify import canny_f1, depth_rmse
+from tasks.evaluate.figures import shapes_depth
+from tasks.shapes.detector import agreement, asked_shapes, detect_shapes
+from tasks.shapes.scenes import render_scene
+from tasks.generate.verify import canny_f1, depth_rmse
 
 
 def main() -> None:

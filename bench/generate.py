@@ -329,8 +329,8 @@ def acceptance(opts) -> dict:
     from model.layout import Layout
     from model.movqgan import load_movqgan
     from tasks.config import load_config
-    from tasks.generate import pair_requests
-    from tasks.requests import expand_inputs
+    from tasks.generate.job import pair_requests
+    from tasks.generate.requests import expand_inputs
 
     cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
                                     f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "

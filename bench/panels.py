@@ -8,7 +8,7 @@ noise, so decoding and PNG encoding cost what they cost on photos) and a caption
 is not timed. Then, in one run, both sides build the same dataset from it with only the
 control:canny task at stage 512: read + decode the JPEG, resize and centre-crop to its bucket,
 Canny, render the prompt, PNG-encode both panels, write Arrow shards and commit the manifest.
-- loop: tasks.build_panels.run_build(use_ray=False), one unit after another in this process;
+- loop: tasks.panels.job.run_build(use_ray=False), one unit after another in this process;
 - ray: the same run_build through map_units on a Ray Data actor pool of `--workers` actors.
 Both use one OpenCV thread per process. Ray is started (and ray.data imported) before the clock
 starts, as a long-lived cluster would be; starting the actor pool is inside the timed run. The
@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 
 from storage import open_dataset
-from tasks.build_panels import run_build
+from tasks.panels.job import run_build
 from tasks.config import load_config
-from tasks.shapes import render_scene
+from tasks.shapes.scenes import render_scene
 
 
 def make_photos(folder: Path, count: int, width: int = 800, height: int = 600) -> Path:

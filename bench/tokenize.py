@@ -113,10 +113,10 @@ def bench_e2e(count: int, size: int, use_ray: bool = False) -> dict:
     the same batch size."""
     from model.movqgan import TINY_ASSET, load_movqgan
     from storage import open_dataset
-    from tasks.build_panels import run_build
+    from tasks.panels.job import run_build
     from tasks.config import load_config
-    from tasks.panels import decode_panel
-    from tasks.tokenize import run_tokenize
+    from tasks.panels.compose import decode_panel
+    from tasks.tokenize.job import run_tokenize
 
     with tempfile.TemporaryDirectory() as tmp:
         over = [f"workdir={tmp}", f"panels.source.count={count}", f"panels.rows_per_unit={count}",

@@ -5,7 +5,7 @@
     python -m bench.train --preset tiny --px 64 96 128      # CPU: the tiny preset, fp32, DDP path (1 rank)
 
 Imports model/ only (a GPU machine has no Ray or Prefect): the same train_step and
-parallelize() that tasks/train.py runs under Ray Train. Sequences are synthetic samples of the
+parallelize() that tasks/train/job.py runs under Ray Train. Sequences are synthetic samples of the
 release's layout lengths (a prompt, then rows of w/8 codes + a row end), all image tokens
 supervised; MFU = tokens/s x (6N + 12 L d s) / peak (REFERENCE.md; N without the input
 embedding; s the sample's length, also when samples share a packed row; peak: the bf16

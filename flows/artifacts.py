@@ -46,7 +46,7 @@ def units_fraction(state: dict) -> float:
 @task(name="contact-sheet", retries=1, retry_condition_fn=retry_transient)
 def contact_sheet_task(uri: str, count: int) -> str:
     """Draw the contact sheet of a panels or generated dataset (contact_sheet.png beside it)."""
-    from tasks.build_panels import contact_sheet
+    from tasks.panels.job import contact_sheet
 
     return contact_sheet(uri, count)
 

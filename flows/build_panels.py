@@ -3,7 +3,7 @@
     panelforge build-panels --config configs/tiny.yaml
     python -m flows.build_panels configs/tiny.yaml panels.source.count=32
 
-Runs the Ray Data job of tasks/build_panels.py inside a Prefect task (retried on transient failures;
+Runs the Ray Data job of tasks/panels/job.py inside a Prefect task (retried on transient failures;
 a retry resumes: committed units are skipped), then publishes a table artifact (rows per task,
 rejects per reason, rows in = rows out + rejects) and a markdown artifact with a contact sheet of
 sample panels, also saved as contact_sheet.png in the dataset's folder.
@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import contact_sheet_task, image_markdown, job_progress, units_fraction
 from flows.retry import retry_transient
-from tasks.build_panels import run_build
+from tasks.panels.job import run_build
 from tasks.config import Override, PipelineConfig, run_config
 
 

@@ -62,8 +62,8 @@ def _print_summary(summary: Any) -> None:
 
 # subcommand -> its config checks that need neither data nor Ray (a ConfigError names the field)
 PREFLIGHT: dict[str, tuple[str, str]] = {
-    "generate": ("tasks.generate", "preflight"),
-    "retrain": ("tasks.generate", "preflight"),  # it ends with a generate step
+    "generate": ("tasks.generate.job", "preflight"),
+    "retrain": ("tasks.generate.job", "preflight"),  # it ends with a generate step
 }
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from storage import StorageError
     from tasks.config import ConfigError, load_config
-    from tasks.requests import RequestError
+    from tasks.generate.requests import RequestError
 
     try:
         if args.command == "datasets":

@@ -3,7 +3,7 @@
     panelforge evaluate --config configs/tiny.yaml
     python -m flows.evaluate configs/tiny.yaml [KEY=VALUE ...]
 
-Scores every generated pair with the Ray job of tasks/evaluate.py (control fidelity in the style
+Scores every generated pair with the Ray job of tasks/evaluate/job.py (control fidelity in the style
 of the paper's Table 5, caption agreement on shapes, each beside an unconditioned floor), then
 publishes the figures as a table artifact and report.md (with its sheets) as a markdown
 artifact; report.md and the PNGs are written next to the generated dataset.
@@ -19,7 +19,7 @@ from flows.artifacts import image_markdown, job_progress, units_fraction
 from flows.retry import retry_transient
 from storage.uri import has_credentials
 from tasks.config import ConfigError, Override, PathOrURI, PipelineConfig, run_config
-from tasks.evaluate import run_evaluate
+from tasks.evaluate.job import run_evaluate
 
 
 @task(name="evaluate-job", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)

@@ -3,7 +3,7 @@
     panelforge generate --config configs/tiny.yaml
     python -m flows.generate configs/tiny.yaml generate.best_of=2
 
-Runs the resumable Ray job of tasks/generate.py inside a Prefect task (a retry resumes: finished
+Runs the resumable Ray job of tasks/generate/job.py inside a Prefect task (a retry resumes: finished
 units are skipped), keeping a progress artifact up to date (done/total pairs, pairs/hour, ETA);
 then publishes a contact sheet of pairs (markdown artifact, and contact_sheet.png in the
 generated dataset's folder) and a table of acceptance and filter statistics.
@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.artifacts import contact_sheet_task, image_markdown, job_progress
 from flows.retry import retry_transient
 from tasks.config import Override, PipelineConfig, run_config
-from tasks.generate import run_generate
+from tasks.generate.job import run_generate
 
 
 def progress_line(snap: dict) -> str:

@@ -3,7 +3,7 @@
     python -m flows.pretokenize configs/tiny.yaml
     python -m flows.pretokenize configs/tiny.yaml tokenize.workers=1 tokenize.rows_per_unit=32
 
-Runs the Ray Data job of tasks/tokenize.py inside a Prefect task (retried on transient failures;
+Runs the Ray Data job of tasks/tokenize/job.py inside a Prefect task (retried on transient failures;
 a retry resumes: committed units are skipped), then publishes a table artifact (samples and
 tokens per resolution bucket, rejects per reason) and a markdown artifact with the throughput and
 where the actors spent their time (decoding panels, encoding, writing shards).
@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.artifacts import job_progress, units_fraction
 from flows.retry import retry_transient
 from tasks.config import Override, PipelineConfig, run_config
-from tasks.tokenize import run_tokenize
+from tasks.tokenize.job import run_tokenize
 
 
 @task(name="pretokenize-job", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient)

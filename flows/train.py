@@ -3,7 +3,7 @@
     python -m flows.train configs/tiny.yaml
     python -m flows.train configs/tiny.yaml train.workers=0     # in this process, without Ray
 
-Checks the whole plan before any compute (tasks/train.py: layout fingerprint, context length,
+Checks the whole plan before any compute (tasks/train/job.py: layout fingerprint, context length,
 stages without data, checkpoints of another preset), then runs each stage as its own Prefect
 task, each a Ray Train job. A stage that finished (its summary.json exists) returns at once
 when the flow is rerun; a stage that was interrupted resumes from its newest checkpoint.
@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.config import Override, PipelineConfig, run_config
-from tasks.train import plan_training, read_run_file, stage_done, train as run_train
+from tasks.train.job import plan_training, read_run_file, stage_done, train as run_train
 
 
 @task(name="train-stage", task_run_name="train {name}")

@@ -37,7 +37,7 @@ SIZE_UNIT = 32  # pixels per size-token unit; panel sides are multiples of it
 
 def image_span_length(height_px: int, width_px: int, patch: int = 8) -> int:
     """Tokens of an image span: image start, two size tokens, rows of (cols + row end), image end.
-    Prompt validation (tasks/requests.py) counts the context a request needs with it, before any
+    Prompt validation (tasks/generate/requests.py) counts the context a request needs with it, before any
     model loads; the engine counts the same span."""
     return 4 + (height_px // patch) * (width_px // patch + 1)
 

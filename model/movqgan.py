@@ -532,7 +532,7 @@ def encoder_flops(preset: str, height: int, width: int) -> float:
 # Keys of a training checkpoint that inference does not need: the loss (LPIPS + discriminator) and
 # LitEma copies. Reported, never loaded; anything else unexpected is an error.
 IGNORED_PREFIXES = ("loss.", "ema_", "model_ema.")
-# The demo's tiny model, trained on the shapes source by tasks/train_movqgan.py (docs/tokenize.md).
+# The demo's tiny model, trained on the shapes source by tasks/assets/train_movqgan.py (docs/tokenize.md).
 TINY_ASSET = Path(__file__).resolve().parent.parent / "assets" / "movqgan-tiny.safetensors"
 
 

@@ -12,7 +12,7 @@ Three kinds, one small interface (`TextTokenizer`: encode, decode, token_to_id, 
 - "hf": a local Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json), e.g. the
   release's own; nothing is downloaded.
 - "shapes": a small byte-level BPE trained with `tokenizers` on the shapes captions
-  (tasks/train_shapes_tokenizer.py writes assets/shapes-tokenizer.json), so the tiny demo model
+  (tasks/assets/train_tokenizer.py writes assets/shapes-tokenizer.json), so the tiny demo model
   needs no 151k-row embedding. It carries the release's special-token names.
 
 Special-token strings inside the text are encoded as plain text, never as control tokens: a caption
@@ -247,7 +247,7 @@ def load_text_tokenizer(kind: str = "shapes", path: str | None = None) -> TextTo
     if kind == "shapes":
         file = Path(path) if path else SHAPES_TOKENIZER
         if not file.is_file():
-            raise TokenizerError(f"{file}: shapes tokenizer missing; build it with python -m tasks.train_shapes_tokenizer")
+            raise TokenizerError(f"{file}: shapes tokenizer missing; build it with python -m tasks.assets.train_tokenizer")
         return HFTokenizer(file, kind="shapes")
     raise TokenizerError(f"unknown tokenizer kind {kind!r}: expected shapes, qwen-offline or hf")
 

@@ -1,5 +1,5 @@
 """The decoder's training step as plain functions: no Ray, no Prefect; one GPU, one CPU, or a
-process group (Ray Train wraps it in tasks/train.py; bench/train.py calls it directly).
+process group (Ray Train wraps it in tasks/train/job.py; bench/train.py calls it directly).
 
     python -c "from model.training import lr_at; print([round(lr_at(s, peak=2e-4, total=10, warmup=2), 6) for s in range(10)])"
 

@@ -111,7 +111,7 @@ def _schema_metadata(kind: str | None, meta: dict | None, what: str) -> dict[byt
     out = {b"panelforge.table": what.encode(), b"panelforge.schema_version": str(SCHEMA_VERSION).encode()}
     if kind:
         out[b"panelforge.kind"] = kind.encode()
-    # tokens datasets record their layout's fingerprint in meta (tasks/tokenize.py: layout.meta())
+    # tokens datasets record their layout's fingerprint in meta (tasks/tokenize/job.py: layout.meta())
     fingerprint = (meta or {}).get("layout_fingerprint") or (meta or {}).get("fingerprint")
     if fingerprint:
         out[b"panelforge.layout_fingerprint"] = str(fingerprint).encode()

@@ -53,8 +53,8 @@ _SPEC_SCHEMA = {"additionalProperties": {"pattern": NO_CREDENTIALS}}
 Override = Annotated[str, Field(json_schema_extra={"pattern": r"^(?!.*[A-Za-z][A-Za-z0-9+.-]*://\S*@)"})]
 
 
-# The source kinds of panels.source and generate.inputs: the fields each takes (tasks/sources.py,
-# tasks/requests.py read them). A new kind is added here too, so a config naming it validates.
+# The source kinds of panels.source and generate.inputs: the fields each takes (tasks/panels/sources.py,
+# tasks/generate/requests.py read them). A new kind is added here too, so a config naming it validates.
 class _Spec(Section):
     kind: str
 
@@ -258,7 +258,7 @@ class TrainConfig(Section):
     # micro batch, attention kept inside each sample (model/training.py make_packed_batches).
     pack: bool = False
     pack_length: int | None = Field(None, ge=2)
-    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints (tasks/checkpoints.py: safetensors + JSON)
+    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between checkpoints (tasks/train/checkpoints.py: safetensors + JSON)
     keep_checkpoints: int = Field(2, ge=1)
     compile: bool = True  # GPU only: torch.compile each layer
     # none | selective (matmul and attention outputs kept) | full (layer inputs kept) | auto: the
@@ -301,7 +301,7 @@ class GenerateConfig(Section):
     sjd: bool = True
     sjd_window: int = 16
     # The engine (issues 6 and 13, model/engine.py, docs/generate.md). `auto` is resolved per device
-    # by tasks.generate.engine_settings: int4 weight-only + the compiled step on CUDA, neither on a
+    # by tasks.generate.job.engine_settings: int4 weight-only + the compiled step on CUDA, neither on a
     # CPU (int8 is no faster there), so one config file runs on both; int4 asked on a CPU is an
     # error before Ray starts. compile: full (the whole step; if compiling fails the engine falls
     # back to the compiled forward with an eager sampling half, then to eager) or eager; true/false
@@ -328,7 +328,7 @@ class GenerateConfig(Section):
     pairs_per_unit: int = Field(16, ge=1)
     workers: int = Field(1, ge=1)  # engine actors on CPU; on GPUs one per GPU
     # The engine's continuous batch (images per actor). auto: as many as fit the GPU's free memory
-    # (Engine.fit_batch), 8 on a CPU; a number is a bound (tasks.generate.batch_that_fits).
+    # (Engine.fit_batch), 8 on a CPU; a number is a bound (tasks.generate.job.batch_that_fits).
     max_batch: int | Literal["auto"] = "auto"
     job_retries: int = Field(2, ge=0)  # reruns of the remaining units after a Ray failure (a lost node)
     max_side: int = Field(2048, ge=32)

@@ -8,7 +8,7 @@ validation (tasks/config.py). A package adds a scorer or an estimator by declari
 which the operator chose to install:
 
     [project.entry-points."panelforge.scorers"]
-    clip_score = "mypkg.scorers:clip_factory"          # factory(cfg) -> Scorer (tasks/verify.py)
+    clip_score = "mypkg.scorers:clip_factory"          # factory(cfg) -> Scorer (tasks/generate/verify.py)
 
     [project.entry-points."panelforge.depth_estimators"]
     depth_anything = "mypkg.depth:factory"             # factory(cfg) -> fn(uint8 image) -> depth
@@ -21,7 +21,7 @@ from collections.abc import Callable
 SCORER_GROUP = "panelforge.scorers"
 ESTIMATOR_GROUP = "panelforge.depth_estimators"
 
-# The project's own scorers (tasks/verify.py): "auto" is canny F1, plus depth RMSE when an
+# The project's own scorers (tasks/generate/verify.py): "auto" is canny F1, plus depth RMSE when an
 # estimator is configured; "none" turns verification off.
 BUILTIN_SCORERS = ("auto", "none", "canny_f1", "depth_rmse")
 BUILTIN_ESTIMATORS: tuple[str, ...] = ()  # none ship: depth models are large and local (docs/bulk.md)

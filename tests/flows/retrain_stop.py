@@ -3,7 +3,7 @@
     PF_STOP_AFTER=stage-3:2 PF_STOP_FILE=/tmp/x PYTHONPATH=.:tests/flows \
         python -c "import retrain_stop; retrain_stop.main()" configs/tiny.yaml KEY=VALUE ...
 
-Runs `python -m flows.retrain` with tasks.train's checkpoint save wrapped: once stage NAME has
+Runs `python -m flows.retrain` with tasks.train.job's checkpoint save wrapped: once stage NAME has
 saved step N, the wrapper writes PF_STOP_FILE and waits forever, so the test that waits for the
 file kills the run with that checkpoint complete and the stage unfinished, whatever the load.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def install() -> None:
-    from tasks import train
+    from tasks.train import job as train
 
     stage, step = os.environ["PF_STOP_AFTER"].split(":")
     stop_file = os.environ["PF_STOP_FILE"]
@@ -24,7 +24,7 @@ def install() -> None:
 
     def save_then_stop(self, stage_dir, at_step, *args, **kwargs):
         save(self, stage_dir, at_step, *args, **kwargs)
-        if stage_dir.name == stage and at_step == int(step):  # a tasks.checkpoints.Folder
+        if stage_dir.name == stage and at_step == int(step):  # a tasks.train.checkpoints.Folder
             tmp = f"{stop_file}.tmp"
             Path(tmp).write_text(f"{stage}:{at_step}")
             os.replace(tmp, stop_file)

@@ -75,7 +75,7 @@ CASES = [
     ("file inputs missing", "generate", ["generate.inputs={kind: file, path: {tmp}/made/none.jsonl}"],
      "generate.inputs.path"),
     ("scorer as module:factory", "generate", ["generate.scorer=os:system"], "generate.scorer"),
-    ("estimator as module:factory", "evaluate", ["generate.depth_estimator=tasks.verify:to_gray"],
+    ("estimator as module:factory", "evaluate", ["generate.depth_estimator=tasks.generate.verify:to_gray"],
      "generate.depth_estimator"),
     ("unknown scorer name", "generate", ["generate.scorer=clip"], "generate.scorer"),
     ("the demo too", "demo", ["generate.best_of=0"], "generate.best_of"),

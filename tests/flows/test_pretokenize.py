@@ -10,7 +10,7 @@ def test_flow_tokenizes_panels_with_artifacts(tmp_path, ray_local, prefect_harne
 
     from flows.pretokenize import pretokenize
     from model.layout import Layout
-    from tasks.build_panels import run_build
+    from tasks.panels.job import run_build
     from tasks.config import load_config
 
     over = [f"workdir={tmp_path}", "panels.source.count=12", "panels.rows_per_unit=12", "panels.stage_size=64",

@@ -43,7 +43,7 @@ def test_train_flow_runs_stages_as_tasks_and_skips_them_on_rerun(tmp_path, prefe
 
 def test_train_flow_refuses_bad_input_before_any_stage(tmp_path, prefect_harness):
     from flows.train import train
-    from tasks.train import TrainError
+    from tasks.train.job import TrainError
 
     cfg = tiny_config(tmp_path, workers=0)
     layout = Layout.shapes()

@@ -224,7 +224,7 @@ def test_same_network_as_diffusers_vqmodel(images):
 
 def test_shipped_tiny_model_reconstructs_shapes():
     from model.movqgan import TINY_ASSET
-    from tasks.train_movqgan import evaluate
+    from tasks.assets.train_movqgan import evaluate
 
     model = load_movqgan(TINY_ASSET, "tiny")
     assert TINY_ASSET.stat().st_size < 8 * 2**20

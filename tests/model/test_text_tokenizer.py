@@ -62,7 +62,7 @@ def test_shapes_tokenizer_encodes_any_text():
 
 
 def test_shapes_tokenizer_asset_is_reproducible(tmp_path):
-    from tasks.train_shapes_tokenizer import train
+    from tasks.assets.train_tokenizer import train
     from model.text_tokenizer import SHAPES_TOKENIZER
 
     out = train(tmp_path / "again.json")

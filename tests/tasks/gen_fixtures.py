@@ -26,7 +26,7 @@ def write_tiny_models(folder: Path) -> tuple[str, str, str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     from model.text_tokenizer import train_bpe
-    from tasks.shapes import caption_of, sample_spec
+    from tasks.shapes.scenes import caption_of, sample_spec
 
     dec_dir, movq_path, tok_path = folder / "decoder", folder / "movqgan-tiny.safetensors", folder / "shapes-tokenizer.json"
     if not (dec_dir / "config.json").is_file():

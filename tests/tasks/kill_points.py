@@ -2,7 +2,7 @@
 
     PYTHONPATH=.:tests/tasks python -m kill_points --config CFG    # what the kill tests run
 
-The job is tasks.generate's, with GenerateWorker replaced by StoppingWorker, which reads two
+The job is tasks.generate.job's, with GenerateWorker replaced by StoppingWorker, which reads two
 variables from its process's environment (a Ray worker inherits its raylet's, so a test can set
 them for one node of a cluster only):
 
@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from tasks.generate import GenerateWorker
+from tasks.generate.job import GenerateWorker
 
 HOLD_LIMIT_S = 600  # a held worker goes on anyway after this: the test fails on its own deadline first
 
@@ -45,7 +45,7 @@ class StoppingWorker(GenerateWorker):
 
 def main() -> None:
     from tasks.config import load_config
-    from tasks.generate import run_generate
+    from tasks.generate.job import run_generate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

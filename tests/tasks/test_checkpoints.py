@@ -18,8 +18,8 @@ import torch
 
 from model.decoder import Decoder, ModelArgs
 from model.training import build_optimizer, make_batch, train_step
-from tasks import checkpoints
-from tasks.checkpoints import MARKER, CheckpointError, Folder
+from tasks.train import checkpoints
+from tasks.train.checkpoints import MARKER, CheckpointError, Folder
 
 ARGS = dict(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=64, max_seq_len=128)
 ROOT = Path(__file__).parents[2]
@@ -100,8 +100,8 @@ def test_planted_pickle_never_runs(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from tasks import checkpoints
-    from tasks.checkpoints import Folder
+    from tasks.train import checkpoints
+    from tasks.train.checkpoints import Folder
 
     ckpt, stop_at = Folder(sys.argv[1]), sys.argv[2]
 

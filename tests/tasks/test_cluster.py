@@ -33,7 +33,7 @@ from test_generate_kill import processes_with_env  # noqa: E402
 
 from storage import open_dataset  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.generate import output_uri  # noqa: E402
+from tasks.generate.job import output_uri  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -78,11 +78,11 @@ def _install_plugin(root: Path) -> None:
 
 def test_scorers_come_from_the_registry_only(tmp_path, monkeypatch):
     from tasks.plugins import estimator_names, scorer_names
-    from tasks.verify import make_scorers
+    from tasks.generate.verify import make_scorers
 
     # A module:factory names code to import: refused, even when the code exists.
-    for override in ("generate.scorer=tasks.verify:CannyF1", "generate.scorer=auto,os:system",
-                     "generate.depth_estimator=tasks.verify:to_gray"):
+    for override in ("generate.scorer=tasks.generate.verify:CannyF1", "generate.scorer=auto,os:system",
+                     "generate.depth_estimator=tasks.generate.verify:to_gray"):
         with pytest.raises(ConfigError, match="not a registered .*a config names no code to import"):
             load_config(None, [override])
     assert "brightness" not in scorer_names()

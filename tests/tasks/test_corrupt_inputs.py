@@ -26,7 +26,7 @@ def _flip(path: Path) -> None:
 
 
 def test_training_refuses_a_damaged_token_shard(tmp_path):
-    from tasks.train import plan_training
+    from tasks.train.job import plan_training
 
     cfg = load_config(tiny_config(tmp_path))
     write_tokens(tmp_path / "tokens", Layout.shapes())
@@ -41,7 +41,7 @@ def test_pretokenize_refuses_a_damaged_panel_shard(tmp_path):
     from test_tokenize import make_panels
 
     from model.movqgan import MoVQGAN, save_movqgan
-    from tasks.tokenize import run_tokenize
+    from tasks.tokenize.job import run_tokenize
 
     torch.manual_seed(0)
     weights = tmp_path / "tiny.safetensors"
@@ -57,7 +57,7 @@ def test_pretokenize_refuses_a_damaged_panel_shard(tmp_path):
 def test_repair_then_rerun_of_the_panels_job_redoes_only_the_damaged_unit(tmp_path, capsys):
     from flows.cli import main
     from storage import open_dataset
-    from tasks.build_panels import run_build
+    from tasks.panels.job import run_build
 
     cfg = load_config("configs/tiny.yaml", [f"workdir={tmp_path}", "panels.source.count=12", "panels.rows_per_unit=4",
                                             "panels.stage_size=64"])

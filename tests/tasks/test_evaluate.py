@@ -14,11 +14,11 @@ import pyarrow as pa
 import pytest
 
 from storage import GENERATED, DatasetWriter, open_dataset
-from tasks import shapes
+from tasks.shapes import scenes as shapes
 from tasks.config import load_config
-from tasks.evaluate import partners, run_evaluate
-from tasks.requests import expand_inputs, png_bytes
-from tasks.shape_detector import agreement, asked_shapes, detect_shapes
+from tasks.evaluate.job import partners, run_evaluate
+from tasks.generate.requests import expand_inputs, png_bytes
+from tasks.shapes.detector import agreement, asked_shapes, detect_shapes
 
 TASKS = ["t2i", "control:canny", "control:depth", "dense:depth", "dense:canny"]
 
@@ -32,7 +32,7 @@ def _config(tmp_path: Path, count: int = 20, size: str = "128x128"):
 def _truth_panel(pair, seed_shift: int = 0) -> np.ndarray:
     """What a perfect model would draw for a pair: the scene itself, or its map for dense tasks.
     seed_shift != 0 draws ANOTHER scene: a sample that ignores its input."""
-    from tasks.annotators import canny
+    from tasks.panels.annotators import canny
 
     seed = int(pair.source.split(":")[1]) + seed_shift
     dual = pair.task != "t2i"
@@ -45,7 +45,7 @@ def _truth_panel(pair, seed_shift: int = 0) -> np.ndarray:
 
 
 def write_generated(tmp_path: Path, cfg, name: str, seed_shift: int = 0) -> str:
-    """A GENERATED dataset built as tasks/generate.py writes its rows, with the pictures of a
+    """A GENERATED dataset built as tasks/generate/job.py writes its rows, with the pictures of a
     perfect generator (seed_shift=0) or of one that ignores its inputs."""
     pairs = expand_inputs(cfg).pairs
     rows = []
@@ -189,7 +189,7 @@ def test_rows_written_by_the_generate_worker_get_every_figure(tmp_path):
 
     from model.layout import Layout
     from model.movqgan import load_movqgan
-    from tasks.generate import GenerateWorker, Parts, make_units, output_uri
+    from tasks.generate.job import GenerateWorker, Parts, make_units, output_uri
 
     models = write_tiny_models(tmp_path / "models")
     inputs = {"kind": "shapes", "count": 8, "seed": 3, "tasks": TASKS[:4], "size": "64x64"}

@@ -15,8 +15,8 @@ from gen_fixtures import FixedScorer, StandInEngine, engine_types, write_config,
 
 from storage import DatasetWriter, open_dataset  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.generate import GenerateWorker, Parts, make_units, output_uri  # noqa: E402
-from tasks.requests import expand_inputs, sample_seed  # noqa: E402
+from tasks.generate.job import GenerateWorker, Parts, make_units, output_uri  # noqa: E402
+from tasks.generate.requests import expand_inputs, sample_seed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,8 @@ def test_a_unit_writes_its_shard_and_rejects_in_the_generated_schema(tmp_path, m
 def test_model_fingerprint_follows_content_not_paths(tmp_path):
     import shutil
 
-    from tasks.generate import model_fingerprint
-    from tasks.tokenize import file_sha256
+    from tasks.generate.job import model_fingerprint
+    from tasks.tokenize.job import file_sha256
 
     assets = Path(__file__).resolve().parents[2] / "assets"
     movq = file_sha256(str(assets / "movqgan-tiny.safetensors"))

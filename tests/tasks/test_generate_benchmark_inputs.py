@@ -15,8 +15,8 @@ from test_requests import geneval_rows, write_jsonl
 
 from storage import open_dataset
 from tasks.config import load_config
-from tasks.generate import run_generate
-from tasks.requests import RequestError
+from tasks.generate.job import run_generate
+from tasks.generate.requests import RequestError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,8 @@ from gen_fixtures import write_config, write_prompts, write_tiny_models  # noqa:
 
 from storage import open_dataset  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.generate import output_uri, run_generate  # noqa: E402
-from tasks.requests import RequestError  # noqa: E402
+from tasks.generate.job import output_uri, run_generate  # noqa: E402
+from tasks.generate.requests import RequestError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +80,10 @@ def test_bad_inputs_and_models_fail_before_ray_or_any_model(tmp_path, models, mo
     with pytest.raises(RequestError, match="codes of MoVQGAN 'movqgan-old.safetensors'.*another"):
         run_generate(cfg)
     assert not Path(output_uri(cfg)).exists()
-    from tasks.tokenize import file_sha256
+    from tasks.tokenize.job import file_sha256
 
     meta["movqgan"]["sha256"] = file_sha256(models[1])  # the right one: accepted
     (other / "panelforge.json").write_text(json.dumps(meta))
-    from tasks.generate import check_models
+    from tasks.generate.job import check_models
 
     check_models(cfg)

@@ -24,7 +24,7 @@ from gen_fixtures import write_config, write_tiny_models  # noqa: E402
 
 from storage import StorageError, open_dataset  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.generate import output_uri, run_generate  # noqa: E402
+from tasks.generate.job import output_uri, run_generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -10,10 +10,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import StandInEngine, engine_types, write_config, write_tiny_models  # noqa: E402
 
 from storage import DatasetWriter, open_dataset  # noqa: E402
-from tasks.build_panels import run_build  # noqa: E402
+from tasks.panels.job import run_build  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.generate import GenerateWorker, Parts, make_units, output_uri  # noqa: E402
-from tasks.requests import expand_inputs  # noqa: E402
+from tasks.generate.job import GenerateWorker, Parts, make_units, output_uri  # noqa: E402
+from tasks.generate.requests import expand_inputs  # noqa: E402
 
 
 def test_generated_pairs_feed_build_panels(tmp_path):

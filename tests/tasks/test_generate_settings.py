@@ -13,8 +13,8 @@ import pytest
 
 from storage import open_dataset
 from tasks.config import ConfigError, load_config
-from tasks.generate import engine_settings, run_generate
-from tasks.requests import RequestError
+from tasks.generate.job import engine_settings, run_generate
+from tasks.generate.requests import RequestError
 
 ROOT = Path(__file__).resolve().parents[2]
 # The shipped models (configs/tiny.yaml), kept small: two pairs of 64 px, one from text, one image to image.

@@ -9,11 +9,11 @@ from PIL import Image
 
 from model.prompts import render_prompt
 from storage import open_dataset
-from tasks.annotators import Annotators, canny, soft_edge
-from tasks.build_panels import PanelMaker, effective_mix, list_units, pick_task, run_build
+from tasks.panels.annotators import Annotators, canny, soft_edge
+from tasks.panels.job import PanelMaker, effective_mix, list_units, pick_task, run_build
 from tasks.config import PanelsConfig, load_config
-from tasks.panels import Reject, decode_image, decode_panel, encode_image, fit, panel_row
-from tasks.shapes import render_scene
+from tasks.panels.compose import Reject, decode_image, decode_panel, encode_image, fit, panel_row
+from tasks.shapes.scenes import render_scene
 
 
 def _png(arr, mode=None) -> bytes:

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from storage import open_dataset
-from tasks.build_panels import run_build
+from tasks.panels.job import run_build
 from tasks.config import load_config
-from tasks.panels import decode_panel
+from tasks.panels.compose import decode_panel
 
 # file -> expected outcome: a reject reason, or "ok"
 EXPECTED = {

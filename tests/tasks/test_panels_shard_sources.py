@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from storage import open_dataset
-from tasks.build_panels import run_build
+from tasks.panels.job import run_build
 from tasks.config import load_config
-from tasks.sources import SourceError, expand_braces, open_source
+from tasks.panels.sources import SourceError, expand_braces, open_source
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
 import test_s3  # its fixture: moto on 127.0.0.1, started and stopped by its pid
@@ -219,9 +219,9 @@ def test_webdataset_through_the_ray_job(tmp_path, ray_local):
 
 
 def test_a_tar_member_too_large_to_hold_is_a_reject_not_a_read(tmp_path, monkeypatch):
-    import tasks.sources
+    import tasks.panels.sources
 
-    monkeypatch.setattr(tasks.sources, "MAX_MEMBER_BYTES", 500)  # instead of writing a 256 MiB member
+    monkeypatch.setattr(tasks.panels.sources, "MAX_MEMBER_BYTES", 500)  # instead of writing a 256 MiB member
     write_tar(tmp_path / "big.tar", [("a.jpg", photo(1)), ("a.txt", txt("big")), ("b.jpg", b"x" * 100),
                                      ("b.txt", txt("small"))])
     rows = open_source({"kind": "webdataset", "path": str(tmp_path / "big.tar")}).rows(0, 2)

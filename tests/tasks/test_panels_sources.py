@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.annotators import pose_available
-from tasks.build_panels import PanelMaker
+from tasks.panels.annotators import pose_available
+from tasks.panels.job import PanelMaker
 from tasks.config import PanelsConfig
-from tasks.panels import Reject, decode_panel
-from tasks.shapes import edit_pair, subject_pair
-from tasks.sources import SourceError, open_source
+from tasks.panels.compose import Reject, decode_panel
+from tasks.shapes.scenes import edit_pair, subject_pair
+from tasks.panels.sources import SourceError, open_source
 
 
 def _write(path, img):

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
 from helpers import token_rows  # noqa: E402
 
 from storage import DatasetWriter, open_dataset, write_shard  # noqa: E402
-from tasks.generate import reconcile  # noqa: E402
+from tasks.generate.job import reconcile  # noqa: E402
 
 
 def test_reconcile_recommits_a_shard_rewritten_after_its_commit(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks.config import load_config
-from tasks.requests import RequestError, derive_seed, expand_inputs, parse_size
+from tasks.generate.requests import RequestError, derive_seed, expand_inputs, parse_size
 
 
 def _cfg(tmp_path: Path, inputs: dict, **gen):
@@ -251,7 +251,7 @@ def test_dpg_bench_csv_and_prompt_folder(tmp_path):
 
 
 def test_a_job_whose_every_row_is_rejected_says_which_and_why(tmp_path):
-    from tasks.requests import no_valid_rows_message
+    from tasks.generate.requests import no_valid_rows_message
 
     rows = [{"prompt": ""}] * 3 + [{"prompt": "x", "task": "sculpt"}] * 4
     f = write_jsonl(tmp_path / "bad.jsonl", rows)

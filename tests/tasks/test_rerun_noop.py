@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import tasks.ray_jobs  # noqa: E402
 from storage import open_dataset  # noqa: E402
-from tasks.build_panels import run_build  # noqa: E402
+from tasks.panels.job import run_build  # noqa: E402
 from tasks.config import load_config  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def test_rerun_of_complete_panels_starts_no_ray(tmp_path, monkeypatch):
     first = run_build(cfg, use_ray=False)
     assert first["units_run"] == 3
     manifest = (tmp_path / "panels" / "manifest.json").read_bytes()
-    import tasks.build_panels as bp
+    import tasks.panels.job as bp
 
     forbid(monkeypatch, bp, "PanelMaker")
     t = time.perf_counter()
@@ -47,7 +47,7 @@ def test_rerun_of_complete_tokens_starts_no_ray(tmp_path, monkeypatch):
     import torch
     from test_tokenize import make_panels
 
-    import tasks.tokenize as tok
+    import tasks.tokenize.job as tok
     from model.movqgan import MoVQGAN, save_movqgan
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import load_config
-from tasks.rewrite import PromptRewriter, make_rewriter
+from tasks.generate.rewrite import PromptRewriter, make_rewriter
 
 SERVER = r'''
 import json, sys
@@ -162,7 +162,7 @@ def test_transient_failures_are_retried_with_backoff(how):
 def test_a_pair_whose_rewrite_keeps_failing_keeps_its_prompt_and_records_why(tmp_path):
     import httpx
 
-    from tasks.requests import expand_inputs
+    from tasks.generate.requests import expand_inputs
 
     endpoint, slept = FlakyEndpoint(fail=10), []
     rw = PromptRewriter("http://127.0.0.1:9/v1", "m", "s", retries=2, backoff_s=0.1,

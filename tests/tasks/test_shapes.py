@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.shapes import (COUNT_WORDS, EDIT_OPS, KINDS, PALETTE, caption_of, edit_pair, render_scene,
+from tasks.shapes.scenes import (COUNT_WORDS, EDIT_OPS, KINDS, PALETTE, caption_of, edit_pair, render_scene,
                           render_spec, subject_pair)
 
 

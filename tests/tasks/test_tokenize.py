@@ -16,9 +16,9 @@ from model.movqgan import MoVQGAN, save_movqgan
 from model.prompts import render_prompt
 from storage import PANELS, DatasetWriter, open_dataset
 from tasks.config import load_config
-from tasks.panels import panel_row
-from tasks.shapes import render_scene
-from tasks.tokenize import TokenizeError, run_tokenize
+from tasks.panels.compose import panel_row
+from tasks.shapes.scenes import render_scene
+from tasks.tokenize.job import TokenizeError, run_tokenize
 
 
 def _row(i: int, task: str, w: int, h: int, dual: bool, prompt: str | None = None) -> dict:
@@ -90,7 +90,7 @@ def test_job_tokens_rejects_and_layout(tmp_path, weights):
         assert shard["unit"].split("-")[0] in ("32x64", "64x64")
 
     from model.movqgan import load_movqgan
-    from tasks.panels import decode_panel
+    from tasks.panels.compose import decode_panel
 
     model = load_movqgan(weights, "tiny")
     panels = open_dataset(str(tmp_path / "panels")).table().to_pylist()

@@ -25,7 +25,7 @@ from train_fixtures import (MOVQGAN_RECORD, STAGES, TINY, moto_s3, tiny_config, 
 
 from model.layout import Layout  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.train import (StageSchedule, TrainError, bucket_index, draw_loss_curve, plan_training,  # noqa: E402
+from tasks.train.job import (StageSchedule, TrainError, bucket_index, draw_loss_curve, plan_training,  # noqa: E402
                          rank_index, train)
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "train_tiny_3stage.txt"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.config import load_config
-from tasks.verify import (
+from tasks.generate.verify import (
     CannyF1, DepthRMSE, best_index, binary_f1, canny_edges, canny_f1, depth_rmse, make_scorers, passes, scorer_for,
 )
 
@@ -85,6 +85,6 @@ def test_make_scorers_from_config():
     # A config names no code to import: a module:factory outside the registry (tasks/plugins.py) is
     # refused by the config's validation, before anything would import it.
     with pytest.raises(ValueError, match="not a registered depth estimator"):
-        load_config(None, ["generate.scorer=auto", "generate.depth_estimator=tasks.verify:to_gray_factory_missing"])
+        load_config(None, ["generate.scorer=auto", "generate.depth_estimator=tasks.generate.verify:to_gray_factory_missing"])
     with pytest.raises(ValueError, match="depth_estimator"):
         make_scorers(load_config(None, ["generate.scorer=depth_rmse"]))

@@ -50,7 +50,7 @@ MOVQGAN_RECORD = {"preset": "tiny", "weights": "movqgan-tiny.safetensors", "sha2
 def write_tokens(uri: Path, layout, sizes: dict[str, int] = SIZES, meta: dict | None = None) -> str:
     from storage import DatasetWriter
 
-    # What tasks/tokenize.py records: the layout and the MoVQGAN whose codes the rows hold.
+    # What tasks/tokenize/job.py records: the layout and the MoVQGAN whose codes the rows hold.
     meta = meta if meta is not None else {**layout.meta(), "movqgan": MOVQGAN_RECORD}
     w = DatasetWriter(uri, kind="tokens", config={"test": True}, meta=meta)
     for k, (bucket, n) in enumerate(sizes.items()):

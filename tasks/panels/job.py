@@ -1,6 +1,6 @@
 """The build_panels Ray Data job: source rows -> dual-panel rows (plus rejects), unit by unit.
 
-    python -m tasks.build_panels configs/tiny.yaml panels.source.count=64   # the job alone, no Prefect
+    python -m tasks.panels.job configs/tiny.yaml panels.source.count=64   # the job alone, no Prefect
 
 The driver lists deterministic work units (row ranges of the source) and skips those the dataset's
 manifest already lists, so a rerun after an interruption finishes only the rest. Each unit runs on a
@@ -26,12 +26,12 @@ import pyarrow as pa
 from model.buckets import buckets_for, panel_size
 from model.prompts import is_dual, render_prompt, split_task
 from storage import PANELS, DatasetWriter, open_dataset, write_shard
-from tasks.annotators import Annotators
+from tasks.panels.annotators import Annotators
 from tasks.config import PanelsConfig, PipelineConfig, load_config
-from tasks.panels import (Reject, bucket_for, check_prompt, clean_caption, decode_image, decode_panel, fit,
+from tasks.panels.compose import (Reject, bucket_for, check_prompt, clean_caption, decode_image, decode_panel, fit,
                           panel_row, read_bytes)
-from tasks.shapes import edit_pair, render_scene, subject_pair
-from tasks.sources import open_source
+from tasks.shapes.scenes import edit_pair, render_scene, subject_pair
+from tasks.panels.sources import open_source
 
 log = logging.getLogger(__name__)
 

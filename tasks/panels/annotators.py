@@ -1,6 +1,6 @@
 """Control maps for the control and dense tasks: canny, soft edge, depth, pose.
 
-    python -m tasks.annotators photo.jpg /tmp/maps     # writes canny.png, hed.png (and depth.png with --depth DIR)
+    python -m tasks.panels.annotators photo.jpg /tmp/maps     # writes canny.png, hed.png (and depth.png with --depth DIR)
 
 Each map is named for what it is (the rows' params say which annotator made it):
 - canny: OpenCV's Canny edge detector, thresholds from the config (white edges on black);
@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.panels import Reject
+from tasks.panels.compose import Reject
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Annotators:
 
 
 def main(argv: list[str]) -> None:
-    from tasks.panels import decode_image, read_bytes
+    from tasks.panels.compose import decode_image, read_bytes
 
     src, out = argv[0], Path(argv[1])
     depth = argv[argv.index("--depth") + 1] if "--depth" in argv else None

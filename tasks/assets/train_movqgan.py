@@ -1,10 +1,10 @@
 """Train the tiny MoVQGAN on the shapes source: the image tokenizer the demo ships.
 
-    python -m tasks.train_movqgan --steps 800 --out assets/movqgan-tiny.safetensors --preview /tmp/movq-recon.png
-    python -m tasks.train_movqgan --init-from assets/movqgan-tiny.safetensors --freeze-codes --steps 2000 \
+    python -m tasks.assets.train_movqgan --steps 800 --out assets/movqgan-tiny.safetensors --preview /tmp/movq-recon.png
+    python -m tasks.assets.train_movqgan --init-from assets/movqgan-tiny.safetensors --freeze-codes --steps 2000 \
         --lr 5e-4 --edge-weight 1.0 --out /tmp/movq-sharper.safetensors --preview /tmp/movq-sharper.png
 
-Images: shapes scenes rendered by tasks/shapes.py plus the control maps the panels hold (canny,
+Images: shapes scenes rendered by tasks/shapes/scenes.py plus the control maps the panels hold (canny,
 soft edge, depth), so the tokenizer sees everything the demo encodes. Random crops and flips.
 Losses: L1 + MSE reconstruction, codebook ||sg(z) - e||^2 and commitment 0.25 ||z - sg(e)||^2
 (VQ-VAE eq. 3). The official MoVQGAN also trains with LPIPS and a patch GAN; for flat-coloured
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from model.movqgan import MoVQGAN, count_parameters, load_movqgan, read_state_dict, save_movqgan, to_uint8
-from tasks.annotators import canny, soft_edge
-from tasks.shapes import render_scene
+from tasks.panels.annotators import canny, soft_edge
+from tasks.shapes.scenes import render_scene
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def repoint_decoder(decoder_dir: str | Path, old: str | Path, new: str | Path) -
     same encoder and codebook (a --freeze-codes fine-tune): rewrites the MoVQGAN sha256 that the
     decoder's panelforge.json records (generate checks it) and keeps the old one beside it.
     Refused when the decoder did not learn `old`'s codes or when `new` would encode differently."""
-    from tasks.tokenize import file_sha256
+    from tasks.tokenize.job import file_sha256
 
     meta_path = Path(decoder_dir) / "panelforge.json"
     meta = json.loads(meta_path.read_text())
@@ -308,7 +308,7 @@ def main() -> None:
         model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads)
     seconds = time.perf_counter() - t0
     metrics, imgs, recon = evaluate(model)
-    meta = {**meta, "trained_by": "tasks/train_movqgan.py", "steps": a.steps, "batch": a.batch, "crop": a.crop,
+    meta = {**meta, "trained_by": "tasks/assets/train_movqgan.py", "steps": a.steps, "batch": a.batch, "crop": a.crop,
             "seed": a.seed, "psnr_heldout_128px": metrics["psnr"], "train_seconds": round(seconds)}
     if a.freeze_codes:
         meta.update(decoder_finetuned_from=Path(a.init_from).name, window=a.window, edge_weight=a.edge_weight)

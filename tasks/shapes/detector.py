@@ -1,11 +1,11 @@
 """Finds the coloured shapes of a shapes-style picture: OpenCV colour segmentation + contour analysis.
 
-    python -m tasks.shape_detector picture.png "a large red star at the top left on a plain grey background"
+    python -m tasks.shapes.detector picture.png "a large red star at the top left on a plain grey background"
 
-Used by the evaluation (tasks/evaluate.py) to measure how often a generated picture holds the
+Used by the evaluation (tasks/evaluate/job.py) to measure how often a generated picture holds the
 colour and the shape its caption asks for, and where each colour lies (the shapes depth estimate).
 It needs no learned weights: the shapes source draws saturated palette colours on muted
-backgrounds (tasks/shapes.py), so
+backgrounds (tasks/shapes/scenes.py), so
 - every pixel takes the nearest of the palette colours and the background colours (at several
   brightnesses, for the textures) in CIE Lab, through a 64^3 lookup table built once;
 - each palette colour's connected regions (after a 3x3 opening) larger than `min_frac` of the
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tasks.shapes import BACKGROUNDS, KINDS, PALETTE, render_spec, sample_background
+from tasks.shapes.scenes import BACKGROUNDS, KINDS, PALETTE, render_spec, sample_background
 
 COLOURS = tuple(PALETTE)
 _LEVELS = 64  # lookup-table cells per channel (4 RGB values each)
@@ -52,7 +52,7 @@ def _lab(rgb: np.ndarray) -> np.ndarray:
 def _lookup() -> np.ndarray:
     """uint8 [64, 64, 64]: RGB cell -> palette index, or 255 for background."""
     refs = [PALETTE[c] for c in COLOURS]
-    # Textures move a background's brightness by up to ~35 (tasks/shapes.py _background).
+    # Textures move a background's brightness by up to ~35 (tasks/shapes/scenes.py _background).
     refs += [np.clip(np.asarray(rgb) + d, 0, 255) for rgb in BACKGROUNDS.values() for d in range(-40, 41, 10)]
     ref_lab = _lab(np.asarray(refs))
     axis = (np.arange(_LEVELS) * (256 // _LEVELS) + (256 // _LEVELS) / 2).astype(np.float32)
@@ -67,7 +67,7 @@ def _lookup() -> np.ndarray:
 
 
 def colour_labels(image: np.ndarray) -> np.ndarray:
-    """uint8 [H, W]: each pixel's palette index (tasks.shapes.PALETTE order), 255 for background."""
+    """uint8 [H, W]: each pixel's palette index (tasks.shapes.scenes.PALETTE order), 255 for background."""
     img = np.asarray(image)[..., :3]
     q = (img // (256 // _LEVELS)).astype(np.intp)
     return _lookup()[q[..., 0], q[..., 1], q[..., 2]]

@@ -1,10 +1,10 @@
 """Per-row evaluation figures: control fidelity and caption agreement of one generated row.
 
-    python -c "from tasks.evaluate_figures import METRICS; print(list(METRICS))"
+    python -c "from tasks.evaluate.figures import METRICS; print(list(METRICS))"
 
-What tasks/evaluate.py (the job) and tasks/evaluate_report.py (the report) both need: the metric
+What tasks/evaluate/job.py (the job) and tasks/evaluate/report.py (the report) both need: the metric
 names, the shapes scene a row was made from, its exact depth, and RowScorer, which scores a row
-against its own inputs and against its partner's picture (the floor). tasks/evaluate.py's
+against its own inputs and against its partner's picture (the floor). tasks/evaluate/job.py's
 docstring says what each figure measures.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 
 from model.prompts import is_dual
-from tasks.panels import decode_panel
-from tasks.shape_detector import COLOURS, agreement, asked_shapes, colour_labels, detect_shapes
-from tasks.verify import canny_f1, depth_rmse
+from tasks.panels.compose import decode_panel
+from tasks.shapes.detector import COLOURS, agreement, asked_shapes, colour_labels, detect_shapes
+from tasks.generate.verify import canny_f1, depth_rmse
 
 # metric -> (what it is, "higher"/"lower" is better)
 METRICS = {
@@ -39,7 +39,7 @@ _SHAPES_SOURCE = re.compile(r"(?:^|:)shapes:(\d+):")  # generate's shapes rows: 
 def scene_of(row: dict):
     """The shapes scene a generated row was made from (re-rendered from its seed at the panel's
     size), or None when the row does not come from the shapes source."""
-    from tasks.shapes import render_scene
+    from tasks.shapes.scenes import render_scene
 
     m = _SHAPES_SOURCE.search(row.get("source") or "")
     if not m:
@@ -50,8 +50,8 @@ def scene_of(row: dict):
 
 def shapes_depth(image: np.ndarray, scene) -> np.ndarray:
     """uint8 depth map (near bright) of a picture of `scene`: each of the scene's colours found in
-    the picture gets its shape's z, everything else the background plane (tasks/shapes.py)."""
-    from tasks.shapes import BG_DEPTH
+    the picture gets its shape's z, everything else the background plane (tasks/shapes/scenes.py)."""
+    from tasks.shapes.scenes import BG_DEPTH
 
     h, w = image.shape[:2]
     depth = np.linspace(BG_DEPTH[0], BG_DEPTH[1], h, dtype=np.float32)[:, None].repeat(w, 1)

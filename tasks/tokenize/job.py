@@ -1,7 +1,7 @@
 """The pretokenize Ray Data job: panels -> tokens (MoVQGAN codes + prompt ids in the layout).
 
-    python -m tasks.tokenize configs/tiny.yaml              # the job alone, no Prefect
-    python -m tasks.tokenize configs/tiny.yaml --no-ray     # the same units in this process
+    python -m tasks.tokenize.job configs/tiny.yaml              # the job alone, no Prefect
+    python -m tasks.tokenize.job configs/tiny.yaml --no-ray     # the same units in this process
 
 The driver groups the panel rows by resolution bucket (the whole image's width x height), cuts each
 bucket into work units of tokenize.rows_per_unit rows and skips the units the tokens manifest
@@ -40,7 +40,7 @@ from model.layout import SIZE_UNIT, Layout, LayoutError
 from model.movqgan import TINY_ASSET, MoVQGAN, load_movqgan
 from storage import TOKENS, DatasetWriter, StorageError, open_dataset, write_shard
 from tasks.config import ModelsConfig, PipelineConfig, TokenizeConfig, load_config
-from tasks.panels import Reject, decode_panel
+from tasks.panels.compose import Reject, decode_panel
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Sources of build_panels: readers that list input rows with stable ids, cheaply, in a fixed order.
 
-    python -m tasks.sources '{"kind": "folder", "path": "photos/"}'     # prints the row count and the first rows
+    python -m tasks.panels.sources '{"kind": "folder", "path": "photos/"}'     # prints the row count and the first rows
 
 A source is given by a dict in the config (panels.source):
-- {kind: shapes, count, seed, aspect: square|mixed}: the synthetic shapes (tasks/shapes.py);
+- {kind: shapes, count, seed, aspect: square|mixed}: the synthetic shapes (tasks/shapes/scenes.py);
 - {kind: folder, path, captions: FILE?}: images with captions in captions.jsonl / .csv / .parquet
   beside them (columns file and caption), or in a <name>.txt sidecar per image;
 - {kind: edits, path}: editing triplets in jsonl or parquet: source, target, instruction, caption;

@@ -1,6 +1,6 @@
 """The evaluation's report: report.md and its sheets, written next to the generated dataset.
 
-    python -m tasks.evaluate --config configs/tiny.yaml     # writes them (this module has no CLI)
+    python -m tasks.evaluate.job --config configs/tiny.yaml     # writes them (this module has no CLI)
 
 Files (in the dataset's folder or object-store prefix):
 - report.md                the figures beside their floors, how each is measured, the images;
@@ -17,10 +17,10 @@ import textwrap
 import cv2
 import numpy as np
 
-from tasks.evaluate_figures import METRICS, caption_of, scene_of, shapes_depth
-from tasks.panels import decode_panel
-from tasks.shape_detector import detect_shapes
-from tasks.verify import binary_map, canny_edges
+from tasks.evaluate.figures import METRICS, caption_of, scene_of, shapes_depth
+from tasks.panels.compose import decode_panel
+from tasks.shapes.detector import detect_shapes
+from tasks.generate.verify import binary_map, canny_edges
 
 TILE = 160  # tile height in the sheets, pixels
 _LABEL = 20
@@ -156,7 +156,7 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
                      f"| {r['better']} | {r['paper']} |")
     lines += [
         "",
-        "How each figure is measured (tasks/evaluate.py):",
+        "How each figure is measured (tasks/evaluate/job.py):",
         "",
     ]
     lines += [f"- `{k}`: {text} ({better} is better)." for k, (text, better) in METRICS.items()]
@@ -178,7 +178,7 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
 def write_report(uri: str, ds, table: list[dict], records: list[dict], cfg, errors: int = 0) -> dict:
     """Write report.md, the contact sheet and the evaluation sheets; return their paths."""
     from storage import resolve
-    from tasks.build_panels import contact_sheet
+    from tasks.panels.job import contact_sheet
 
     loc = resolve(uri)
     per_task = max(1, cfg.evaluate.sheet_rows)

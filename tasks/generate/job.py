@@ -1,13 +1,13 @@
 """Bulk image-pair generation: a resumable Ray job with one engine actor per GPU (issue 7).
 
-    python -m tasks.generate --config configs/tiny.yaml [generate.best_of=2 ...]
+    python -m tasks.generate.job --config configs/tiny.yaml [generate.best_of=2 ...]
 
-The driver validates and expands the inputs (tasks/requests.py) before any model is loaded,
-optionally rewrites the prompts (tasks/rewrite.py), splits the pairs into deterministic work
+The driver validates and expands the inputs (tasks/generate/requests.py) before any model is loaded,
+optionally rewrites the prompts (tasks/generate/rewrite.py), splits the pairs into deterministic work
 units and skips the units already in the generated/ dataset (a rerun after a crash or
 preemption redoes only the lost ones). Each actor loads the decoder, MoVQGAN and the layout
 once, keeps the engine's continuous batch full with one unit's samples (best-of-N: N per pair
-when a verifier applies), decodes codes to pixels, scores the samples (tasks/verify.py), keeps
+when a verifier applies), decodes codes to pixels, scores the samples (tasks/generate/verify.py), keeps
 the best, and writes the unit's shard and rejects itself; the driver commits them as they
 arrive. Ray Data restarts an actor that dies and retries its unit (write_shard is idempotent).
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tasks.requests import PairSpec, RequestError, expand_inputs, no_valid_rows_message, sample_seed
+from tasks.generate.requests import PairSpec, RequestError, expand_inputs, no_valid_rows_message, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def check_models(cfg) -> str:
     not fit its layout or MoVQGAN; returns the model fingerprint, computed here once for every
     actor. It reads every weight file once (sha256 at about 1 GB/s: seconds for the 7B release)."""
     from model.layout import Layout
-    from tasks.tokenize import file_sha256
+    from tasks.tokenize.job import file_sha256
 
     m = cfg.models
     if not m.decoder_path or not (Path(m.decoder_path) / "config.json").is_file():
@@ -243,7 +243,7 @@ def model_fingerprint(decoder_path: str, movqgan_sha256: str, layout_fingerprint
     """16 hex digits naming what made the images: the decoder's weights and config, the MoVQGAN's
     weights (their sha256) and the layout, by content (the same files anywhere give the same
     fingerprint)."""
-    from tasks.tokenize import file_sha256
+    from tasks.tokenize.job import file_sha256
 
     h = hashlib.sha256(f"{layout_fingerprint}|{movqgan_sha256}".encode())
     folder = Path(decoder_path)
@@ -258,7 +258,7 @@ class GenerateWorker:
     def __init__(self, cfg: dict, out_uri: str, parts: Parts | None = None, fingerprint: str | None = None,
                  settings: dict | None = None):
         from tasks.config import PipelineConfig
-        from tasks.verify import make_scorers
+        from tasks.generate.verify import make_scorers
 
         self.cfg = PipelineConfig.model_validate(cfg)
         self.out_uri = out_uri
@@ -289,7 +289,7 @@ class GenerateWorker:
 
     def run_pairs(self, pairs: list[PairSpec]) -> tuple[list[dict], list[dict], dict]:
         """Generate, decode, verify and choose for a list of pairs (no I/O): rows, rejects, stats."""
-        from tasks.verify import best_index, passes, scorer_for
+        from tasks.generate.verify import best_index, passes, scorer_for
 
         gen = self.cfg.generate
         requests, owner = [], {}
@@ -408,7 +408,7 @@ def _open_rgb(data: bytes):
 
 
 def _png(arr: np.ndarray) -> bytes:
-    from tasks.requests import png_bytes
+    from tasks.generate.requests import png_bytes
 
     return png_bytes(arr)
 
@@ -440,7 +440,7 @@ def _node_id() -> str | None:
 def run_generate(cfg, progress: Callable[[dict], None] | None = None, worker_cls: type = GenerateWorker) -> dict:
     """Run (or resume) the whole job; returns a small summary (URIs, counts, rates, statistics)."""
     from tasks.ray_jobs import ray_started
-    from tasks.rewrite import make_rewriter
+    from tasks.generate.rewrite import make_rewriter
 
     t0 = time.perf_counter()
     gen = cfg.generate
@@ -640,7 +640,7 @@ def main() -> None:
 
     import sys
 
-    from tasks.build_panels import contact_sheet  # one contact sheet for panels and generated pairs
+    from tasks.panels.job import contact_sheet  # one contact sheet for panels and generated pairs
     from tasks.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -652,7 +652,7 @@ def main() -> None:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg)
     except ConfigError as e:
-        sys.exit(f"tasks.generate: error: {e}")
+        sys.exit(f"tasks.generate.job: error: {e}")
     summary = run_generate(cfg)
     summary["contact_sheet"] = contact_sheet(summary["uri"], cfg.generate.contact_sheet_pairs)
     print(json.dumps(summary, indent=1))

@@ -1,20 +1,20 @@
 """Evaluation of a generated/ dataset: control fidelity (paper Table 5) and caption agreement (issue 8).
 
-    python -m tasks.evaluate --config configs/tiny.yaml [--uri out/tiny/generated] [KEY=VALUE ...]
+    python -m tasks.evaluate.job --config configs/tiny.yaml [--uri out/tiny/generated] [KEY=VALUE ...]
 
 Figures, each beside the same figure for an unconditioned floor (what chance gives):
 - control:canny  canny F1 between the control map (upper panel) and canny of the generated lower
-  panel (tasks/verify.py canny_f1, the verifier's own); dense:canny the other way round.
-- control:depth  depth RMSE (tasks/verify.py depth_rmse: both maps scaled to [0, 1]) between the
+  panel (tasks/generate/verify.py canny_f1, the verifier's own); dense:canny the other way round.
+- control:depth  depth RMSE (tasks/generate/verify.py depth_rmse: both maps scaled to [0, 1]) between the
   given depth map, which for shapes rows IS the scene's exact depth, and the depth of the
   generated picture. For shapes rows that depth comes from the scene's truth: the renderer
-  re-draws the scene from its seed (tasks/shapes.py), the detector (tasks/shape_detector.py) finds
+  re-draws the scene from its seed (tasks/shapes/scenes.py), the detector (tasks/shapes/detector.py) finds
   where each of the scene's colours lies in the generated picture and gives it that shape's z,
   the rest is the background plane; so the figure measures whether the shapes stand where the
   map puts them. Other rows use generate.depth_estimator when one is configured.
   dense:depth  RMSE between the generated depth map and the re-rendered scene's exact depth.
 - t2i (and the lower panel of control rows)  caption agreement: the share of the shapes a caption
-  asks for whose colour is present, and whose colour and kind are present (tasks/shape_detector.py).
+  asks for whose colour is present, and whose colour and kind are present (tasks/shapes/detector.py).
 The floor pairs each row with the next row of the same task (rows sorted by id, cyclically; a
 t2i or control row alone in its task takes the next other t2i/control row, its picture resized):
 the control map or caption of one row against the picture generated for ANOTHER row, i.e. a
@@ -33,15 +33,15 @@ from typing import Callable
 
 import numpy as np
 
-from tasks.evaluate_figures import METRICS, PAPER, RowScorer, shows_scene
-from tasks.evaluate_report import write_report
+from tasks.evaluate.figures import METRICS, PAPER, RowScorer, shows_scene
+from tasks.evaluate.report import write_report
 
 log = logging.getLogger(__name__)
 
 
 def output_uri(cfg) -> str:
     """The generated dataset a config evaluates (the one its generate step writes)."""
-    from tasks.generate import output_uri as generated_uri
+    from tasks.generate.job import output_uri as generated_uri
 
     return generated_uri(cfg)
 

@@ -1,6 +1,6 @@
 """Inputs of a bulk generation job, validated before any model is loaded (issue 7).
 
-    python -m tasks.requests --config configs/tiny.yaml     # prints the pairs and the rejects
+    python -m tasks.generate.requests --config configs/tiny.yaml     # prints the pairs and the rejects
 
 A job's input is one of (config `generate.inputs`):
   {kind: file, path: prompts.jsonl, count: N?}  a jsonl, csv or parquet file of prompt rows, or a
@@ -157,9 +157,9 @@ def decode_image(data: bytes | str | Path) -> Image.Image:
 
 def control_map(img: Image.Image, control: str, panels) -> Image.Image:
     """The control map of a photo (for `control_source` rows and the shapes source), drawn by the
-    same annotators as the panels the model trained on (tasks/annotators.py, thresholds from the
+    same annotators as the panels the model trained on (tasks/panels/annotators.py, thresholds from the
     panels config). Depth and pose need models: give those maps as 'upper'."""
-    from tasks import annotators
+    from tasks.panels import annotators
 
     rgb = np.asarray(img.convert("RGB"))
     if control == "canny":
@@ -557,10 +557,10 @@ def _panels_rows(cfg, spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
 
 
 def _shapes_rows(cfg, spec: dict) -> Iterator[tuple[str, dict, Path | None]]:
-    """Prompt rows from the synthetic shapes source (tasks/shapes.py): scene i has seed seed+i and
+    """Prompt rows from the synthetic shapes source (tasks/shapes/scenes.py): scene i has seed seed+i and
     task tasks[i % len(tasks)]; its given upper panel (control map, image, edit source, subject)
     is rendered at the panel size."""
-    from tasks import shapes
+    from tasks.shapes import scenes as shapes
 
     count, seed = int(spec.get("count", 8)), int(spec.get("seed", 0))
     tasks = list(spec.get("tasks") or ["t2i"])

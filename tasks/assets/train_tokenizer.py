@@ -1,6 +1,6 @@
 """Train the demo's small text tokenizer on the shapes captions: assets/shapes-tokenizer.json.
 
-    python -m tasks.train_shapes_tokenizer assets/shapes-tokenizer.json
+    python -m tasks.assets.train_tokenizer assets/shapes-tokenizer.json
 
 The corpus is every prompt the shapes source can yield (captions, edit instructions, subject
 descriptions, rendered through each task's template at the demo's bucket sizes), built from fixed
@@ -15,7 +15,7 @@ from pathlib import Path
 from model.buckets import buckets_for, panel_size
 from model.prompts import CONTROL_NAMES, render_prompt
 from model.text_tokenizer import SHAPES_TOKENIZER, train_bpe
-from tasks.shapes import caption_of, edit_pair, sample_spec, subject_pair
+from tasks.shapes.scenes import caption_of, edit_pair, sample_spec, subject_pair
 
 VOCAB_SIZE = 640
 

@@ -1,6 +1,6 @@
 """Training run folders on any filesystem pyarrow reaches, and checkpoints that load no pickle.
 
-    python -c "from tasks.checkpoints import Folder; f = Folder('/tmp/pf-ckpt-demo'); f.write_json('a.json', {'x': 1}); print(f.read_json('a.json'), f.uri)"
+    python -c "from tasks.train.checkpoints import Folder; f = Folder('/tmp/pf-ckpt-demo'); f.write_json('a.json', {'x': 1}); print(f.read_json('a.json'), f.uri)"
 
 A run folder (`<workdir>/runs/<run>/`) may be a local path or an object-store URI (`s3://...`):
 every read and write goes through pyarrow.fs (storage/uri.py resolves the URI; credentials

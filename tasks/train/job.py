@@ -1,13 +1,13 @@
 """Staged training of the decoder on tokens/ with Ray Train (issue 5; docs/train.md).
 
-    python -c "from tasks.config import load_config; from tasks.train import train; print(train(load_config('configs/tiny.yaml')))"
+    python -c "from tasks.config import load_config; from tasks.train.job import train; print(train(load_config('configs/tiny.yaml')))"
 
 The driver checks everything it can before any compute (layout fingerprint, context length,
 stages without data, checkpoints of another preset), then runs the pending stages in one Ray
 Train TorchTrainer (DDP on gloo on CPUs, FSDP2 on GPUs: model/training.py), or in this
 process when train.workers is 0 (a GPU machine without Ray).
 
-On disk, under <workdir>/runs/<run>/ (a local folder or an object store: tasks/checkpoints.py):
+On disk, under <workdir>/runs/<run>/ (a local folder or an object store: tasks/train/checkpoints.py):
     run.json                      the architecture and layout this run is bound to
     stage-<k>/ckpt/step-<n>/      model.safetensors + optimizer.safetensors, and trainer.json
                                   (step, loader position, loss history) written last = complete
@@ -42,8 +42,8 @@ from model.buckets import buckets_for
 from model.decoder import ModelArgs
 from model.layout import Layout
 from storage import StorageError, open_dataset
-from tasks import checkpoints
-from tasks.checkpoints import Folder
+from tasks.train import checkpoints
+from tasks.train.checkpoints import Folder
 from tasks.config import PipelineConfig, StageConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def model_args(cfg: PipelineConfig, layout: Layout) -> ModelArgs:
 
 
 def dataset_fingerprint(meta: dict) -> str | None:
-    """The layout fingerprint a tokens manifest records (tasks/tokenize.py writes layout.meta())."""
+    """The layout fingerprint a tokens manifest records (tasks/tokenize/job.py writes layout.meta())."""
     return meta.get("layout_fingerprint") or meta.get("fingerprint")
 
 
@@ -338,7 +338,7 @@ def stage_done(root: Folder | str, name: str) -> dict | None:
 
 
 def latest_checkpoint(stage_dir: Folder) -> Folder | None:
-    """The newest complete checkpoint of a stage (tasks/checkpoints.py: its marker exists)."""
+    """The newest complete checkpoint of a stage (tasks/train/checkpoints.py: its marker exists)."""
     return checkpoints.latest(stage_dir / "ckpt")
 
 
@@ -815,7 +815,7 @@ def _fit_ray(cfg: PipelineConfig, plan: TrainPlan) -> None:
 
     plan.threads = 1  # one core per CPU worker: reproducible sums, no oversubscription
     root = Folder(plan.run_dir)
-    # Ray Train's own result files (not the checkpoints: those are ours, tasks/checkpoints.py) go
+    # Ray Train's own result files (not the checkpoints: those are ours, tasks/train/checkpoints.py) go
     # beside a local run, or into a local temporary folder when the run is on an object store.
     ray_dir = os.path.join(root.path, "ray") if root.local else \
         os.path.join(tempfile.gettempdir(), "panelforge-ray", cfg.train.run)

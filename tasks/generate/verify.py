@@ -1,6 +1,6 @@
 """Verifiers for best-of-N and the quality filter of bulk generation (paper 4.3.1, Table 5).
 
-    python -m tasks.verify CONTROL.png GENERATED.png      # prints the canny F1 of a pair
+    python -m tasks.generate.verify CONTROL.png GENERATED.png      # prints the canny F1 of a pair
 
 A verifier scores a generated pair from its upper and lower panels; best-of-N keeps the best of
 N samples and a threshold sends weak pairs to rejects. Offline verifiers need no downloaded
@@ -27,7 +27,7 @@ def to_gray(image: np.ndarray) -> np.ndarray:
 
 def canny_edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     """Boolean edge map [H,W] of an RGB uint8 image: the panels' own canny annotator."""
-    from tasks.annotators import canny
+    from tasks.panels.annotators import canny
 
     return canny(np.ascontiguousarray(np.asarray(image)[..., :3]), low, high) > 0
 

@@ -1,6 +1,6 @@
 """Optional prompt rewriting before generation ("thinking before generation", paper 4.3.1).
 
-    python -m tasks.rewrite --config configs/tiny.yaml "a red circle"   # prints the rewrite
+    python -m tasks.generate.rewrite --config configs/tiny.yaml "a red circle"   # prints the rewrite
 
 Calls an OpenAI-compatible chat-completions endpoint named in `generate.rewrite` (endpoint,
 model, system prompt). The API key comes from an environment variable or a Prefect Secret
@@ -10,7 +10,7 @@ same work units. Transient failures (connection errors, timeouts, HTTP 408/425/4
 retried `retries` times with exponential backoff (backoff_s, 2 x backoff_s, ... with jitter,
 at least the server's Retry-After); after that, or on a permanent error (another HTTP status, a
 malformed reply), the original prompt is used, the failure is counted, and the pair records it
-(params.rewrite_error, tasks/requests.py). Failures are not cached: a rerun asks again.
+(params.rewrite_error, tasks/generate/requests.py). Failures are not cached: a rerun asks again.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The synthetic shapes source: coloured shapes on textured backgrounds, with the truth attached.
 
-    python -m tasks.shapes 7 128 128 /tmp/scene.png   # writes the image and its depth map, prints the caption
+    python -m tasks.shapes.scenes 7 128 128 /tmp/scene.png   # writes the image and its depth map, prints the caption
 
 A scene is 1-3 large shapes (circle, square, triangle, star, hexagon, diamond) in clearly distinct
 named colours, each in a cell of a 3x3 grid and at its own depth z, on a muted textured background

@@ -1,6 +1,6 @@
 """Panel composition: decode an input safely, fit it to its bucket, stack the panels, encode.
 
-    python -c "from tasks.panels import decode_image; import sys; print(decode_image(open(sys.argv[1],'rb').read(), sys.argv[1]).shape)" photo.jpg
+    python -c "from tasks.panels.compose import decode_image; import sys; print(decode_image(open(sys.argv[1],'rb').read(), sys.argv[1]).shape)" photo.jpg
 
 Every input problem becomes a `Reject` with a short machine-readable reason (the rejects table's
 `reason`) and a detail that names the input and says what to do; the build job turns it into a

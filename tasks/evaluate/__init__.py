@@ -1,0 +1,1 @@
+"""Evaluation of a generated dataset: per-row figures, the job, the report."""

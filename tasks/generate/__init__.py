@@ -1,0 +1,1 @@
+"""Stage 4, generate: requests -> generated pairs (the bulk engine job, prompt rewriting, verifiers)."""

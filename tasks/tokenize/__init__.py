@@ -1,0 +1,1 @@
+"""Stage 2, pretokenize: panels -> token rows (the MoVQGAN and text tokenizer job)."""
