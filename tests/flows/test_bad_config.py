@@ -94,8 +94,10 @@ def guarded(tmp_path, monkeypatch):
     (made / "empty").mkdir(parents=True)
     (made / "weights.bin").write_bytes(b"\0" * 16)
     called = []
-    for module, func, _ in FLOWS.values():
-        mod = __import__(module, fromlist=[func])
+    # Import every flow module before patching any: flows.retrain binds `train` and the others at
+    # import, and must never bind a tripwire that outlives this test.
+    modules = [(__import__(module, fromlist=[func]), func) for module, func, _ in FLOWS.values()]
+    for mod, func in modules:
         monkeypatch.setattr(mod, func, lambda *a, **k: called.append((a, k)) or {})
     return tmp_path, called
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tasks.config import load_config
+from tasks.config import ConfigError, load_config
 from tasks.generate.requests import RequestError, derive_seed, expand_inputs, parse_size
 
 
@@ -108,8 +108,9 @@ def test_job_level_errors_are_raised_before_anything_runs(tmp_path):
     (tmp_path / "p.txt").write_text("x")
     with pytest.raises(RequestError, match="unsupported"):
         expand_inputs(_cfg(tmp_path, {"kind": "file", "path": str(tmp_path / "p.txt")}))
-    with pytest.raises(RequestError, match="expected file, panels or shapes"):
-        expand_inputs(_cfg(tmp_path, {"kind": "webcam"}))
+    # an unknown kind is a config error now, before any job (tasks/config.py)
+    with pytest.raises(ConfigError, match="generate.inputs.kind: 'webcam' is not a source kind"):
+        _cfg(tmp_path, {"kind": "webcam"})
     f = tmp_path / "many.jsonl"
     f.write_text(json.dumps({"prompt": "x", "task": "t2i", "count": 50}) + "\n")
     with pytest.raises(RequestError, match="max_pairs"):
@@ -184,8 +185,8 @@ def test_a_geneval_file_runs_as_it_comes_and_count_takes_its_first_rows(tmp_path
     # Another default task applies to rows that name none.
     dense = expand_inputs(_cfg(tmp_path, {"kind": "file", "path": str(f), "count": 2}, size="64x64", task="pair"))
     assert [r["reason"] for r in dense.rejects] == ["malformed_row"] * 2 and "instruction" in dense.rejects[0]["detail"]
-    with pytest.raises(RequestError, match="inputs.count 0"):
-        expand_inputs(_cfg(tmp_path, {"kind": "file", "path": str(f), "count": 0}))
+    with pytest.raises(ConfigError, match="generate.inputs.count"):  # refused with the config, before any job
+        _cfg(tmp_path, {"kind": "file", "path": str(f), "count": 0})
 
 
 def test_a_prompt_too_long_for_the_context_is_rejected_with_the_positions_it_needs(tmp_path):

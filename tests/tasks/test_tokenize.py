@@ -15,6 +15,7 @@ from model.layout import Layout
 from model.movqgan import MoVQGAN, save_movqgan
 from model.prompts import render_prompt
 from storage import PANELS, DatasetWriter, open_dataset
+from storage.hashing import recorded
 from tasks.config import load_config
 from tasks.panels.compose import panel_row
 from tasks.shapes.scenes import render_scene
@@ -166,7 +167,7 @@ def test_on_ray_actors(tmp_path, weights, ray_local):
 
     def shards(summary):
         m = open_dataset(summary["dataset"]).manifest
-        return {(kind, e["unit"]): e["sha256"] for kind in ("shards", "rejects") for e in m[kind]}
+        return {(kind, e["unit"]): recorded(e) for kind in ("shards", "rejects") for e in m[kind]}
 
     assert shards(s) == shards(local) and len(shards(s)) >= s["units_total"]
 
