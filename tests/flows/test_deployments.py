@@ -32,7 +32,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 from test_ray_security import is_loopback, tcp_listeners  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from helpers import token_rows  # noqa: E402
 
 from storage import ChecksumError, DatasetWriter, ManifestError, open_dataset  # noqa: E402

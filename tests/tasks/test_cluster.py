@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import write_config, write_tiny_models  # noqa: E402
 from test_generate_kill import processes_with_env  # noqa: E402
 

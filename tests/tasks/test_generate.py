@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import FixedScorer, StandInEngine, engine_types, write_config, write_prompts, write_tiny_models  # noqa: E402
 
 from storage import DatasetWriter, open_dataset  # noqa: E402
