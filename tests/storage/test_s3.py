@@ -23,15 +23,9 @@ from storage import ChecksumError, DatasetWriter, ManifestError, open_dataset  #
 SECRET = "s3-test-secret-value"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_server():
-    port = _free_port()
+def s3_server(free_port):
+    port = free_port()
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
         [str(moto), "-H", "127.0.0.1", "-p", str(port)],
