@@ -107,8 +107,8 @@ def test_a_unit_writes_its_shard_and_rejects_in_the_generated_schema(tmp_path, m
 def test_model_fingerprint_follows_content_not_paths(tmp_path):
     import shutil
 
+    from storage.hashing import file_sha256
     from tasks.generate.job import model_fingerprint
-    from tasks.tokenize.job import file_sha256
 
     assets = Path(__file__).resolve().parents[2] / "assets"
     movq = file_sha256(str(assets / "movqgan-tiny.safetensors"))

@@ -78,7 +78,7 @@ def test_bad_inputs_and_models_fail_before_ray_or_any_model(tmp_path, models, mo
     with pytest.raises(RequestError, match="codes of MoVQGAN 'movqgan-old.safetensors'.*another"):
         run_generate(cfg)
     assert not Path(output_uri(cfg)).exists()
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
 
     meta["movqgan"]["sha256"] = file_sha256(models[1])  # the right one: accepted
     (other / "panelforge.json").write_text(json.dumps(meta))
