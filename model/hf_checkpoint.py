@@ -83,15 +83,6 @@ def hf_key_to_ours(key: str) -> str | None:
     raise KeyError(key)
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in hf.items():
-        ours = hf_key_to_ours(key)
-        if ours is not None:
-            out[ours] = _fit_qk_norm(ours, value, args)
-    return out
-
-
 def _fit_qk_norm(key: str, value: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     # transformers stores the qk-norm as [heads, head_dim]; accept a flat or shared-per-head copy too.
     if ".q_norm." in key or ".k_norm." in key:

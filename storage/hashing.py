@@ -12,6 +12,7 @@ sha256's speed. `sha256` of any file stays available for publishing
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pyarrow as pa
 import xxhash
@@ -44,6 +45,13 @@ def hash_local(path: str, algorithm: str = FAST) -> tuple[str, int]:
     with pa.memory_map(path, "r") as f:
         buf = f.read_buffer()
         return hash_bytes(buf, algorithm), buf.size
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a local file (weights a manifest or a decoder's panelforge.json names):
+    the one helper for it, read by `hashlib.file_digest` in chunks, never whole into memory."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_stream(stream, algorithm: str = FAST) -> tuple[str, int]:

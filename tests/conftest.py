@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 
 # Before anything imports prefect, ray or transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function that returns a port free on 127.0.0.1 right now, for a server a test starts itself."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def test_shipped_models_load_together():
 
 def test_shipped_decoder_learned_the_shipped_movqgan_codes():
     # generate refuses a decoder whose recorded MoVQGAN is another file: the pair must ship together
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
 
     meta = json.loads((ASSETS / "decoder-tiny" / "panelforge.json").read_text())
     assert meta["movqgan"]["sha256"] == file_sha256(str(ASSETS / "movqgan-tiny.safetensors"))
@@ -44,7 +44,7 @@ def test_decoder_only_finetune_keeps_the_codes_and_repoints_the_decoder(tmp_path
     import torch
 
     from model.movqgan import MoVQGAN, load_movqgan, save_movqgan
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
     from tasks.assets.train_movqgan import finetune_decoder, image_pool, repoint_decoder, same_codes
 
     torch.manual_seed(0)

@@ -182,7 +182,7 @@ def repoint_decoder(decoder_dir: str | Path, old: str | Path, new: str | Path) -
     same encoder and codebook (a --freeze-codes fine-tune): rewrites the MoVQGAN sha256 that the
     decoder's panelforge.json records (generate checks it) and keeps the old one beside it.
     Refused when the decoder did not learn `old`'s codes or when `new` would encode differently."""
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
 
     meta_path = Path(decoder_dir) / "panelforge.json"
     meta = json.loads(meta_path.read_text())

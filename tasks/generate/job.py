@@ -147,7 +147,7 @@ def check_models(cfg) -> str:
     not fit its layout or MoVQGAN; returns the model fingerprint, computed here once for every
     actor. It reads every weight file once (sha256 at about 1 GB/s: seconds for the 7B release)."""
     from model.layout import Layout
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
 
     m = cfg.models
     if not m.decoder_path or not (Path(m.decoder_path) / "config.json").is_file():
@@ -243,7 +243,7 @@ def model_fingerprint(decoder_path: str, movqgan_sha256: str, layout_fingerprint
     """16 hex digits naming what made the images: the decoder's weights and config, the MoVQGAN's
     weights (their sha256) and the layout, by content (the same files anywhere give the same
     fingerprint)."""
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
 
     h = hashlib.sha256(f"{layout_fingerprint}|{movqgan_sha256}".encode())
     folder = Path(decoder_path)

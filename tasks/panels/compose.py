@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import warnings
 from collections.abc import Callable
 
@@ -227,13 +226,3 @@ def panel_row(row_id: str, task: str, prompt: str, caption: str, upper: np.ndarr
         "lower": None if lower is None else encode_image(lower, fmt, png_level=png_level),
         "source": source, "params": params,
     }
-
-
-def file_ref(path: str, root: str | None = None) -> str:
-    """How a file is named in rejects: relative to its source folder when possible."""
-    if root:
-        try:
-            return os.path.relpath(path, root)
-        except ValueError:
-            pass
-    return path

@@ -21,7 +21,6 @@ resumed or appended run can never mix layouts or tokenizers.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -39,6 +38,7 @@ import pyarrow.compute as pc
 from model.layout import SIZE_UNIT, Layout, LayoutError
 from model.movqgan import TINY_ASSET, MoVQGAN, load_movqgan
 from storage import TOKENS, DatasetWriter, StorageError, open_dataset, write_shard
+from storage.hashing import file_sha256
 from tasks.config import ModelsConfig, PipelineConfig, TokenizeConfig, load_config
 from tasks.panels.compose import Reject, decode_panel
 
@@ -68,14 +68,6 @@ def movqgan_weights(models: ModelsConfig) -> str:
         f"models.movqgan_path is not set and preset {models.movqgan_preset!r} ships no weights: point it at the "
         "MoVQGAN checkpoint (.ckpt/.pt state_dict or .safetensors); nothing is downloaded"
     )
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_panels(uri: str):

@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,17 +31,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "tasks"))
 from test_ray_security import is_loopback, tcp_listeners  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FLOW_FILES = {"build-panels", "build-panels-nightly", "pretokenize", "train", "generate", "evaluate", "retrain"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -151,10 +143,10 @@ def test_prefect_yaml_has_a_deployment_per_flow_with_its_parameters():
 
 
 @pytest.mark.slow
-def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path):
+def test_deploy_and_run_through_a_worker_on_a_server_and_a_ray_head(tmp_path, free_port):
     short = tempfile.mkdtemp(prefix="pfr")  # Ray's socket paths must stay short
     prefect_home, work = tmp_path / "prefect-home", tmp_path / "work"
-    api_port, ray_port = _free_port(), _free_port()
+    api_port, ray_port = free_port(), free_port()
     url = f"http://127.0.0.1:{api_port}/api"
     # The cluster's token, as an operator hands it out (docs/deployments.md): a file only its user reads.
     token = tmp_path / "ray_auth_token"

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import cv2
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "tasks"))
 from gen_fixtures import write_tiny_models  # noqa: E402
 
 from storage import open_dataset  # noqa: E402

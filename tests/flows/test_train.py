@@ -5,12 +5,10 @@ skips finished stages, and bad input refused before any task runs.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tasks"))
 from train_fixtures import STAGES, tiny_config, write_tokens  # noqa: E402
 
 from model.layout import Layout  # noqa: E402

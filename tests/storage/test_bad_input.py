@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from helpers import token_rows  # noqa: E402
 
 from storage import (  # noqa: E402

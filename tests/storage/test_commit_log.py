@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 from helpers import token_rows  # noqa: E402
 
 import storage.dataset as dataset_module  # noqa: E402

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from helpers import token_rows  # noqa: E402
 
 from flows.cli import main  # noqa: E402

@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from helpers import token_rows  # noqa: E402
 
 from storage import ChecksumError, DatasetWriter, StorageError, open_dataset, repair  # noqa: E402

@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from helpers import token_rows  # noqa: E402
 
 from storage import ChecksumError, DatasetWriter, ManifestError, open_dataset  # noqa: E402
@@ -24,15 +23,9 @@ from storage import ChecksumError, DatasetWriter, ManifestError, open_dataset  #
 SECRET = "s3-test-secret-value"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_server():
-    port = _free_port()
+def s3_server(free_port):
+    port = free_port()
     moto = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen(
         [str(moto), "-H", "127.0.0.1", "-p", str(port)],

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import write_config, write_tiny_models  # noqa: E402
 from test_generate_kill import processes_with_env  # noqa: E402
 
@@ -39,12 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 RAY = str(Path(sys.executable).parent / "ray")
 NODE = re.compile(r"unit (\S+) committed \(node ([0-9a-f]+),")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -65,13 +57,13 @@ def raylet_of(env_value: str, resource: str) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path):
+def test_job_spreads_over_three_nodes_and_survives_losing_one(tmp_path, free_port):
     models = write_tiny_models(tmp_path / "models")
     shapes = {"kind": "shapes", "count": 12, "seed": 40, "tasks": ["t2i", "control:canny"], "size": "64x64"}
     cfg_path = write_config(tmp_path, models, {"inputs": shapes, "pairs_per_unit": 1, "workers": 3})
     uri = output_uri(load_config(cfg_path))
     ray_tmp = f"/tmp/pfc{os.getpid()}"
-    port = _free_port()
+    port = free_port()
     stop_file = tmp_path / "node-a-stopped"
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}", RAY_DISABLE_USAGE_STATS="1",
                PF_STOP_FILE=str(stop_file), PF_HOLD_AT_UNIT="2")  # workers of the head and node b

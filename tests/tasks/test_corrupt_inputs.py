@@ -6,12 +6,10 @@ rerun redoes only the damaged unit, byte for byte.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import tiny_config, write_tokens  # noqa: E402
 
 from model.layout import Layout  # noqa: E402

@@ -182,9 +182,6 @@ def test_rows_written_by_the_generate_worker_get_every_figure(tmp_path):
     """The real GenerateWorker's rows (stand-in engine, random tiny MoVQGAN): their source names the
     shapes seed and the re-rendered scene reproduces the given maps, so every figure is computed;
     a model that ignores its input scores at its floor."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from gen_fixtures import StandInEngine, engine_types, write_config, write_tiny_models
 
     from model.layout import Layout

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import FixedScorer, StandInEngine, engine_types, write_config, write_prompts, write_tiny_models  # noqa: E402
 
 from storage import DatasetWriter, open_dataset  # noqa: E402
@@ -109,8 +107,8 @@ def test_a_unit_writes_its_shard_and_rejects_in_the_generated_schema(tmp_path, m
 def test_model_fingerprint_follows_content_not_paths(tmp_path):
     import shutil
 
+    from storage.hashing import file_sha256
     from tasks.generate.job import model_fingerprint
-    from tasks.tokenize.job import file_sha256
 
     assets = Path(__file__).resolve().parents[2] / "assets"
     movq = file_sha256(str(assets / "movqgan-tiny.safetensors"))

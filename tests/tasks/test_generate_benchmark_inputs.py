@@ -5,12 +5,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_requests import geneval_rows, write_jsonl
 
 from storage import open_dataset

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import write_config, write_prompts, write_tiny_models  # noqa: E402
 
 from storage import open_dataset  # noqa: E402
@@ -80,7 +78,7 @@ def test_bad_inputs_and_models_fail_before_ray_or_any_model(tmp_path, models, mo
     with pytest.raises(RequestError, match="codes of MoVQGAN 'movqgan-old.safetensors'.*another"):
         run_generate(cfg)
     assert not Path(output_uri(cfg)).exists()
-    from tasks.tokenize.job import file_sha256
+    from storage.hashing import file_sha256
 
     meta["movqgan"]["sha256"] = file_sha256(models[1])  # the right one: accepted
     (other / "panelforge.json").write_text(json.dumps(meta))

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import write_config, write_tiny_models  # noqa: E402
 
 from storage import StorageError, open_dataset  # noqa: E402

@@ -1,12 +1,8 @@
 """The synthetic-data loop: a generated/ dataset is a source for build_panels (DESIGN.md)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from gen_fixtures import StandInEngine, engine_types, write_config, write_tiny_models  # noqa: E402
 
 from storage import DatasetWriter, open_dataset  # noqa: E402

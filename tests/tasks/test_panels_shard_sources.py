@@ -8,9 +8,7 @@ rows with the same tasks wherever it is built.
 """
 import io
 import json
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +21,6 @@ from tasks.panels.job import run_build
 from tasks.config import load_config
 from tasks.panels.sources import SourceError, expand_braces, open_source
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
 import test_s3  # its fixture: moto on 127.0.0.1, started and stopped by its pid
 
 s3_server = test_s3.s3_server

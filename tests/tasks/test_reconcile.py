@@ -5,10 +5,6 @@ re-hashed and re-committed, so the dataset verifies; intact units are left alone
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "storage"))
 from helpers import token_rows  # noqa: E402
 
 from storage import DatasetWriter, open_dataset, write_shard  # noqa: E402

@@ -4,11 +4,8 @@
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 import tasks.ray_jobs  # noqa: E402
 from storage import open_dataset  # noqa: E402
 from tasks.panels.job import run_build  # noqa: E402

@@ -44,15 +44,9 @@ HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tmp_path):
-    port, log = _free_port(), tmp_path / "requests.log"
+def server(tmp_path, free_port):
+    port, log = free_port(), tmp_path / "requests.log"
     script = tmp_path / "server.py"
     script.write_text(SERVER)
     proc = subprocess.Popen([sys.executable, str(script), str(port), str(log)])
@@ -96,8 +90,9 @@ def test_rewrites_are_fetched_cached_and_fall_back_on_errors(server, tmp_path, c
     assert "sk-secret-123" not in cache.read_text()
 
 
-def test_unreachable_endpoint_falls_back_and_config_wires_the_key_from_the_environment(tmp_path, server, monkeypatch):
-    dead = PromptRewriter(f"http://127.0.0.1:{_free_port()}/v1", "m", "s", timeout_s=2, retries=0)
+def test_unreachable_endpoint_falls_back_and_config_wires_the_key_from_the_environment(tmp_path, server, monkeypatch,
+                                                                                      free_port):
+    dead = PromptRewriter(f"http://127.0.0.1:{free_port()}/v1", "m", "s", timeout_s=2, retries=0)
     assert dead.rewrite("a blue star") == "a blue star" and dead.stats["failed"] == 1
 
     url, log = server

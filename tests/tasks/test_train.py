@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import (MOVQGAN_RECORD, STAGES, TINY, moto_s3, tiny_config, tokens_table,  # noqa: E402
                             write_tokens)
 
