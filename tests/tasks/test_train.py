@@ -23,7 +23,8 @@ from train_fixtures import (MOVQGAN_RECORD, STAGES, TINY, moto_s3, tiny_config, 
 
 from model.layout import Layout  # noqa: E402
 from tasks.config import load_config  # noqa: E402
-from tasks.train.job import (StageSchedule, TrainError, bucket_index, draw_loss_curve, plan_training,  # noqa: E402
+from tasks.train.curve import draw_loss_curve
+from tasks.train.job import (StageSchedule, TrainError, bucket_index, plan_training,  # noqa: E402
                          rank_index, train)
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "train_tiny_3stage.txt"
