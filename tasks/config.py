@@ -300,6 +300,9 @@ class GenerateConfig(Section):
     top_k: int = 4096
     sjd: bool = True
     sjd_window: int = 16
+    # How SJD's drafts start (model.sjd.DRAFT_KINDS, docs/generate.md "Draft initialisations"):
+    # uniform (the paper's), above (the code one row up, mixed with uniform), above+carry; lossless all.
+    sjd_drafts: str = "uniform"
     # The engine (issues 6 and 13, model/engine.py, docs/generate.md). `auto` is resolved per device
     # by tasks.generate.job.engine_settings: int4 weight-only + the compiled step on CUDA, neither on a
     # CPU (int8 is no faster there), so one config file runs on both; int4 asked on a CPU is an
@@ -341,6 +344,15 @@ class GenerateConfig(Section):
     @classmethod
     def _inputs_kind(cls, v: dict) -> dict:
         return _check_spec("generate.inputs", v, GENERATE_INPUTS)
+
+    @field_validator("sjd_drafts")
+    @classmethod
+    def _draft_kind(cls, v: str) -> str:
+        from model.sjd import DRAFT_KINDS
+
+        if v not in DRAFT_KINDS:
+            raise ValueError(f"{v!r} is not a draft kind; expected one of {', '.join(DRAFT_KINDS)}")
+        return v
 
     @field_validator("max_batch", mode="before")
     @classmethod

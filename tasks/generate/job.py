@@ -111,7 +111,8 @@ def job_config(cfg, settings: EngineSettings) -> dict:
 
 
 def sampling_of(gen) -> dict:
-    return {"cfg": gen.cfg, "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window}
+    return {"cfg": gen.cfg, "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window,
+            "drafts": gen.sjd_drafts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +399,7 @@ def pair_requests(p: PairSpec, layout, movqgan, gen, n: int = 1) -> list:
     ids = layout.encode_prompt(p.prompt)
     return [Request(id=f"{p.id}|{j}", prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
                     seed=sample_seed(p.seed, j), cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
-                    sjd=gen.sjd, window=gen.sjd_window, task=p.task) for j in range(n)]
+                    sjd=gen.sjd, window=gen.sjd_window, drafts=gen.sjd_drafts, task=p.task) for j in range(n)]
 
 
 def _open_rgb(data: bytes):

@@ -132,3 +132,14 @@ def test_resume_refusal_names_an_option_that_exists(tmp_path, kind, option):
     assert option in str(e.value) and "--overwrite" not in str(e.value)
     section, field = option.split("=")[0].split(".")
     assert getattr(getattr(load_config(None, [option]), section), field) is True
+
+
+def test_sjd_drafts_take_the_engine_draft_kinds_and_reach_the_rows_params():
+    from model.sjd import DRAFT_KINDS
+    from tasks.generate.job import sampling_of
+
+    for kind in DRAFT_KINDS:
+        cfg = load_config(None, [f"generate.sjd_drafts={kind}"])
+        assert sampling_of(cfg.generate)["drafts"] == kind
+    with pytest.raises(ConfigError, match="generate.sjd_drafts: 'left' is not a draft kind"):
+        load_config(None, ["generate.sjd_drafts=left"])
