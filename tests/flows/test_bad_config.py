@@ -9,8 +9,6 @@ secret in it never reaches it.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import moto_s3
 
 from flows.cli import FLOWS, main
 from tasks.config import PipelineConfig
@@ -149,38 +149,14 @@ def test_unwritable_workdir(guarded, capsys):
     assert called == []
 
 
-def _moto(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("moto_server did not start within 60 s")
-
-
-def test_missing_bucket_is_refused_with_what_to_do(guarded, capsys, monkeypatch):
+def test_missing_bucket_is_refused_with_what_to_do(guarded, capsys):
     """pyarrow would say 'enable allow_bucket_creation', an option PanelForge does not have."""
     _, called = guarded
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = _moto(port)
-    try:
-        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(k, v)
+    with moto_s3(secret=SECRET):  # no bucket made: the workdir names one that does not exist
         assert main(["build-panels", "--config", TINY, "workdir=s3://no-such-bucket/run"]) == 2
         err = capsys.readouterr().err
         assert "workdir: bucket 'no-such-bucket' does not exist; create it" in err
         assert "allow_bucket_creation" not in err and SECRET not in err
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
     assert called == []
 
 

@@ -5,18 +5,11 @@ talks HTTP to it exactly as to AWS. Credentials come from the environment only.
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
-from helpers import token_rows  # noqa: E402
+from helpers import moto_s3, token_rows  # noqa: E402
 
 from storage import ChecksumError, DatasetWriter, ManifestError, open_dataset  # noqa: E402
 
@@ -24,47 +17,9 @@ SECRET = "s3-test-secret-value"
 
 
 @pytest.fixture(scope="module")
-def s3_server(free_port):
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("moto_server did not start within 60 s")
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-        secret_key=SECRET, region="us-east-1", allow_bucket_creation=True,
-    )
-    fs.create_dir("panelforge-test")
-    try:
+def s3_server():
+    with moto_s3("panelforge-test", SECRET) as fs:
         yield fs
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_s3_write_resume_read_verify(s3_server):

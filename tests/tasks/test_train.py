@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train_fixtures import (MOVQGAN_RECORD, STAGES, TINY, moto_s3, tiny_config, tokens_table,  # noqa: E402
-                            write_tokens)
+from helpers import moto_s3
+from train_fixtures import (MOVQGAN_RECORD, STAGES, TINY, tiny_config, write_tokens)
 
 from model.layout import Layout  # noqa: E402
 from tasks.config import load_config  # noqa: E402

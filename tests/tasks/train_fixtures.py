@@ -5,13 +5,6 @@ Grids are learnable, not noise: a background code with one rectangle of a colour
 the caption names, so the loss falls within a few steps."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,43 +70,3 @@ def tiny_config(workdir: Path, **train) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-@contextmanager
-def moto_s3(bucket: str):
-    """A local S3-compatible server (moto, as tests/storage/test_s3.py runs it) on 127.0.0.1 with
-    `bucket` created; the AWS_* variables point pyarrow at it while the block runs. Stopped by pid."""
-    import pyarrow.fs as pafs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "s3-train-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    try:
-        deadline = time.time() + 60
-        while True:  # the server is up when it accepts a connection
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        os.environ.update(env)
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key=env["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
-                               allow_bucket_creation=True)
-        fs.create_dir(bucket)
-        yield fs
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
