@@ -75,6 +75,14 @@ def random_decoder():
 
 
 @pytest.fixture
+def engine_model(small_layout):
+    """The small random decoder the engine tests generate with (peaked enough that SJD accepts)."""
+    args = ModelArgs(vocab_size=small_layout.vocab_size, dim=64, n_layers=2, n_heads=4, intermediate_size=160,
+                     max_seq_len=256)
+    return randomized_decoder(args, seed=2, scale=0.3)
+
+
+@pytest.fixture
 def tiny_args():
     return lambda **kw: ModelArgs(**{**TINY, **kw})
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from model.decoder import ModelArgs
 from model.engine import Engine, Request, advance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,10 +74,8 @@ def capturing_backend(graphs: list):
 
 
 @pytest.fixture
-def model(random_decoder, small_layout):
-    args = ModelArgs(vocab_size=small_layout.vocab_size, dim=64, n_layers=2, n_heads=4, intermediate_size=160,
-                     max_seq_len=256)
-    return random_decoder(args, seed=2, scale=0.3)
+def model(engine_model):
+    return engine_model
 
 
 def requests(lay):
