@@ -130,7 +130,8 @@ def _put(loc: Location, rel: str, table: pa.Table) -> dict:
 
     Locally pyarrow writes the file natively, as a bare pyarrow user would, and the hash is
     taken of the written bytes through a memory map (they are in the page cache): nothing goes
-    through a Python file object. On object stores the file is built in memory, hashed, and
+    through a Python file object. The file is fsynced before its rename and the folder after it,
+    so that a commit record (fsynced later) never names bytes a power cut could lose. On object stores the file is built in memory, hashed, and
     sent in one PUT.
     """
     final = loc.join(rel)
@@ -140,7 +141,9 @@ def _put(loc: Location, rel: str, table: pa.Table) -> dict:
         with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
         digest, size = hash_local(tmp)
+        _fsync(tmp)  # the bytes on disk before any commit record can name them
         os.replace(tmp, final)  # the unit's file appears whole or not at all
+        _fsync(os.path.dirname(final))  # and its name
     else:
         buf = _ipc_bytes(table)
         digest, size = hash_bytes(buf), buf.size
@@ -378,7 +381,7 @@ class DatasetWriter:
             return
         if self._log_fd is None:
             self._log_fd = os.open(inside_root(self.loc, self._header["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            _fsync_dir(self.loc.path)  # the new log's name, durable before its first record counts
+            _fsync(self.loc.path)  # the new log's name, durable before its first record counts
         line = memoryview(json.dumps(record, separators=(",", ":"), sort_keys=True).encode() + b"\n")
         while line:
             line = line[os.write(self._log_fd, line):]
@@ -440,7 +443,8 @@ class DatasetWriter:
                     os.remove(os.path.join(folder, name))  # a link itself, never what it points to
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
