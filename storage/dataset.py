@@ -23,6 +23,8 @@ import re
 import sys
 import uuid
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -539,33 +541,41 @@ class Dataset:
     def __len__(self) -> int:
         return int(self._ends[-1]) if self._ends else 0
 
-    def _read(self, entry: dict) -> pa.Table:
-        """One file of the dataset, memory-mapped locally; with `check`, its content hash is
-        compared with the manifest's the first time this process opens it."""
-        where = self.loc.display(MANIFEST)
-        path = member_path(self.loc, entry["file"], where)
+    def _map(self, entry: dict) -> tuple[pa.Buffer, tuple | None]:
+        """One file's bytes (memory-mapped locally) and its key in _VERIFIED (None: remote)."""
+        path = member_path(self.loc, entry["file"], self.loc.display(MANIFEST))
         try:
             if self.loc.local:
-                buf = pa.memory_map(path, "r").read_buffer()
-                key = _verified_key(path, entry)
-            else:
-                with self.loc.fs.open_input_file(path) as f:
-                    buf = f.read_buffer()
-                key = None
+                return pa.memory_map(path, "r").read_buffer(), _verified_key(path, entry)
+            with self.loc.fs.open_input_file(path) as f:
+                return f.read_buffer(), None
         except FileNotFoundError:
             raise ChecksumError(f"{self.loc.display(entry['file'])}: listed in the manifest but missing; "
                                 + repair_hint(self.loc)) from None
+
+    def _check(self, entry: dict, buf: pa.Buffer, key: tuple | None) -> None:
+        """With `check`, compare the bytes' hash with the manifest's, once per file and process."""
         if self.check and (key is None or key not in _VERIFIED):
             problem = _content_problem(entry, buf)
             if problem:
                 raise ChecksumError(f"{self.loc.display(entry['file'])}: {problem}; " + repair_hint(self.loc))
             if key is not None:
                 _VERIFIED.add(key)
+
+    def _read(self, entry: dict) -> pa.Table:
+        """One file of the dataset, memory-mapped locally; with `check`, its content hash is
+        compared with the manifest's the first time this process opens it."""
+        buf, key = self._map(entry)
+        self._check(entry, buf, key)
         try:
             return pa.ipc.open_file(buf).read_all()
         except pa.ArrowInvalid as e:
             raise ChecksumError(f"{self.loc.display(entry['file'])}: not a readable Arrow file ({e}); "
                                 + repair_hint(self.loc)) from None
+
+    def _check_shard(self, i: int) -> None:
+        entry = self.shards[i]
+        self._check(entry, *self._map(entry))
 
     def shard_table(self, i: int) -> pa.Table:
         table = self._cache.get(i)
@@ -622,12 +632,24 @@ class Dataset:
         return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
     def iter_batches(self, batch_size: int = 1024, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Every row once, in order, as record batches of at most batch_size rows."""
-        for i in range(len(self.shards)):
-            table = self.shard_table(i)
-            if columns is not None:
-                table = table.select(list(columns))
-            yield from table.to_batches(max_chunksize=batch_size)
+        """Every row once, in order, as record batches of at most batch_size rows.
+
+        With `check` on local shards, the next shard's hash is checked on a second thread while
+        the caller works through this one's batches (xxhash releases the GIL), so the check
+        costs the reader no time when there is a core to spare; no row of a shard is returned
+        before its check has passed."""
+        n = len(self.shards)
+        ahead = self.check and self.loc.local and n > 1
+        with ThreadPoolExecutor(1, thread_name_prefix="panelforge-check") if ahead else nullcontext() as pool:
+            pending = None
+            for i in range(n):
+                if pending is not None:
+                    pending.result()  # shard i's check (its ChecksumError, if any, surfaces here)
+                pending = pool.submit(self._check_shard, i + 1) if ahead and i + 1 < n else None
+                table = self.shard_table(i)
+                if columns is not None:
+                    table = table.select(list(columns))
+                yield from table.to_batches(max_chunksize=batch_size)
 
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         tables = [self.shard_table(i) for i in range(len(self.shards))]

@@ -49,6 +49,35 @@ def test_a_damaged_shard_is_caught_by_the_reader_and_named(tmp_path):
     assert open_dataset(path, check=False).table().num_rows == 18
 
 
+def test_batches_are_checked_ahead_and_none_of_a_damaged_shard_comes_out(tmp_path, monkeypatch):
+    """iter_batches checks shard i+1 on a thread while shard i's batches go out: the damaged
+    shard's error surfaces when the reader reaches it, after every row before it, and no row of
+    it is returned."""
+    import threading
+
+    import storage.dataset as module
+
+    path = tmp_path / "ds"
+    _build(path)
+    _flip(path / "shards" / "00001.arrow")
+    monkeypatch.setattr(module, "_VERIFIED", set())
+    threads = []
+    real = module._content_problem
+    monkeypatch.setattr(module, "_content_problem",
+                        lambda e, b: threads.append((e["file"], threading.current_thread().name)) or real(e, b))
+    seen = []
+    with pytest.raises(ChecksumError, match=r"shards/00001.arrow: xxh3_128 .* does not match"):
+        for batch in open_dataset(path).iter_batches(batch_size=4):
+            seen += batch.column("id").to_pylist()
+    assert seen == [f"u000-r{i:03d}" for i in range(6)]
+    assert threads[0] == ("shards/00000.arrow", threading.current_thread().name)  # the first, inline
+    assert threads[1][0] == "shards/00001.arrow" and threads[1][1].startswith("panelforge-check")
+    # A reader that stops before the damaged shard never hears of it.
+    monkeypatch.setattr(module, "_VERIFIED", set())
+    first = next(open_dataset(path).iter_batches(batch_size=6))
+    assert first.column("id").to_pylist() == seen
+
+
 def test_the_check_costs_once_per_process_and_file(tmp_path, monkeypatch):
     import storage.dataset as module
 
