@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage import DatasetWriter, open_dataset
-from storage.dataset import _VERIFIED, _compact
+from storage.dataset import _VERIFIED, _compact, _fsync
 from storage.uri import resolve
 
 
@@ -59,14 +59,6 @@ def make_tables(rows: int, per_shard: int, mean_len: int, seed: int = 0) -> list
             )
         )
     return tables
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def bare_write(folder: Path, tables: list[pa.Table], durable: bool = False) -> None:
