@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from model import sampling as S
 from model.decoder import Decoder
-from model.sjd import DRAFT_KINDS, force_layout, next_window, refill, verify
+from model.sjd import (DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, force_layout, in_window_above,
+                       is_pac, next_window, refill, verify)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Request:
     sjd: bool = True
     window: int = 16  # SJD window; at most the engine's
     task: str | None = None  # optional check: t2i / pair need no upper panel, the others need one
-    drafts: str = "uniform"  # SJD draft initialisation, one of model.sjd.DRAFT_KINDS
+    drafts: str = DEFAULT_DRAFTS  # SJD draft initialisation, one of model.sjd.DRAFT_KINDS
 
 
 @dataclass
@@ -480,7 +481,10 @@ def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
     u_acc = S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_ACCEPT)
     u_res = S.counter_uniform(s.seed, s.nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
     tokens, gained = verify(p, s.drafts, s.q, u_acc, u_res, limit, s.speculative)
-    fresh = S.sample(p, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH))
+    # what the carry-over keeps at each position: a fresh draw from p, or ("pac") the draft itself
+    # unless the model rejects it there too
+    fresh = continue_window(p, s.drafts, s.q, u_acc, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH),
+                            is_pac(s.draft_kind))
 
     # Write the kept tokens by body index; move each active slot forward by what it gained.
     act = s.active
@@ -510,6 +514,10 @@ def window_drafts(s: Slots, step: torch.Tensor, carried: torch.Tensor, carried_q
     known = (above_at >= 0) & (above_at <= (s.pos - s.body0)[:, None])  # that row is accepted
     above = s.gen.gather(1, above_at.clamp(0, s.gen.shape[1] - 1))
     above = torch.where(known, above, 0)
+    # "pac+above": a row above that is still a carried draft of this window counts too
+    in_win, known_in_win = above_in_window(carried, carry, s.cols + 1, above, known)
+    mine = in_window_above(s.draft_kind)[:, None]
+    above, known = torch.where(mine, in_win, above), torch.where(mine, known_in_win, known)
     idx = offs.expand(carried.shape)
     random = random_drafts(s.seed, step, length, n_codes)
     u_mix = S.counter_uniform(s.seed, step, idx, S.STREAM_MIX)
