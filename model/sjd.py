@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from model.sampling import CODE, ROW_END, sample
 
 DRAFT_KINDS = ("uniform", "above", "above+carry", "pac", "pac+above")
-DEFAULT_DRAFTS = "uniform"  # Request.drafts and generate.sjd_drafts
+DEFAULT_DRAFTS = "pac"  # Request.drafts and generate.sjd_drafts (docs/generate.md: the measured best)
 ABOVE_WEIGHT = 0.75
 CARRY_ABOVE_WEIGHT = 0.5
 

@@ -113,6 +113,26 @@ def test_verify_rejects_to_the_residual():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.012, rtol=0)
 
 
+def test_adaptive_continuation_keeps_drafts_and_draws_from_p(chi_square):
+    """continue_window, "pac" rows: a draft x ~ q is kept with probability min(1, p(x) / q(x)),
+    else redrawn from the residual, so the token is distributed as p (speculative sampling's rule
+    at one position) and the draft survives with probability sum(min(p, q)); other rows draw from p."""
+    n = 40000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    g = torch.Generator().manual_seed(3)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).view(n // 2, 2)
+    u_acc, u_fresh = torch.rand(n // 2, 2, generator=g), torch.rand(n // 2, 2, generator=g)
+    adaptive = torch.arange(n // 2) % 2 == 0
+    out = continue_window(p.expand(n // 2, 2, 4), drafts, q.expand(n // 2, 2, 4), u_acc, u_fresh, adaptive)
+    for rows in (adaptive, ~adaptive):
+        assert chi_square(torch.bincount(out[rows].reshape(-1), minlength=4), p) > 1e-3
+    kept = (out[adaptive] == drafts[adaptive]).float().mean()
+    overlap = torch.minimum(p, q).sum()  # P(keep) = 0.5 here; a redraw from the residual never repeats
+    assert abs(float(kept) - float(overlap)) < 0.015, (kept, overlap)
+    torch.testing.assert_close(out[~adaptive], S.sample(p.expand(n // 2, 2, 4), u_fresh)[~adaptive])
+
+
 # --- on the tiny decoder, through the engine -----------------------------------------------------
 
 def reference_logits(model, layout, prompt, prefix, body):
