@@ -24,6 +24,7 @@ and writes bench/results/generate-<preset>-<device>.json (acceptance: generate-s
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import platform
@@ -34,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import sampling as S
 from model.decoder import Decoder, ModelArgs
 from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job, advance, window_probs
-from model import sampling as S
-from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac
 from model.quantize import quantize_decoder, weight_bytes
+from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
@@ -358,6 +359,7 @@ def acceptance(opts) -> dict:
             reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
             engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64)
+            gains = count_gains(engine)
             t0 = time.perf_counter()
             results = list(engine.generate(iter(reqs)))
             secs = time.perf_counter() - t0
@@ -365,9 +367,12 @@ def acceptance(opts) -> dict:
             if bad:
                 raise RuntimeError(f"acceptance: engine errors {bad[:3]}")
             steps, tokens = sum(r.steps for r in results), sum(r.tokens for r in results)
+            n_steps = sum(gains.values())
             row = {"group": group, "sjd": sjd, "window": window, "drafts": kind, "images": len(results),
-                   "tokens_per_step": round(tokens / steps, 3), "engine_steps": engine.steps_run,
-                   "seconds": round(secs, 2)}
+                   "tokens_per_step": round(tokens / steps, 3), "steps_per_image": round(steps / len(results), 2),
+                   "one_token_steps": round(gains[1] / n_steps, 3),
+                   "steps_of_7_or_more": round(sum(c for g, c in gains.items() if g >= 7) / n_steps, 3),
+                   "engine_steps": engine.steps_run, "seconds": round(secs, 2)}
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
     if opts.cost_rounds:
@@ -376,6 +381,21 @@ def acceptance(opts) -> dict:
                                      opts.cost_rounds)
         print(json.dumps(out["step_cost"]), flush=True)
     return out
+
+
+def count_gains(engine: Engine) -> collections.Counter:
+    """Count, over the engine's steps, how many tokens each active slot gained (a histogram filled as
+    the engine runs): where the steps go, e.g. how many gain only the one token a rejection gives."""
+    gains = collections.Counter()
+    step = engine.step
+
+    def counted():
+        before, active = engine.state.pos.clone(), engine.state.active.clone()
+        step()
+        gains.update((engine.state.pos - before)[active].tolist())
+
+    engine.step = counted
+    return gains
 
 
 def step_cost(model, layout, requests, kinds, window: int, batch: int, rounds: int) -> dict:
@@ -488,7 +508,7 @@ def main(argv=None):
         p.add_argument("--checkpoint", default="assets/decoder-tiny",
                        help="a trained decoder folder (model/hf_checkpoint.py format) of the shapes layout")
         p.add_argument("--config", default="configs/tiny.yaml", help="models, sampling (cfg, top-k) and prompts")
-        p.add_argument("--n", type=int, default=2, help="pairs per task (every task of the shapes source)")
+        p.add_argument("--n", type=int, default=8, help="pairs per task (every task of the shapes source)")
         p.add_argument("--size", default="64x64")
         p.add_argument("--window", type=int, nargs="+", default=[8, 16, 32])
         p.add_argument("--drafts", nargs="+", help="draft kinds (default: every one of model.sjd.DRAFT_KINDS)")
