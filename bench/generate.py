@@ -24,6 +24,7 @@ and writes bench/results/generate-<preset>-<device>.json (acceptance: generate-s
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import platform
@@ -34,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import sampling as S
 from model.decoder import Decoder, ModelArgs
-from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job
-from model.sjd import DRAFT_KINDS
+from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job, advance, window_probs
 from model.quantize import quantize_decoder, weight_bytes
+from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
@@ -342,10 +344,10 @@ def acceptance(opts) -> dict:
     pairs = expand_inputs(cfg).pairs
     groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
     base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
-    kinds = opts.drafts or list(DRAFT_KINDS)  # the first is the engine's default
+    kinds = opts.drafts or list(DRAFT_KINDS)
     out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
            "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
-           "default_draft": kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
+           "default_draft": DEFAULT_DRAFTS if DEFAULT_DRAFTS in kinds else kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads()}
     print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
@@ -357,6 +359,7 @@ def acceptance(opts) -> dict:
             reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
             engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64)
+            gains = count_gains(engine)
             t0 = time.perf_counter()
             results = list(engine.generate(iter(reqs)))
             secs = time.perf_counter() - t0
@@ -364,12 +367,87 @@ def acceptance(opts) -> dict:
             if bad:
                 raise RuntimeError(f"acceptance: engine errors {bad[:3]}")
             steps, tokens = sum(r.steps for r in results), sum(r.tokens for r in results)
+            n_steps = sum(gains.values())
             row = {"group": group, "sjd": sjd, "window": window, "drafts": kind, "images": len(results),
-                   "tokens_per_step": round(tokens / steps, 3), "engine_steps": engine.steps_run,
-                   "seconds": round(secs, 2)}
+                   "tokens_per_step": round(tokens / steps, 3), "steps_per_image": round(steps / len(results), 2),
+                   "one_token_steps": round(gains[1] / n_steps, 3),
+                   "steps_of_7_or_more": round(sum(c for g, c in gains.items() if g >= 7) / n_steps, 3),
+                   "engine_steps": engine.steps_run, "seconds": round(secs, 2)}
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
+    if opts.cost_rounds:
+        model.clear_cache()
+        out["step_cost"] = step_cost(model, layout, base["t2i"], kinds, max(opts.window), opts.max_batch,
+                                     opts.cost_rounds)
+        print(json.dumps(out["step_cost"]), flush=True)
     return out
+
+
+def count_gains(engine: Engine) -> collections.Counter:
+    """Count, over the engine's steps, how many tokens each active slot gained (a histogram filled as
+    the engine runs): where the steps go, e.g. how many gain only the one token a rejection gives."""
+    gains = collections.Counter()
+    step = engine.step
+
+    def counted():
+        before, active = engine.state.pos.clone(), engine.state.active.clone()
+        step()
+        gains.update((engine.state.pos - before)[active].tolist())
+
+    engine.step = counted
+    return gains
+
+
+def step_cost(model, layout, requests, kinds, window: int, batch: int, rounds: int) -> dict:
+    """What the draft kinds cost a step: ms of the forward and of advance() (the sampling half, the
+    only part a kind changes) on one mid-image state of `batch` slots, each kind timed on the same
+    logits in interleaved rounds (so load on a shared CPU hits every kind alike); medians, and each
+    kind's extra step time over "uniform" as a fraction of a whole uniform step. advance() runs
+    every kind's ops for every row (a kind only selects), so the kinds cost alike; what the "pac"
+    kinds added to every step is timed too: the carry-over's former draw (sampling.sample of p)
+    against continue_window + above_in_window, on the same tensors."""
+    import dataclasses
+
+    engine = Engine(model, layout, max_batch=batch, window=window, kv_bucket=64)
+    for b in range(batch):
+        r = dataclasses.replace(requests[b % len(requests)], id=f"cost{b}", window=window, sjd=True)
+        ctx, rows, cols = engine.check(r)
+        engine.jobs[b] = _Job(r, ctx, rows, cols, time.perf_counter())
+    engine._prefill([(b, engine.jobs[b]) for b in range(batch)])
+    for _ in range(3):  # drafts and q as in the middle of an image
+        engine.step()
+    base = engine.state
+    times = {k: [] for k in ["forward", *kinds, "former_draw", "pac_ops"]}
+    u = torch.rand(base.drafts.shape, generator=torch.Generator().manual_seed(0))
+    every = torch.ones_like(base.active)
+    with torch.no_grad():
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            logits = engine.window_logits()
+            times["forward"].append(time.perf_counter() - t0)
+            for k in kinds:
+                state = base._replace(draft_kind=torch.full_like(base.draft_kind, DRAFT_KINDS.index(k)))
+                t0 = time.perf_counter()
+                advance(logits, state, engine.consts)
+                times[k].append(time.perf_counter() - t0)
+            p = window_probs(logits, base)
+            t0 = time.perf_counter()
+            S.sample(p, u)
+            times["former_draw"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            continue_window(p, base.drafts, base.q, u, u, is_pac(base.draft_kind) | every)
+            above_in_window(base.drafts, every[:, None].expand_as(base.drafts), base.cols + 1, base.drafts,
+                            every[:, None].expand_as(base.drafts))
+            times["pac_ops"].append(time.perf_counter() - t0)
+    ms = {k: round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}
+    ref = ms.get("uniform", ms[kinds[0]])
+    step = ms["forward"] + ref
+    return {"batch": batch, "window": window, "rounds": rounds, "forward_ms": ms["forward"],
+            "advance_ms": {k: ms[k] for k in kinds},
+            "extra_vs_uniform": {k: round((ms[k] - ref) / step, 4) for k in kinds},
+            "carry_draw_ms": {"former (sample of p)": ms["former_draw"], "now (continue_window + above_in_window)":
+                              ms["pac_ops"]},
+            "pac_ops_added_fraction_of_step": round((ms["pac_ops"] - ms["former_draw"]) / step, 4)}
 
 
 def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None = None,
@@ -430,11 +508,13 @@ def main(argv=None):
         p.add_argument("--checkpoint", default="assets/decoder-tiny",
                        help="a trained decoder folder (model/hf_checkpoint.py format) of the shapes layout")
         p.add_argument("--config", default="configs/tiny.yaml", help="models, sampling (cfg, top-k) and prompts")
-        p.add_argument("--n", type=int, default=2, help="pairs per task (every task of the shapes source)")
+        p.add_argument("--n", type=int, default=8, help="pairs per task (every task of the shapes source)")
         p.add_argument("--size", default="64x64")
         p.add_argument("--window", type=int, nargs="+", default=[8, 16, 32])
         p.add_argument("--drafts", nargs="+", help="draft kinds (default: every one of model.sjd.DRAFT_KINDS)")
         p.add_argument("--max-batch", type=int, default=16)
+        p.add_argument("--cost-rounds", type=int, default=30, help="interleaved rounds timing each kind's "
+                                                                    "advance() (0: skip)")
         p.add_argument("--out", default=str(ACCEPTANCE))
         p.add_argument("--threads", type=int, default=1, help="torch threads (the figure is tokens per step; on "
                                                               "a shared CPU, more threads only contend)")

@@ -81,10 +81,11 @@ def part_correctness(plan: Plan) -> dict:
     args = ModelArgs.from_name("tiny", vocab_size=layout.vocab_size, max_seq_len=512)
     rng = np.random.default_rng(0)
     requests = []
-    for i in range(4):  # t2i and image-to-image, every SJD draft kind, and one without SJD
+    for i in range(len(DRAFT_KINDS) + 1):  # t2i and image-to-image, every SJD draft kind, and one without SJD
         upper = rng.integers(0, layout.codebook_size, (4, 8)) if i % 2 else None
         requests.append(Request(f"r{i}", [layout.bos, 7 + i, 8, layout.turn_end], 64, 64, upper_codes=upper,
-                                seed=i, top_k=64, sjd=i < 3, window=8, drafts=DRAFT_KINDS[i % len(DRAFT_KINDS)]))
+                                seed=i, top_k=64, sjd=i < len(DRAFT_KINDS), window=8,
+                                drafts=DRAFT_KINDS[i % len(DRAFT_KINDS)]))
 
     def run(compile: bool, quantize: str = "none"):
         model = build_model(args, device, torch.float32)

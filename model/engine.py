@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from model import sampling as S
 from model.decoder import Decoder
-from model.sjd import DRAFT_KINDS, force_layout, next_window, refill, verify
+from model.sjd import (DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, force_layout, in_window_above,
+                       is_pac, next_window, refill, verify)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Request:
     sjd: bool = True
     window: int = 16  # SJD window; at most the engine's
     task: str | None = None  # optional check: t2i / pair need no upper panel, the others need one
-    drafts: str = "uniform"  # SJD draft initialisation, one of model.sjd.DRAFT_KINDS
+    drafts: str = DEFAULT_DRAFTS  # SJD draft initialisation, one of model.sjd.DRAFT_KINDS
 
 
 @dataclass
@@ -401,6 +402,13 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """One forward of every slot's window, then verify / sample / carry over, per slot."""
+        logits = self.window_logits()
+        self.state = self._compiled_call("advance", logits, self.state, self.consts)
+        self.steps_run += 1
+
+    @torch.no_grad()
+    def window_logits(self) -> torch.Tensor:
+        """The step's forward: logits [2B, L, C+2] of every slot's window (cond rows, then uncond)."""
         s, L, dev = self.state, self.window, self.device
         offs = torch.arange(L, device=dev)
         pos_c = torch.where(s.active, s.pos, 0)[:, None] + offs
@@ -409,10 +417,8 @@ class Engine:
         window_tokens = torch.where(s.active[:, None], window_tokens, 0)
         top = int(pos_c.max()) + 1
         kv_len = min(self.max_seq, math.ceil(top / self.kv_bucket) * self.kv_bucket)
-        logits = self._compiled_call("forward", torch.cat([window_tokens, window_tokens]),
-                                     torch.cat([pos_c, pos_u]), kv_len)
-        self.state = self._compiled_call("advance", logits, s, self.consts)
-        self.steps_run += 1
+        return self._compiled_call("forward", torch.cat([window_tokens, window_tokens]),
+                                   torch.cat([pos_c, pos_u]), kv_len)
 
     # --- the loop -----------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -468,19 +474,19 @@ def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
     next window's drafts and their q (layout-forced). Inactive slots are left as they were.
     """
     b, length = s.drafts.shape
-    n_codes = s.q.shape[-1] - 2
     offs = torch.arange(length, device=s.drafts.device)
-    guided = S.cfg_mix(logits[:b], logits[b:], s.cfg)
     body_next = (s.pos - s.body0)[:, None] + offs + 1  # body index each window position predicts
-    kind = S.position_kinds(body_next, s.rows, s.cols)
-    p = S.probs_from_logits(guided, S.allowed_local(kind, n_codes), s.temperature, s.top_k)
+    p = window_probs(logits, s)
     end = s.body0 + s.rows * (s.cols + 1)  # position of the image end
     limit = torch.minimum(s.limit, (end - s.pos).clamp(min=1))
     idx = offs.expand(b, length)
     u_acc = S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_ACCEPT)
     u_res = S.counter_uniform(s.seed, s.nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
     tokens, gained = verify(p, s.drafts, s.q, u_acc, u_res, limit, s.speculative)
-    fresh = S.sample(p, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH))
+    # what the carry-over keeps at each position: a fresh draw from p, or ("pac") the draft itself
+    # unless the model rejects it there too
+    fresh = continue_window(p, s.drafts, s.q, u_acc, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH),
+                            is_pac(s.draft_kind))
 
     # Write the kept tokens by body index; move each active slot forward by what it gained.
     act = s.active
@@ -492,11 +498,21 @@ def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
                        last_tok=torch.where(act, c.local_to_global[last], s.last_tok))
 
     # The next window: Jacobi carry-over past the accepted ones, the rest by each slot's draft kind.
-    carried, carried_q = next_window(p, fresh, gained, random_drafts(s.seed, s.nstep, length, n_codes))
+    carried, carried_q = next_window(p, fresh, gained, random_drafts(s.seed, s.nstep, length, p.shape[-1] - 2))
     carry = (offs[None] + gained[:, None]) < length
     drafts, q = window_drafts(moved, s.nstep, carried, carried_q, carry, c.code_q)
     return moved._replace(drafts=torch.where(act[:, None], drafts, s.drafts),
                           q=torch.where(act[:, None, None], q, s.q))
+
+
+def window_probs(logits: torch.Tensor, s: Slots) -> torch.Tensor:
+    """The target distribution p [B, L, C+2] of each slot's window positions: CFG, the layout's
+    constraints, top-k, temperature."""
+    b, length = s.drafts.shape
+    body_next = (s.pos - s.body0)[:, None] + torch.arange(length, device=s.drafts.device) + 1
+    kind = S.position_kinds(body_next, s.rows, s.cols)
+    guided = S.cfg_mix(logits[:b], logits[b:], s.cfg)
+    return S.probs_from_logits(guided, S.allowed_local(kind, s.q.shape[-1] - 2), s.temperature, s.top_k)
 
 
 def window_drafts(s: Slots, step: torch.Tensor, carried: torch.Tensor, carried_q: torch.Tensor,
@@ -510,6 +526,10 @@ def window_drafts(s: Slots, step: torch.Tensor, carried: torch.Tensor, carried_q
     known = (above_at >= 0) & (above_at <= (s.pos - s.body0)[:, None])  # that row is accepted
     above = s.gen.gather(1, above_at.clamp(0, s.gen.shape[1] - 1))
     above = torch.where(known, above, 0)
+    # "pac+above": a row above that is still a carried draft of this window counts too
+    in_win, known_in_win = above_in_window(carried, carry, s.cols + 1, above, known)
+    mine = in_window_above(s.draft_kind)[:, None]
+    above, known = torch.where(mine, in_win, above), torch.where(mine, known_in_win, known)
     idx = offs.expand(carried.shape)
     random = random_drafts(s.seed, step, length, n_codes)
     u_mix = S.counter_uniform(s.seed, step, idx, S.STREAM_MIX)

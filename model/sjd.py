@@ -24,9 +24,30 @@ drafts are accepted:
   q is that mixture, ABOVE_WEIGHT * onehot(above) + (1 - ABOVE_WEIGHT) * uniform. Positions whose
   row above is not accepted yet (the first row, windows longer than a row) draft as "uniform";
 - "above+carry": "above", and the Jacobi carry-over too draws from the mixture
-  (1 - CARRY_ABOVE_WEIGHT) * p_prev + CARRY_ABOVE_WEIGHT * onehot(above) instead of p_prev alone.
-Every kind keeps the Jacobi carry-over (previous step's samples and probabilities past the
-first rejection).
+  (1 - CARRY_ABOVE_WEIGHT) * p_prev + CARRY_ABOVE_WEIGHT * onehot(above) instead of p_prev alone;
+- "pac": adaptive continuation (SJD-PAC, Kang et al. 2026): past the first rejection a draft is
+  not replaced by a fresh sample of p but tested like an accepted one, u_i < p_i(x_i) / q_i(x_i),
+  and kept if it passes, else redrawn from normalize(max(0, p_i - q_i)) (continue_window). That is
+  speculative sampling's one-position rule, so the kept-or-redrawn token is distributed exactly
+  as p_i, and p_i is its q on the next step, as for a fresh sample; but the window's drafts now
+  change only where the model disagrees with them, so the next step's context matches the one
+  each p_i was computed on and more of them are accepted. New random codes carry their exact
+  distribution (sampling.uniform_codes_q) as q, not a one-hot on the code: a draft x ~ q is then
+  accepted with probability sum min(p, q) instead of 1 / C;
+- "pac+above": "pac", with the new positions at the window's end drafted from the code one row
+  above as in "above", that row being accepted or still a draft of this window (the carried
+  positions' drafts, which "above" does not use).
+
+Why "pac" stays lossless though a kept draft depends on the draft before it. Information only
+flows up the sequence: the draft at position j, its q, and p_j are functions of the draws at
+positions below j (their drafts, acceptance and redraw uniforms, over all steps) and of x_j's own
+draws. Induction over steps: given everything below j, x_j ~ q_j (true for a new draft, and for a
+carried one by the one-position rule: given everything below j, the old draft ~ its q, its
+acceptance uniform is unused elsewhere, so the kept-or-redrawn token ~ p_j, a function of what is
+below j). Verification of j happens when all below it are accepted, with p the model's
+distribution given the accepted prefix: speculative sampling's theorem applies position by
+position. The same holds for a q that depends on drafts below j in the same window ("pac+above").
+tests/model/test_sjd.py checks every kind with chi-square tests and greedy equality.
 """
 from __future__ import annotations
 
@@ -35,7 +56,8 @@ import torch.nn.functional as F
 
 from model.sampling import CODE, ROW_END, sample
 
-DRAFT_KINDS = ("uniform", "above", "above+carry")
+DRAFT_KINDS = ("uniform", "above", "above+carry", "pac", "pac+above")
+DEFAULT_DRAFTS = "pac"  # Request.drafts and generate.sjd_drafts (docs/generate.md: the measured best)
 ABOVE_WEIGHT = 0.75
 CARRY_ABOVE_WEIGHT = 0.5
 
@@ -83,27 +105,75 @@ def next_window(p: torch.Tensor, fresh: torch.Tensor, gained: torch.Tensor, rand
     return drafts, q
 
 
+def continue_window(p: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, u_accept: torch.Tensor,
+                    u_fresh: torch.Tensor, adaptive: torch.Tensor) -> torch.Tensor:
+    """The token each window position hands to the Jacobi carry-over, [B, L] ids, each ~ p exactly.
+
+    Rows with adaptive [B] ("pac" kinds): the draft if u_accept * q(draft) < p(draft), else a draw
+    from normalize(max(0, p - q)) with u_fresh (speculative sampling's rule at every position, not
+    only up to the first rejection); other rows: a fresh draw from p with u_fresh. One draw either
+    way. u_accept is the step's acceptance uniforms: verify() reads position i only up to the first
+    rejection and the carry-over only reads the positions after it, so no uniform serves twice.
+    """
+    p_d = p.gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    keep = adaptive[:, None] & (u_accept * q_d < p_d)
+    resid = (p - q).clamp_min(0)
+    # p == q leaves no residual; a rejection then has probability 0, so any choice is exact.
+    use_resid = adaptive[:, None, None] & (resid.sum(-1, keepdim=True) > 0)
+    drawn = sample(torch.where(use_resid, resid, p), u_fresh)
+    return torch.where(keep, drafts, drawn)
+
+
+def above_in_window(carried: torch.Tensor, carry: torch.Tensor, row: torch.Tensor, above: torch.Tensor,
+                    known: torch.Tensor):
+    """Add the row above that is still a draft of this window to the accepted one.
+
+    carried [B, L]: the window's carried-over drafts, valid where carry; row [B]: tokens per image
+    row (codes + row end); above, known [B, L]: the accepted row above (sjd.refill's inputs).
+    Returns (above, known) where a position's row above is known if accepted or carried.
+    """
+    length = carried.shape[1]
+    at = torch.arange(length, device=carried.device)[None] - row[:, None]
+    inside = (at >= 0) & carry.gather(1, at.clamp(min=0))
+    return torch.where(inside, carried.gather(1, at.clamp(min=0)), above), known | inside
+
+
 def refill(drafts: torch.Tensor, q: torch.Tensor, carry: torch.Tensor, above: torch.Tensor,
            known_above: torch.Tensor, random: torch.Tensor, u_mix: torch.Tensor, code_q: torch.Tensor,
            kind: torch.Tensor):
     """Apply each row's draft initialisation (DRAFT_KINDS[kind], kind [B]) to a window.
 
     drafts, q [B, L(, V)]: the Jacobi carry-over, valid where carry [B, L]; above [B, L]: the local
-    id one row above each position, valid where known_above; random [B, L]: codes drawn from
-    code_q [V] (sampling.uniform_codes); u_mix [B, L]: uniforms choosing the mixture's part.
+    id one row above each position, valid where known_above (for "pac+above" also where it is a
+    carried draft: above_in_window); random [B, L]: codes drawn from code_q [V]
+    (sampling.uniform_codes); u_mix [B, L]: uniforms choosing the mixture's part.
     Returns (drafts, q), q the exact distribution each draft was drawn from.
     """
     v = q.shape[-1]
-    rand_q = F.one_hot(random, v).to(q.dtype)
+    pac = is_pac(kind)[:, None, None]
+    rand_q = torch.where(pac, code_q.to(q.dtype), F.one_hot(random, v).to(q.dtype))
     above_q = F.one_hot(above, v).to(q.dtype)
-    use_above = (kind >= 1)[:, None] & known_above & ~carry
+    uses_above = (kind == DRAFT_KINDS.index("above")) | (kind == DRAFT_KINDS.index("above+carry")) \
+        | (kind == DRAFT_KINDS.index("pac+above"))
+    use_above = uses_above[:, None] & known_above & ~carry
     fresh = torch.where(use_above & (u_mix < ABOVE_WEIGHT), above, random)
     fresh_q = torch.where(use_above[..., None], ABOVE_WEIGHT * above_q + (1 - ABOVE_WEIGHT) * code_q, rand_q)
-    mix_carry = (kind == 2)[:, None] & known_above & carry
+    mix_carry = (kind == DRAFT_KINDS.index("above+carry"))[:, None] & known_above & carry
     carried = torch.where(mix_carry & (u_mix < CARRY_ABOVE_WEIGHT), above, drafts)
     carried_q = torch.where(mix_carry[..., None], CARRY_ABOVE_WEIGHT * above_q + (1 - CARRY_ABOVE_WEIGHT) * q, q)
     return (torch.where(carry, carried, fresh),
             torch.where(carry[..., None], carried_q, fresh_q))
+
+
+def is_pac(kind: torch.Tensor) -> torch.Tensor:
+    """Rows [B] whose draft kind continues adaptively (continue_window) and keeps random codes' exact q."""
+    return (kind == DRAFT_KINDS.index("pac")) | (kind == DRAFT_KINDS.index("pac+above"))
+
+
+def in_window_above(kind: torch.Tensor) -> torch.Tensor:
+    """Rows [B] whose "above" drafts may read the row above from this window's drafts."""
+    return kind == DRAFT_KINDS.index("pac+above")
 
 
 def force_layout(drafts: torch.Tensor, q: torch.Tensor, kind: torch.Tensor, n_codes: int):

@@ -301,8 +301,10 @@ class GenerateConfig(Section):
     sjd: bool = True
     sjd_window: int = 16
     # How SJD's drafts start (model.sjd.DRAFT_KINDS, docs/generate.md "Draft initialisations"):
-    # uniform (the paper's), above (the code one row up, mixed with uniform), above+carry; lossless all.
-    sjd_drafts: str = "uniform"
+    # uniform (the SJD paper's), above (the code one row up, mixed with uniform), above+carry, pac (SJD-PAC's
+    # adaptive continuation, the most tokens per step measured), pac+above; lossless all. Default:
+    # model.sjd.DEFAULT_DRAFTS (tests/tasks/test_config.py checks they agree).
+    sjd_drafts: str = "pac"
     # The engine (issues 6 and 13, model/engine.py, docs/generate.md). `auto` is resolved per device
     # by tasks.generate.job.engine_settings: int4 weight-only + the compiled step on CUDA, neither on a
     # CPU (int8 is no faster there), so one config file runs on both; int4 asked on a CPU is an

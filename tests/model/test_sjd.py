@@ -12,17 +12,20 @@ import torch.nn.functional as F
 from model import sampling as S
 from model.decoder import ModelArgs
 from model.engine import Engine, Request
-from model.sjd import DRAFT_KINDS, next_window, refill, verify
+from model.sjd import (DRAFT_KINDS, above_in_window, continue_window, in_window_above, is_pac, next_window, refill,
+                       verify)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, speculative: bool,
                    drafts_kind: str = "uniform", width: int = 2):
-    """Drive verify / next_window / refill with a known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}]).
+    """Drive verify / continue_window / next_window / refill as the engine's advance() does, with a
+    known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}]).
 
     drafts_kind: the draft initialisation (model.sjd.DRAFT_KINDS), "above" being the token `width`
-    positions back (a row of `width` tokens), once accepted."""
+    positions back (a row of `width` tokens), once accepted (or, for "pac+above", still a draft of
+    the window)."""
     v = table.shape[0]
     kind = torch.full((rows,), DRAFT_KINDS.index(drafts_kind))
     code_q = S.uniform_codes_q(v)
@@ -30,35 +33,46 @@ def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, s
     step = torch.zeros(rows, dtype=torch.long)
     idx = torch.arange(window).expand(rows, window)
     last = torch.zeros(rows, dtype=torch.long)  # start token 0
-    drafts = (S.counter_uniform(seed, step - 1, idx, S.STREAM_DRAFT) * v).long()
-    q = F.one_hot(drafts, v).float()
     out = torch.full((rows, n_tokens + window), -1)
     n = torch.zeros(rows, dtype=torch.long)
     spec = torch.full((rows,), speculative)
     steps_to_n = torch.zeros(rows, dtype=torch.long)  # steps each row took to have n_tokens
+    row = torch.full((rows,), width)
+
+    def window_drafts(drafts, q, carry, step):
+        """The engine's window_drafts: the row above (accepted, or in the window), then refill."""
+        t_next = n[:, None] + torch.arange(window)  # positions of the window
+        above_at = t_next - width
+        known = (above_at >= 0) & (above_at < n[:, None])
+        above = torch.where(known, out.gather(1, above_at.clamp(0, out.shape[1] - 1)), 0).clamp(min=0)
+        in_win, known_in_win = above_in_window(drafts, carry, row, above, known)
+        mine = in_window_above(kind)[:, None]
+        above, known = torch.where(mine, in_win, above), torch.where(mine, known_in_win, known)
+        rand = S.uniform_codes(S.counter_bits(seed, step, idx, S.STREAM_DRAFT), v)
+        return refill(drafts, q, carry, above, known, rand, S.counter_uniform(seed, step, idx, S.STREAM_MIX),
+                      code_q, kind)
+
+    drafts, q = window_drafts(torch.zeros(rows, window, dtype=torch.long), torch.zeros(rows, window, v),
+                              torch.zeros(rows, window, dtype=torch.bool), step - 1)
     while (n < n_tokens).any():
         inputs = torch.cat([last[:, None], drafts[:, :-1]], 1)
         p = torch.softmax(table[inputs], -1)
-        tokens, gained = verify(p, drafts, q, S.counter_uniform(seed, step, idx, S.STREAM_ACCEPT),
-                                S.counter_uniform(seed, step, idx[:, :1], S.STREAM_RESIDUAL)[:, 0],
+        u_acc = S.counter_uniform(seed, step, idx, S.STREAM_ACCEPT)
+        tokens, gained = verify(p, drafts, q, u_acc, S.counter_uniform(seed, step, idx[:, :1], S.STREAM_RESIDUAL)[:, 0],
                                 torch.full((rows,), window), spec)
         assert (gained >= 1).all() and (gained <= window).all()
-        fresh = S.sample(p, S.counter_uniform(seed, step, idx, S.STREAM_FRESH))
+        fresh = continue_window(p, drafts, q, u_acc, S.counter_uniform(seed, step, idx, S.STREAM_FRESH), is_pac(kind))
         rand = S.uniform_codes(S.counter_bits(seed, step, idx, S.STREAM_DRAFT), v)
         drafts, q = next_window(p, fresh, gained, rand)
         keep = torch.arange(window)[None] < gained[:, None]
         pos = (n[:, None] + torch.arange(window)).clamp(max=out.shape[1] - 1)
         out.scatter_(1, pos, torch.where(keep, tokens, out.gather(1, pos)))
-        t_next = n[:, None] + gained[:, None] + torch.arange(window)  # positions of the next window
-        above_at = t_next - width
-        known = (above_at >= 0) & (above_at < (n + gained)[:, None])
-        above = torch.where(known, out.gather(1, above_at.clamp(0, out.shape[1] - 1)), 0).clamp(min=0)  # rows done
-        carry = torch.arange(window)[None] + gained[:, None] < window
-        drafts, q = refill(drafts, q, carry, above, known, rand, S.counter_uniform(seed, step, idx, S.STREAM_MIX),
-                           code_q, kind)
         last = tokens.gather(1, (gained - 1)[:, None])[:, 0]
         steps_to_n = torch.where(n < n_tokens, step + 1, steps_to_n)
-        n, step = n + gained, step + 1
+        n = n + gained
+        carry = torch.arange(window)[None] + gained[:, None] < window
+        drafts, q = window_drafts(drafts, q, carry, step)
+        step = step + 1
     return out[:, :n_tokens], steps_to_n
 
 
@@ -66,14 +80,18 @@ def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, s
 def test_speculative_rule_samples_the_target_distribution(chi_square, drafts_kind):
     """Every draft initialisation: the joint of the first four tokens (two 'rows' of two) passes
     chi-square against the exact one; 5 symbols, not a power of two, so the uniform part of q is
-    the exact (unequal) distribution of the random codes."""
+    the exact (unequal) distribution of the random codes. Window 3, so that the fourth token is
+    drafted by the kind itself after the first step (with window 4 it is a carry-over for every
+    kind): its row above is accepted, or ("pac+above") still a draft of the window. Claiming
+    code_q as the q of "above" drafts, or redrawing a rejected "pac" draft from p instead of the
+    residual, fails this test (p < 1e-29)."""
     torch.manual_seed(0)
     v = 5
     table = 2.5 * torch.randn(v, v)  # peaked, so accepting wrong drafts would show
     p = torch.softmax(table, -1)
     exact = torch.einsum("a,ab,bc,cd->abcd", p[0], p, p, p).reshape(-1)  # joint of the first four tokens
     for speculative in (True, False) if drafts_kind == "uniform" else (True,):
-        tokens, steps = run_bigram_sjd(table, rows=20000, window=4, n_tokens=4, speculative=speculative,
+        tokens, steps = run_bigram_sjd(table, rows=20000, window=3, n_tokens=4, speculative=speculative,
                                        drafts_kind=drafts_kind)
         codes = ((tokens[:, 0] * v + tokens[:, 1]) * v + tokens[:, 2]) * v + tokens[:, 3]
         counts = torch.bincount(codes, minlength=v ** 4)
@@ -93,6 +111,26 @@ def test_verify_rejects_to_the_residual():
     assert (gained == 1).all()
     freq = torch.bincount(tokens[:, 0], minlength=3) / 30000.0
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.012, rtol=0)
+
+
+def test_adaptive_continuation_keeps_drafts_and_draws_from_p(chi_square):
+    """continue_window, "pac" rows: a draft x ~ q is kept with probability min(1, p(x) / q(x)),
+    else redrawn from the residual, so the token is distributed as p (speculative sampling's rule
+    at one position) and the draft survives with probability sum(min(p, q)); other rows draw from p."""
+    n = 40000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    g = torch.Generator().manual_seed(3)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).view(n // 2, 2)
+    u_acc, u_fresh = torch.rand(n // 2, 2, generator=g), torch.rand(n // 2, 2, generator=g)
+    adaptive = torch.arange(n // 2) % 2 == 0
+    out = continue_window(p.expand(n // 2, 2, 4), drafts, q.expand(n // 2, 2, 4), u_acc, u_fresh, adaptive)
+    for rows in (adaptive, ~adaptive):
+        assert chi_square(torch.bincount(out[rows].reshape(-1), minlength=4), p) > 1e-3
+    kept = (out[adaptive] == drafts[adaptive]).float().mean()
+    overlap = torch.minimum(p, q).sum()  # P(keep) = 0.5 here; a redraw from the residual never repeats
+    assert abs(float(kept) - float(overlap)) < 0.015, (kept, overlap)
+    torch.testing.assert_close(out[~adaptive], S.sample(p.expand(n // 2, 2, 4), u_fresh)[~adaptive])
 
 
 # --- on the tiny decoder, through the engine -----------------------------------------------------
@@ -179,7 +217,7 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafts", ["above", "above+carry"])
+@pytest.mark.parametrize("drafts", ["above", "above+carry", "pac", "pac+above"])
 def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout, chi_square, drafts):
     """Image to image, so the lower panel's first row has its row above from the start: the first
     three generated codes over many seeds pass chi-square against the exact marginals."""

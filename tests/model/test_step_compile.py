@@ -80,7 +80,7 @@ def model(engine_model):
 
 def requests(lay):
     return [Request(f"r{i}", lay.encode_prompt("compile"), 32, 64, seed=i, sjd=i != 1,
-                    drafts=("uniform", "above", "above+carry")[i % 3]) for i in range(3)]
+                    drafts=("pac", "above", "above+carry", "uniform", "pac+above")[i]) for i in range(5)]
 
 
 def test_the_hazard_check_catches_the_first_cuda_runs_crashes():
@@ -153,9 +153,10 @@ def test_inductor_compiles_advance_on_cpu_like_eager(model, small_layout):
     probabilities (softmax reductions in another order): equal to float32 rounding."""
     from model.engine import _Job
 
-    engine = Engine(model, small_layout, max_batch=3, window=8, kv_bucket=64)
+    reqs = requests(small_layout)
+    engine = Engine(model, small_layout, max_batch=len(reqs), window=8, kv_bucket=64)
     new = []
-    for b, r in enumerate(requests(small_layout)):
+    for b, r in enumerate(reqs):
         ctx, rows, cols = engine.check(r)
         engine.jobs[b] = _Job(r, ctx, rows, cols, 0.0)
         new.append((b, engine.jobs[b]))
@@ -166,7 +167,7 @@ def test_inductor_compiles_advance_on_cpu_like_eager(model, small_layout):
     compiled = torch.compile(advance, backend="inductor", fullgraph=True, dynamic=False)
     s = engine.state
     for trial in range(2):
-        logits = 3 * torch.randn(2 * 3, 8, small_layout.codebook_size + 2, generator=torch.Generator().manual_seed(trial))
+        logits = 3 * torch.randn(2 * len(reqs), 8, small_layout.codebook_size + 2, generator=torch.Generator().manual_seed(trial))
         got, want = compiled(logits, s, engine.consts), advance(logits, s, engine.consts)
         for name, a, b in zip(s._fields, got, want):
             if name == "q":

@@ -143,3 +143,10 @@ def test_sjd_drafts_take_the_engine_draft_kinds_and_reach_the_rows_params():
         assert sampling_of(cfg.generate)["drafts"] == kind
     with pytest.raises(ConfigError, match="generate.sjd_drafts: 'left' is not a draft kind"):
         load_config(None, ["generate.sjd_drafts=left"])
+
+
+def test_sjd_drafts_default_is_the_engines():
+    from model.engine import Request
+    from model.sjd import DEFAULT_DRAFTS
+
+    assert load_config(None, []).generate.sjd_drafts == DEFAULT_DRAFTS == Request("r", [1], 32, 32).drafts
