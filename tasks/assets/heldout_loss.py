@@ -1,0 +1,76 @@
+"""Held-out loss of decoders on a tokens dataset they were not trained on, side by side.
+
+    python -m tasks.assets.heldout_loss --tokens out/held/tokens --decoder assets/decoder-tiny \
+        --decoder out/assets/runs/decoder-tiny-4/shapes-128/export
+
+The figure is the one training logs (cross-entropy per supervised token: the image tokens after
+each row's loss_start, docs/train.md), computed without dropout or cfg dropping on every row of
+the dataset (or the first --rows), the same rows and batches for each decoder. Training's own loss
+is on rows it has seen, often many times; this one says whether a decoder draws unseen scenes
+better (docs/assets.md). Results are printed and saved as JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from model.hf_checkpoint import load_decoder
+from model.training import chunked_loss, make_batch
+from storage import open_dataset
+
+
+def heldout_loss(model, samples: list[tuple[list[int], int]], batch_size: int = 8) -> tuple[float, int]:
+    """(cross-entropy per supervised token, supervised tokens) of model over samples."""
+    ce_sum, n_sum = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(samples), batch_size):
+            batch = make_batch(samples[i:i + batch_size])
+            hidden = model(batch.inputs, return_hidden=True)
+            ce, _, n = chunked_loss(hidden.float(), batch.labels, model.output, recompute=False)
+            ce_sum += float(ce)
+            n_sum += n
+    return ce_sum / n_sum, n_sum
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", required=True, help="a tokens dataset (folder or URI) the decoders did not train on")
+    ap.add_argument("--decoder", action="append", required=True, help="a decoder folder; give it once per decoder")
+    ap.add_argument("--rows", type=int, default=None, help="the first N rows only (default: all)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="bench/results/decoder-heldout-loss.json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ds = open_dataset(args.tokens)
+    n = len(ds) if args.rows is None else min(args.rows, len(ds))
+    table = ds.take(list(range(n)), columns=["tokens", "loss_start"])
+    samples = list(zip(table.column("tokens").to_pylist(), table.column("loss_start").to_pylist()))
+    print(f"{args.tokens}: {n} rows")
+    result = {"tokens": args.tokens, "rows": n, "decoders": {}}
+    for folder in args.decoder:
+        t = time.perf_counter()
+        model, meta = load_decoder(folder, dtype=torch.float32)
+        loss, tokens = heldout_loss(model, samples, args.batch_size)
+        result["decoders"][folder] = {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
+                                      "supervised_tokens": tokens, "seconds": round(time.perf_counter() - t, 1)}
+        print(f"{folder}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {tokens:,} tokens")
+        del model
+    result["command"] = "python -m tasks.assets.heldout_loss " + " ".join(
+        [f"--tokens {args.tokens}"] + [f"--decoder {d}" for d in args.decoder]
+        + ([f"--rows {args.rows}"] if args.rows else []))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""tasks.assets.heldout_loss: the held-out loss of a decoder equals cross-entropy computed
+directly from its logits over the supervised positions (loss_start on), and a run writes one
+figure per decoder."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from gen_fixtures import write_tiny_models  # noqa: E402
+from model.hf_checkpoint import load_decoder
+from storage import DatasetWriter
+from tasks.assets.heldout_loss import main
+
+
+def test_heldout_loss_is_the_cross_entropy_of_the_supervised_tokens(tmp_path):
+    dec, _, _ = write_tiny_models(tmp_path / "models")
+    model, _ = load_decoder(dec, dtype=torch.float32)
+    vocab = model.output.out_features
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(0, vocab, n).tolist(), start) for n, start in ((40, 10), (25, 5), (33, 30))]
+    w = DatasetWriter(tmp_path / "tokens", "tokens", meta={"layout_fingerprint": "test"})
+    w.write_unit("00000", pa.table({
+        "id": [f"r{i}" for i in range(3)], "task": ["t2i"] * 3, "bucket": ["64x64"] * 3,
+        "grid_h": [4] * 3, "grid_w": [4] * 3, "tokens": [ids for ids, _ in rows],
+        "loss_start": [start for _, start in rows]}))
+    w.finalize()
+
+    out = tmp_path / "loss.json"
+    result = main(["--tokens", str(tmp_path / "tokens"), "--decoder", dec, "--batch-size", "2", "--out", str(out)])
+
+    ce, n = 0.0, 0
+    with torch.inference_mode():
+        for ids, start in rows:
+            logits = model(torch.tensor([ids[:-1]]))[0].float()  # position t predicts token t+1
+            target = torch.tensor(ids[1:])
+            keep = torch.arange(len(ids) - 1) >= start - 1  # token j is supervised when j >= loss_start
+            ce += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            n += int(keep.sum())
+    got = result["decoders"][dec]
+    assert got["supervised_tokens"] == n == (40 - 10) + (25 - 5) + (33 - 30)
+    assert abs(got["loss"] - ce / n) < 1e-3
+    assert json.loads(out.read_text())["decoders"][dec]["loss"] == got["loss"]
