@@ -142,8 +142,12 @@ def _put(loc: Location, rel: str, table: pa.Table) -> dict:
         tmp = inside_root(loc, folder) + f"/.{name}.{uuid.uuid4().hex}.tmp"
         with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
-        digest, size = hash_local(tmp)
-        _fsync(tmp)  # the bytes on disk before any commit record can name them
+        # The bytes on disk before any commit record can name them; the hash of the page-cache
+        # copy runs meanwhile (fsync and xxhash both release the GIL).
+        with ThreadPoolExecutor(1) as pool:
+            synced = pool.submit(_fsync, tmp)
+            digest, size = hash_local(tmp)
+            synced.result()
         os.replace(tmp, final)  # the unit's file appears whole or not at all
         _fsync(os.path.dirname(final))  # and its name
     else:
