@@ -23,9 +23,9 @@ import re
 import sys
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,8 +133,8 @@ def _put(loc: Location, rel: str, table: pa.Table) -> dict:
     Locally pyarrow writes the file natively, as a bare pyarrow user would, and the hash is
     taken of the written bytes through a memory map (they are in the page cache): nothing goes
     through a Python file object. The file is fsynced before its rename and the folder after it,
-    so that a commit record (fsynced later) never names bytes a power cut could lose. On object stores the file is built in memory, hashed, and
-    sent in one PUT.
+    so that a commit record (fsynced later) never names bytes a power cut could lose. On object
+    stores the file is built in memory, hashed, and sent in one PUT.
     """
     final = loc.join(rel)
     if loc.local:
@@ -566,28 +566,34 @@ class Dataset:
             if key is not None:
                 _VERIFIED.add(key)
 
-    def _read(self, entry: dict) -> pa.Table:
+    def _read(self, entry: dict, checked: pa.Buffer | None = None) -> pa.Table:
         """One file of the dataset, memory-mapped locally; with `check`, its content hash is
-        compared with the manifest's the first time this process opens it."""
-        buf, key = self._map(entry)
-        self._check(entry, buf, key)
+        compared with the manifest's the first time this process opens it. `checked`: the
+        file's bytes, already mapped and checked (_check_shard), read without mapping again."""
+        buf = checked
+        if buf is None:
+            buf, key = self._map(entry)
+            self._check(entry, buf, key)
         try:
             return pa.ipc.open_file(buf).read_all()
         except pa.ArrowInvalid as e:
             raise ChecksumError(f"{self.loc.display(entry['file'])}: not a readable Arrow file ({e}); "
                                 + repair_hint(self.loc)) from None
 
-    def _check_shard(self, i: int) -> None:
+    def _check_shard(self, i: int) -> pa.Buffer:
+        """Shard i's bytes, mapped and checked (for shard_table's `checked`)."""
         entry = self.shards[i]
-        self._check(entry, *self._map(entry))
+        buf, key = self._map(entry)
+        self._check(entry, buf, key)
+        return buf
 
-    def shard_table(self, i: int) -> pa.Table:
+    def shard_table(self, i: int, checked: pa.Buffer | None = None) -> pa.Table:
         table = self._cache.get(i)
         if table is not None:
             self._cache.move_to_end(i)
             return table
         entry = self.shards[i]
-        table = self._read(entry)
+        table = self._read(entry, checked)
         if table.num_rows != entry["rows"]:
             raise ChecksumError(
                 f"{self.loc.display(entry['file'])}: holds {table.num_rows} rows, manifest says {entry['rows']}; "
@@ -647,10 +653,10 @@ class Dataset:
         with ThreadPoolExecutor(1, thread_name_prefix="panelforge-check") if ahead else nullcontext() as pool:
             pending = None
             for i in range(n):
-                if pending is not None:
-                    pending.result()  # shard i's check (its ChecksumError, if any, surfaces here)
+                # shard i's bytes as its check mapped them (its ChecksumError, if any, surfaces here)
+                checked = pending.result() if pending is not None else None
                 pending = pool.submit(self._check_shard, i + 1) if ahead and i + 1 < n else None
-                table = self.shard_table(i)
+                table = self.shard_table(i, checked)
                 if columns is not None:
                     table = table.select(list(columns))
                 yield from table.to_batches(max_chunksize=batch_size)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"tokens": args.tokens, "rows": n, "decoders": {}}
     for folder in args.decoder:
         t = time.perf_counter()
-        model, meta = load_decoder(folder, dtype=torch.float32)
+        model, _ = load_decoder(folder, dtype=torch.float32)
         loss, tokens = heldout_loss(model, samples, args.batch_size)
         result["decoders"][folder] = {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
                                       "supervised_tokens": tokens, "seconds": round(time.perf_counter() - t, 1)}

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from gen_fixtures import write_tiny_models
 
-from gen_fixtures import write_tiny_models  # noqa: E402
 from model.hf_checkpoint import load_decoder
 from storage import DatasetWriter
 from tasks.assets.heldout_loss import main
