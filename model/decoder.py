@@ -295,13 +295,18 @@ class Decoder(nn.Module):
         return self.layers[0].attention.kv_cache is not None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, return_hidden: bool = False,
-                rows: torch.Tensor | None = None, kv_len: int | None = None, attn_mask=None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, kv_len: int | None = None, attn_mask=None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or the final normed hidden states [B, T, dim]).
 
         input_pos [B, T]: positions of each row (with a cache: where K/V are written and which
         slots are read). rows: the cache rows these B sequences use (default: all, in order).
         kv_len: attend to the first kv_len cache slots only (must exceed every input_pos).
-        attn_mask (training without a cache): packed rows' mask, model/training.py attention_mask.
+        attn_mask: without a cache, packed training rows' mask (model/training.py attention_mask);
+        with one, a bool [B, 1, T, kv_len] of the slots each query reads, instead of "slots <= its
+        position" (a draft tree: siblings share a position but not their ancestors).
+        slots [B, T]: the cache slots K/V are written at, when they are not the RoPE positions
+        input_pos (a draft tree's sibling branches sit past the window; model/engine.py).
         """
         b, t = tokens.shape
         if input_pos is None:
@@ -313,10 +318,11 @@ class Decoder(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = attn_mask
-        if input_pos is not None and self.has_cache:
+        if input_pos is not None and self.has_cache and attn_mask is None:
             n = kv_len or self.layers[0].attention.kv_cache.max_seq
             mask = torch.arange(n, device=tokens.device)[None, None, None, :] <= input_pos[:, None, :, None]
+        write_at = input_pos if slots is None else slots
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos if mask is not None else None, rows, kv_len)
+            x = layer(x, cos, sin, mask, write_at if mask is not None else None, rows, kv_len)
         x = self.norm(x)
         return x if return_hidden else self.output(x)

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from model import sampling as S
 from model.decoder import Decoder
-from model.sjd import (DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, force_layout, in_window_above,
-                       is_pac, next_window, refill, verify)
+from model.sjd import (DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, accept_first_of, continue_window, force_layout,
+                       in_window_above, is_pac, next_window, refill, tree_candidates, tree_layout, tree_mask, tree_path,
+                       verify)
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,12 @@ class Engine:
     def __init__(self, model: Decoder, layout, max_batch: int = 8, device: str | torch.device = "cpu",
                  compile: bool = False, window: int = 16, max_seq: int | None = None, kv_bucket: int = 512,
                  cache_dtype: torch.dtype | None = None, compile_backend="inductor",
-                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS):
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS, tree_siblings: int = 0, tree_branch: int = 0):
         self.model, self.layout, self.device = model, layout, torch.device(device)
         self.max_batch, self.window, self.kv_bucket = max_batch, window, kv_bucket
+        self.tree = check_tree(tree_siblings, tree_branch, window)
+        # tokens fed per row and step: the window, then the draft tree's sibling branches past it
+        self.nodes = window + self.tree[0] * self.tree[1]
         self.max_seq = max_seq or model.args.max_seq_len
         self.n_codes = layout.codebook_size
         if not (isinstance(prefill_tokens, int) and prefill_tokens >= 1):
@@ -143,7 +147,7 @@ class Engine:
         model.clear_cache()
         free = self._free_bytes()
         if free is not None:
-            self.check_fits(model.args, max_batch, self.max_seq, free, self.cache_dtype, window=window,
+            self.check_fits(model.args, max_batch, self.max_seq, free, self.cache_dtype, window=self.nodes,
                             n_local=self.n_codes + 2, prefill_tokens=prefill_tokens)
         model.setup_cache(2 * max_batch, self.max_seq, dtype=self.cache_dtype, device=self.device)
         # The image span only holds codes, row ends and the image end: the head keeps those rows.
@@ -155,7 +159,16 @@ class Engine:
             self.head = model.output.weight[self.local_to_global].detach().clone()
         self.state = Slots.empty(max_batch, window, self.n_codes + 2, self.max_seq + window, self.device)
         self.jobs: list[_Job | None] = [None] * max_batch
-        self._forward, self._advance = self._decode_logits, advance
+        if self.tree[0]:
+            siblings, branch = self.tree
+
+            def tree_step(logits: torch.Tensor, s: Slots, c: Consts):
+                return tree_advance(logits, s, c, siblings, branch)
+
+            self._advance_eager = tree_step
+        else:
+            self._advance_eager = advance
+        self._forward, self._advance = self._decode_logits, self._advance_eager
         self.compile_mode = "eager"
         if compile:
             self.compile_mode = "full"
@@ -170,7 +183,7 @@ class Engine:
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
-            self._advance = torch.compile(advance, backend=compile_backend, fullgraph=True, dynamic=False)
+            self._advance = torch.compile(self._advance_eager, backend=compile_backend, fullgraph=True, dynamic=False)
         self.steps_run = 0
 
     # --- memory: the one place that sizes a batch -------------------------------------------------
@@ -296,9 +309,10 @@ class Engine:
             raise ValueError(f"{where}: prompt_ids hold ids outside 0..{self.model.args.vocab_size - 1}")
         rows, cols = r.height // self.layout.patch, r.width // self.layout.patch
         total = len(ids) + 3 + rows * (cols + 1) + 1
-        if total + self.window > self.max_seq:
+        if total + self.nodes > self.max_seq:
             raise ValueError(f"{where}: {r.width}x{r.height} px with a {len(ids)}-token prompt needs {total} "
-                             f"positions (+{self.window} for the window); the context holds {self.max_seq}: "
+                             f"positions (+{self.nodes} for the window and its draft tree); the context holds "
+                             f"{self.max_seq}: "
                              f"use a smaller image or a shorter prompt")
         try:
             prefix = list(self.layout.image_prefix(r.height, r.width))
@@ -371,8 +385,9 @@ class Engine:
         self.jobs[b] = job
 
     # --- the step -----------------------------------------------------------------------------
-    def _decode_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        h = self.model(tokens, input_pos, return_hidden=True, kv_len=kv_len)
+    def _decode_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
+                       slots: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.model(tokens, input_pos, return_hidden=True, kv_len=kv_len, slots=slots, attn_mask=attn_mask)
         return F.linear(h, self.head.to(h.dtype)).float()
 
     def _compiled_call(self, part: str, *args):
@@ -390,10 +405,10 @@ class Engine:
             first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")[:300]
             name = type(e).__name__ + ("" if root is e else f" <- {type(root).__name__}")
             if part == "advance":
-                self._advance, self.compile_mode = advance, "forward"
+                self._advance, self.compile_mode = self._advance_eager, "forward"
                 what = "the sampling half (advance()) runs eagerly after the compiled forward"
             else:
-                self._forward, self._advance, self.compile_mode = self._decode_logits, advance, "eager"
+                self._forward, self._advance, self.compile_mode = self._decode_logits, self._advance_eager, "eager"
                 what = "the whole step runs eagerly"
             log.warning("Engine: compiling the decode step's %s failed (%s: %s); %s (compile_mode=%r)",
                         part, name, first, what, self.compile_mode)
@@ -403,8 +418,28 @@ class Engine:
     def step(self) -> None:
         """One forward of every slot's window, then verify / sample / carry over, per slot."""
         logits = self.window_logits()
-        self.state = self._compiled_call("advance", logits, self.state, self.consts)
+        if self.tree[0]:
+            before = self.state
+            self.state, kv_from = self._compiled_call("advance", logits, self.state, self.consts)
+            self.move_tree_kv(before, kv_from)
+            self.last_kv_from = kv_from
+        else:
+            self.state = self._compiled_call("advance", logits, self.state, self.consts)
         self.steps_run += 1
+
+    def move_tree_kv(self, before: Slots, kv_from: torch.Tensor) -> None:
+        """After a tree step: copy an accepted sibling branch's K/V (tree_advance's kv_from [B], the
+        branch's first slot relative to the old position; 1: nothing to move) to the slots of its
+        positions, old pos + 1 on, in every layer, cond and uncond rows. Every row copies the
+        branch's m slots (static shapes; a row that needs nothing copies onto itself): slots past
+        the accepted tokens are at or above the new position, rewritten by the next window before
+        any node reads them."""
+        pos_c = torch.where(before.active, before.pos, 0)
+        pos_u = torch.where(before.active, before.pos - before.uoff, 0)
+        at = torch.cat([pos_c, pos_u])
+        src = at + torch.cat([kv_from, kv_from])
+        for layer in self.model.layers:
+            layer.attention.kv_cache.copy_slots(src, at + 1, self.tree[1])
 
     @torch.no_grad()
     def window_logits(self) -> torch.Tensor:
@@ -415,10 +450,29 @@ class Engine:
         pos_u = torch.where(s.active, s.pos - s.uoff, 0)[:, None] + offs
         window_tokens = torch.cat([s.last_tok[:, None], self.local_to_global[s.drafts[:, :L - 1]]], 1)
         window_tokens = torch.where(s.active[:, None], window_tokens, 0)
+        if self.tree[0]:
+            return self._tree_logits(window_tokens)
         top = int(pos_c.max()) + 1
         kv_len = min(self.max_seq, math.ceil(top / self.kv_bucket) * self.kv_bucket)
         return self._compiled_call("forward", torch.cat([window_tokens, window_tokens]),
                                    torch.cat([pos_c, pos_u]), kv_len)
+
+    def _tree_logits(self, window_tokens: torch.Tensor) -> torch.Tensor:
+        """window_logits with a draft tree: the window, then each sibling branch (its candidate and
+        the main chain's drafts[1:m]) at their depths' RoPE positions, their own slots past the
+        window and the tree's mask (model/sjd.py, tree_layout). Logits [2B, N, C+2]."""
+        s, (siblings, branch) = self.state, self.tree
+        cands = tree_candidates(s.drafts, s.q, s.seed, s.nstep, siblings)[:, 1:]
+        shared = s.drafts[:, None, 1:branch].expand(-1, siblings, branch - 1)
+        branches = torch.cat([cands[:, :, None], shared], 2).reshape(self.max_batch, siblings * branch)
+        branch_tokens = torch.where(s.active[:, None], self.local_to_global[branches], 0)
+        tokens = torch.cat([window_tokens, branch_tokens], 1)
+        depth, slot, base, lo, hi = tree_layout(self.window, siblings, branch, self.device)
+        pos = torch.cat([torch.where(s.active, s.pos, 0), torch.where(s.active, s.pos - s.uoff, 0)])
+        top = int(pos.max()) + self.nodes
+        kv_len = min(self.max_seq, math.ceil(top / self.kv_bucket) * self.kv_bucket)
+        return self._compiled_call("forward", torch.cat([tokens, tokens]), pos[:, None] + depth, kv_len,
+                                   pos[:, None] + slot, tree_mask(pos, base, lo, hi, kv_len))
 
     # --- the loop -----------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -473,21 +527,59 @@ def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
     after it: the accepted tokens written into gen, pos / nstep / last_tok moved on, and the
     next window's drafts and their q (layout-forced). Inactive slots are left as they were.
     """
+    p = window_probs(logits, s)
+    limit, u_acc, u_res, u_fresh = _step_draws(s)
+    tokens, gained = verify(p, s.drafts, s.q, u_acc, u_res, limit, s.speculative)
+    # what the carry-over keeps at each position: a fresh draw from p, or ("pac") the draft itself
+    # unless the model rejects it there too
+    fresh = continue_window(p, s.drafts, s.q, u_acc, u_fresh, is_pac(s.draft_kind))
+    return _commit(s, c, p, tokens, gained, fresh)
+
+
+def tree_advance(logits: torch.Tensor, s: Slots, c: Consts, siblings: int, branch: int):
+    """advance() for an engine with a draft tree (model/sjd.py, "Draft tree"): logits [2B, N, C+2]
+    of the window and the sibling branches (Engine._tree_logits) -> (the slots after the step,
+    kv_from [B]: where the K/V of the row's accepted tokens are, as the first slot of its accepted
+    sibling branch relative to the old position, or 1 where they are in place already;
+    Engine.move_tree_kv applies it)."""
+    b, length = s.drafts.shape
+    dev = s.drafts.device
+    depth = tree_layout(length, siblings, branch, dev)[0]
+    p_all = window_probs(logits, s, depth)
+    p, p_branches = p_all[:, :length], p_all[:, length:].reshape(b, siblings, branch, -1)
+    limit, u_acc, u_res, u_fresh = _step_draws(s)
+    cands = tree_candidates(s.drafts, s.q, s.seed, s.nstep, siblings)
+    u_first = S.counter_uniform(s.seed, s.nstep, torch.arange(siblings + 1, device=dev), S.STREAM_TREE_ACCEPT)
+    first, chosen = accept_first_of(p[:, 0], s.q[:, 0], cands, u_first, u_res, s.speculative)
+    path_p, path_drafts, path_q, limit = tree_path(p, p_branches, s.drafts, s.q, first, chosen, limit)
+    tokens, gained = verify(path_p, path_drafts, path_q, u_acc, u_res, limit, torch.ones_like(s.speculative))
+    fresh = continue_window(path_p, path_drafts, path_q, u_acc, u_fresh, is_pac(s.draft_kind))
+    moved = _commit(s, c, path_p, tokens, gained, fresh)
+    kv_from = torch.where(s.active & (chosen >= 1) & (gained >= 2), length + (chosen - 1) * branch, 1)
+    return moved, kv_from
+
+
+def _step_draws(s: Slots):
+    """What verify() and the carry-over read besides p: each row's limit (its window, the image's
+    end) and the step's uniforms (acceptance [B, L], residual [B], fresh [B, L])."""
     b, length = s.drafts.shape
     offs = torch.arange(length, device=s.drafts.device)
-    body_next = (s.pos - s.body0)[:, None] + offs + 1  # body index each window position predicts
-    p = window_probs(logits, s)
     end = s.body0 + s.rows * (s.cols + 1)  # position of the image end
     limit = torch.minimum(s.limit, (end - s.pos).clamp(min=1))
     idx = offs.expand(b, length)
     u_acc = S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_ACCEPT)
     u_res = S.counter_uniform(s.seed, s.nstep, offs[:1].expand(b, 1), S.STREAM_RESIDUAL)[:, 0]
-    tokens, gained = verify(p, s.drafts, s.q, u_acc, u_res, limit, s.speculative)
-    # what the carry-over keeps at each position: a fresh draw from p, or ("pac") the draft itself
-    # unless the model rejects it there too
-    fresh = continue_window(p, s.drafts, s.q, u_acc, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH),
-                            is_pac(s.draft_kind))
+    return limit, u_acc, u_res, S.counter_uniform(s.seed, s.nstep, idx, S.STREAM_FRESH)
 
+
+def _commit(s: Slots, c: Consts, p: torch.Tensor, tokens: torch.Tensor, gained: torch.Tensor,
+            fresh: torch.Tensor) -> Slots:
+    """The slots after a step: the kept tokens (verify's) written, each active slot moved forward by
+    what it gained, and the next window (the carry-over of fresh [B, L] with p as q, the rest by
+    each slot's draft kind)."""
+    b, length = s.drafts.shape
+    offs = torch.arange(length, device=s.drafts.device)
+    body_next = (s.pos - s.body0)[:, None] + offs + 1  # body index each window position predicts
     # Write the kept tokens by body index; move each active slot forward by what it gained.
     act = s.active
     at = body_next.clamp(0, s.gen.shape[1] - 1)
@@ -505,11 +597,14 @@ def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
                           q=torch.where(act[:, None, None], q, s.q))
 
 
-def window_probs(logits: torch.Tensor, s: Slots) -> torch.Tensor:
-    """The target distribution p [B, L, C+2] of each slot's window positions: CFG, the layout's
-    constraints, top-k, temperature."""
+def window_probs(logits: torch.Tensor, s: Slots, depth: torch.Tensor | None = None) -> torch.Tensor:
+    """The target distribution p [B, N, C+2] of each slot's window positions: CFG, the layout's
+    constraints, top-k, temperature. depth [N]: each node's depth in the window (default: the
+    window's 0..L-1; a draft tree's nodes, model/sjd.py tree_layout)."""
     b, length = s.drafts.shape
-    body_next = (s.pos - s.body0)[:, None] + torch.arange(length, device=s.drafts.device) + 1
+    if depth is None:
+        depth = torch.arange(length, device=s.drafts.device)
+    body_next = (s.pos - s.body0)[:, None] + depth + 1
     kind = S.position_kinds(body_next, s.rows, s.cols)
     guided = S.cfg_mix(logits[:b], logits[b:], s.cfg)
     return S.probs_from_logits(guided, S.allowed_local(kind, s.q.shape[-1] - 2), s.temperature, s.top_k)
@@ -535,6 +630,17 @@ def window_drafts(s: Slots, step: torch.Tensor, carried: torch.Tensor, carried_q
     u_mix = S.counter_uniform(s.seed, step, idx, S.STREAM_MIX)
     drafts, q = refill(carried, carried_q, carry, above, known, random, u_mix, code_q, s.draft_kind)
     return force_layout(drafts, q, S.position_kinds(body_next, s.rows, s.cols), n_codes)
+
+
+def check_tree(siblings, branch, window: int) -> tuple[int, int]:
+    """(siblings, branch) of Engine's draft tree, checked: (0, 0) is none."""
+    ok = all(isinstance(x, (int, np.integer)) and x >= 0 for x in (siblings, branch))
+    if ok and siblings == branch == 0:
+        return 0, 0
+    if not (ok and siblings >= 1 and 1 <= branch <= window - 1):
+        raise ValueError(f"Engine: draft tree tree_siblings={siblings!r}, tree_branch={branch!r}: give both as "
+                         f"integers, siblings >= 1 and 1 <= branch <= window - 1 = {window - 1} (or both 0: no tree)")
+    return int(siblings), int(branch)
 
 
 def random_drafts(seed, step, length: int, n_codes: int):

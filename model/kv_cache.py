@@ -52,3 +52,16 @@ class KVCache(nn.Module):
         else:
             kk, vv = self.k[rows], self.v[rows]
         return kk[:, :, :n], vv[:, :, :n]
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
+        """Copy n consecutive slots of each row: row r's slots src[r]..src[r]+n-1 onto dst[r]..dst[r]+n-1.
+
+        src, dst [max_batch] (every row; a row that needs nothing copies onto itself): static
+        shapes, so the move compiles. The ranges of one row must not overlap. A draft tree's
+        accepted sibling branch (model/engine.py) is moved this way to the slots of its positions.
+        """
+        offs = torch.arange(n, device=src.device)
+        r = torch.arange(self.max_batch, device=src.device)[:, None]
+        s, d = src[:, None] + offs, dst[:, None] + offs
+        self.k[r, :, d] = self.k[r, :, s]
+        self.v[r, :, d] = self.v[r, :, s]

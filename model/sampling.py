@@ -23,6 +23,9 @@ CODE, ROW_END, IMAGE_END, PAST_END = 0, 1, 2, 3
 
 # Streams of counter_uniform: one per purpose, so that no two draws share a number.
 STREAM_ACCEPT, STREAM_FRESH, STREAM_RESIDUAL, STREAM_DRAFT, STREAM_MIX = 0, 1, 2, 3, 4
+# A draft tree's extra first-position candidates (model/sjd.py, tree_candidates) and their
+# acceptance uniforms (accept_first_of).
+STREAM_TREE, STREAM_TREE_ACCEPT = 5, 6
 
 # murmur3's 32-bit finalizer constants, as int32 (two's complement). The whole hash runs in
 # int32 with wrapping multiplies: triton keeps indices in int32 and refuses a 64-bit constant

@@ -48,13 +48,39 @@ below j). Verification of j happens when all below it are accepted, with p the m
 distribution given the accepted prefix: speculative sampling's theorem applies position by
 position. The same holds for a q that depends on drafts below j in the same window ("pac+above").
 tests/model/test_sjd.py checks every kind with chi-square tests and greedy equality.
+
+Draft tree (SJD-PAC's proactive drafting, Engine(tree_siblings=S, tree_branch=m); issue 20). The
+window's first draft is accepted least often (its q is the previous step's p, computed on a
+context the step then changed), and a rejection there ends the step at one token. The tree adds
+S candidates for that first position, drawn i.i.d. from the same q (tree_candidates), each the
+root of a branch of m nodes [candidate, drafts[1], ..., drafts[m-1]] (the deeper drafts are the
+main chain's, shared). The forward feeds the window and the branches at once (tree_layout: each
+node reads the accepted prefix and its own ancestors only). accept_first_of verifies the first
+position over the candidates (multi-draft speculative sampling); the accepted branch's p gives
+the path that verify() and the carry-over read for depths 2..m+1 (tree_path).
+Lossless: (1) the first position. Candidates c_0 (the carried draft) and c_1..c_S are i.i.d. ~ q
+given everything below (c_0 by the induction above, the others fresh draws), each tested in turn
+with its own uniform against p_cur, p_cur replaced after a rejection by normalize(max(0, p_cur -
+q)). One candidate's accept-or-reject is speculative sampling's rule: P(accept x) = min(p_cur, q)(x),
+and given a rejection the token must be distributed as the residual; the next candidate is a
+fresh draw from q, independent of the rejection, so the rule recurses on the residual, and the
+final draw from the last residual completes it: the first token ~ p exactly
+(test_accept_first_of_samples_p). (2) Depths >= 2 of the accepted branch: its drafts are the main
+chain's, each drawn from its q before this step from what is below it; the choice of the branch
+is a function of draws at the first position (candidates, their uniforms) that the draft's draw
+does not depend on, so given everything below it the draft is still ~ q, and it is verified
+against p on the accepted branch's context: speculative sampling's theorem as for the chain.
+Only the one accepted branch is verified past the first position. (3) The carry-over: any q is
+valid as long as it is the distribution the next draft is drawn from; on a sibling path the
+positions past the branch keep the main chain's p (computed with c_0 below them, a draw below
+them): a worse q, still an exact one.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from model.sampling import CODE, ROW_END, sample
+from model.sampling import CODE, ROW_END, STREAM_TREE, counter_uniform, sample
 
 DRAFT_KINDS = ("uniform", "above", "above+carry", "pac", "pac+above")
 DEFAULT_DRAFTS = "pac"  # Request.drafts and generate.sjd_drafts (docs/generate.md: the measured best)
@@ -183,3 +209,100 @@ def force_layout(drafts: torch.Tensor, q: torch.Tensor, kind: torch.Tensor, n_co
     drafts = torch.where(is_code, drafts, forced)
     q = torch.where(is_code[..., None], q, F.one_hot(forced, q.shape[-1]).to(q.dtype))
     return drafts, q
+
+
+# --- draft tree at the window's first position (module docstring, "Draft tree") --------------------
+
+def tree_layout(length: int, siblings: int, branch: int, device=None):
+    """The N = length + siblings * branch nodes a tree step feeds per row, as offsets from the row's
+    position pos (the last accepted token).
+
+    Returns (depth, slot, base, lo, hi), each int64 [N]: node n's token sits at RoPE position
+    pos + depth[n] and writes cache slot pos + slot[n]; it reads slots <= pos + base[n] and slots
+    pos + lo[n] .. pos + hi[n]. Nodes 0..length-1 are the main chain (depth = slot = base = n, no
+    extra range: the plain window's rule); branch k's nodes (depth 1..branch) sit past the window
+    at slots length + k * branch + depth - 1 and read the accepted prefix (base 0) and their own
+    branch up to themselves.
+    """
+    main = torch.arange(length, device=device)
+    j = torch.arange(siblings * branch, device=device)
+    d = j % branch + 1
+    start = length + (j // branch) * branch
+    depth = torch.cat([main, d])
+    slot = torch.cat([main, length + j])
+    base = torch.cat([main, torch.zeros_like(j)])
+    lo = torch.cat([torch.ones_like(main), start])
+    hi = torch.cat([torch.zeros_like(main), length + j])  # main chain: lo > hi, no range
+    return depth, slot, base, lo, hi
+
+
+def tree_mask(pos: torch.Tensor, base: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Bool [B, 1, N, kv_len] of the cache slots each node of each row reads (tree_layout's offsets
+    from pos [B]); Decoder.forward's attn_mask."""
+    s = torch.arange(kv_len, device=pos.device)[None, None, :]
+    p = pos[:, None, None]
+    allowed = (s <= p + base[None, :, None]) | ((s >= p + lo[None, :, None]) & (s <= p + hi[None, :, None]))
+    return allowed[:, None]
+
+
+def tree_candidates(drafts: torch.Tensor, q: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
+                    siblings: int) -> torch.Tensor:
+    """The first position's candidates, local ids [B, 1 + siblings]: the window's first draft, then
+    `siblings` i.i.d. draws from its q (q[:, 0], stream STREAM_TREE). A pure function of the slot
+    state, so the forward (which feeds them) and advance() (which verifies them) agree."""
+    b, _, v = q.shape
+    u = counter_uniform(seed, step, torch.arange(1, siblings + 1, device=drafts.device), STREAM_TREE)
+    extra = sample(q[:, :1].expand(b, siblings, v), u)
+    return torch.cat([drafts[:, :1], extra], 1)
+
+
+def accept_first_of(p: torch.Tensor, q: torch.Tensor, cands: torch.Tensor, u_accept: torch.Tensor,
+                    u_residual: torch.Tensor, speculative: torch.Tensor):
+    """Multi-draft speculative sampling at one position over candidates drawn i.i.d. from q.
+
+    p, q [B, V]; cands [B, K] ids; u_accept [B, K], u_residual [B] uniforms; speculative [B] bool.
+    Candidate k is accepted if no earlier one was and u_k * q(c_k) < p_cur(c_k); after a rejection
+    p_cur becomes normalize(max(0, p_cur - q)) (when that is all zero a rejection had probability 0
+    and p_cur stays). If none is accepted the token is drawn from the last p_cur; rows with
+    speculative False draw from p. Returns (token [B] ~ p exactly, chosen [B]: the accepted
+    candidate's index, -1 if the token was drawn).
+    """
+    b, k_n = cands.shape
+    chosen = torch.full((b,), -1, dtype=torch.long, device=cands.device)
+    p_cur = p
+    for k in range(k_n):  # unrolled: static shapes
+        c = cands[:, k:k + 1]
+        ok = speculative & (chosen < 0) & (u_accept[:, k] * q.gather(-1, c)[:, 0] < p_cur.gather(-1, c)[:, 0])
+        chosen = torch.where(ok, k, chosen)
+        resid = (p_cur - q).clamp_min(0)
+        z = resid.sum(-1, keepdim=True)
+        p_cur = torch.where(speculative[:, None] & (z > 0), resid / z.clamp_min(1e-30), p_cur)
+    drawn = sample(p_cur, u_residual)
+    token = torch.where(chosen >= 0, cands.gather(1, chosen.clamp(min=0)[:, None])[:, 0], drawn)
+    return token, chosen
+
+
+def tree_path(p: torch.Tensor, p_branches: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor,
+              first: torch.Tensor, chosen: torch.Tensor, limit: torch.Tensor):
+    """The window as verify() and the carry-over read it after accept_first_of.
+
+    p [B, L, V]: the main chain's target distributions; p_branches [B, S, m, V]: each sibling
+    branch's (node d predicts depth d + 1); drafts, q: the window's; first [B]: the first
+    position's token, chosen [B] its candidate (0 the main chain's draft, k >= 1 sibling k, -1
+    drawn). Position 0 becomes first with p = q = one-hot (verify passes it with certainty);
+    on a sibling branch depths 2..m+1 take the branch's p and the row may gain at most m + 1
+    tokens (past the branch no p was computed on its context); a drawn first token ends the step
+    there (limit 1). Returns (p, drafts, q, limit) of the path.
+    """
+    b, length, v = p.shape
+    m = p_branches.shape[2]
+    one = F.one_hot(first, v).to(p.dtype)[:, None]
+    rows = torch.arange(b, device=p.device)
+    on_sib = chosen >= 1
+    branch_p = p_branches[rows, (chosen - 1).clamp(min=0)]  # [B, m, V]
+    sib_p = torch.cat([one, branch_p, p[:, m + 1:]], 1)
+    path_p = torch.where(on_sib[:, None, None], sib_p, torch.cat([one, p[:, 1:]], 1))
+    path_q = torch.cat([one, q[:, 1:]], 1)
+    path_drafts = torch.cat([first[:, None], drafts[:, 1:]], 1)
+    limit = torch.where(chosen < 0, 1, torch.where(on_sib, limit.clamp(max=m + 1), limit))
+    return path_p, path_drafts, path_q, limit
