@@ -4,6 +4,7 @@
     python -m bench.generate --device cuda --preset 7b     # one H100: every setup at 768 px
     python -m bench.generate --device cuda --preset 2b --setups static,int4
     python -m bench.generate acceptance                    # SJD tokens per step of assets/decoder-tiny
+    python -m bench.generate acceptance --drafts pac --tree 0x0 2x3 --equal-nodes --out /tmp/tree.json
 
 Random weights at the real sizes (speed does not depend on them). For each setup, ms per decode
 step (both CFG branches) at contexts along the image, then seconds per image integrated over
@@ -345,20 +346,24 @@ def acceptance(opts) -> dict:
     groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
     base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
     kinds = opts.drafts or list(DRAFT_KINDS)
+    trees = [parse_tree(t) for t in (getattr(opts, "tree", None) or ["0x0"])]
     out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
            "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
            "default_draft": DEFAULT_DRAFTS if DEFAULT_DRAFTS in kinds else kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
-           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads()}
+           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads(),
+           "trees": [f"{a}x{b}" for a, b in trees]}
     print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
           flush=True)
-    plan = [(w, k) for w in opts.window for k in kinds] + [(1, None)]
+    plan = [(w, k, t) for w, t in tree_plan(opts.window, trees, getattr(opts, "equal_nodes", False))
+            for k in kinds] + [(1, None, (0, 0))]
     for group, requests in base.items():
-        for window, kind in plan:
+        for window, kind, tree in plan:
             sjd = kind is not None
             reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
-            engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64)
+            engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64,
+                            tree_siblings=tree[0], tree_branch=tree[1])
             gains = count_gains(engine)
             t0 = time.perf_counter()
             results = list(engine.generate(iter(reqs)))
@@ -368,14 +373,22 @@ def acceptance(opts) -> dict:
                 raise RuntimeError(f"acceptance: engine errors {bad[:3]}")
             steps, tokens = sum(r.steps for r in results), sum(r.tokens for r in results)
             n_steps = sum(gains.values())
-            row = {"group": group, "sjd": sjd, "window": window, "drafts": kind, "images": len(results),
+            row = {"group": group, "sjd": sjd, "window": window, "drafts": kind, "tree": f"{tree[0]}x{tree[1]}",
+                   "nodes": engine.nodes, "images": len(results),
                    "tokens_per_step": round(tokens / steps, 3), "steps_per_image": round(steps / len(results), 2),
                    "one_token_steps": round(gains[1] / n_steps, 3),
                    "steps_of_7_or_more": round(sum(c for g, c in gains.items() if g >= 7) / n_steps, 3),
                    "engine_steps": engine.steps_run, "seconds": round(secs, 2)}
+            if tree[0]:  # steps that gained 2+ tokens through a sibling branch (its K/V moved)
+                row["sibling_steps"] = round(gains.sibling / n_steps, 3)
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
-    if opts.cost_rounds:
+    if opts.cost_rounds and any(t[0] for t in trees):
+        model.clear_cache()
+        out["tree_step_cost"] = tree_step_cost(model, layout, base["t2i"], opts.tree_cost_window, trees,
+                                               opts.max_batch, opts.cost_rounds)
+        print(json.dumps(out["tree_step_cost"]), flush=True)
+    elif opts.cost_rounds:
         model.clear_cache()
         out["step_cost"] = step_cost(model, layout, base["t2i"], kinds, max(opts.window), opts.max_batch,
                                      opts.cost_rounds)
@@ -383,16 +396,39 @@ def acceptance(opts) -> dict:
     return out
 
 
+def parse_tree(text: str) -> tuple[int, int]:
+    """"SxM" -> (siblings, branch) of Engine's draft tree; "0x0": none."""
+    try:
+        a, b = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"draft tree {text!r}: expected SIBLINGSxBRANCH, e.g. 2x3 (0x0: none)") from None
+    return a, b
+
+
+def tree_plan(windows, trees, equal_nodes: bool) -> list[tuple[int, tuple[int, int]]]:
+    """(window, tree) runs: every tree at every window; with equal_nodes also each tree at the
+    window that makes its node count (window + S * m) the plain window's, so that the CPU forward
+    costs about the same (runs a tree does not fit are left out)."""
+    plan = [(w, t) for w in windows for t in trees if t[1] <= w - 1]
+    if equal_nodes:
+        plan += [(w - a * b, (a, b)) for w in windows for a, b in trees
+                 if a and b <= w - a * b - 1 and (w - a * b, (a, b)) not in plan]
+    return plan
+
+
 def count_gains(engine: Engine) -> collections.Counter:
     """Count, over the engine's steps, how many tokens each active slot gained (a histogram filled as
     the engine runs): where the steps go, e.g. how many gain only the one token a rejection gives."""
     gains = collections.Counter()
+    gains.sibling = 0  # steps that gained 2+ tokens on a draft tree's sibling branch
     step = engine.step
 
     def counted():
         before, active = engine.state.pos.clone(), engine.state.active.clone()
         step()
         gains.update((engine.state.pos - before)[active].tolist())
+        if engine.tree[0]:
+            gains.sibling += int((engine.last_kv_from != 1)[active].sum())
 
     engine.step = counted
     return gains
@@ -450,6 +486,56 @@ def step_cost(model, layout, requests, kinds, window: int, batch: int, rounds: i
             "pac_ops_added_fraction_of_step": round((ms["pac_ops"] - ms["former_draw"]) / step, 4)}
 
 
+def tree_step_cost(model, layout, requests, window: int, trees, batch: int, rounds: int) -> dict:
+    """What a draft tree costs a step, side by side: for the plain window, each tree at that window,
+    and each tree at the window of equal node count (window - S * m), ms of the forward, of
+    advance() and of the K/V move (Engine.move_tree_kv), on one mid-image state of `batch` slots per
+    setup, in interleaved rounds (load on a shared CPU hits every setup alike); medians, and each
+    step's time relative to the plain window's."""
+    import copy
+    import dataclasses
+
+    setups = [(window, (0, 0))] + [(w, t) for t in trees if t[0]
+                                   for w in (window, window - t[0] * t[1]) if t[1] <= w - 1]
+    engines = {}
+    for w, t in setups:
+        m = copy.deepcopy(model)  # each engine owns its cache
+        engine = Engine(m, layout, max_batch=batch, window=w, kv_bucket=64, tree_siblings=t[0], tree_branch=t[1])
+        for b in range(batch):
+            r = dataclasses.replace(requests[b % len(requests)], id=f"cost{b}", window=w, sjd=True, drafts="pac")
+            ctx, rows, cols = engine.check(r)
+            engine.jobs[b] = _Job(r, ctx, rows, cols, time.perf_counter())
+        engine._prefill([(b, engine.jobs[b]) for b in range(batch)])
+        for _ in range(3):  # drafts and q as in the middle of an image
+            engine.step()
+        engines[f"w{w}+{t[0]}x{t[1]}"] = engine
+    times = {k: {"forward": [], "advance": [], "kv_move": []} for k in engines}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, engine in engines.items():
+                state = engine.state
+                t0 = time.perf_counter()
+                logits = engine.window_logits()
+                t1 = time.perf_counter()
+                got = engine._advance(logits, state, engine.consts)
+                t2 = time.perf_counter()
+                if engine.tree[0]:
+                    engine.move_tree_kv(state, got[1])
+                t3 = time.perf_counter()
+                for part, dt in (("forward", t1 - t0), ("advance", t2 - t1), ("kv_move", t3 - t2)):
+                    times[name][part].append(dt)
+    out = {"batch": batch, "rounds": rounds, "setups": {}}
+    for name, engine in engines.items():
+        ms = {k: round(float(np.median(v)) * 1e3, 3) for k, v in times[name].items()}
+        ms["step"] = round(sum(ms.values()), 3)
+        ms["nodes"] = engine.nodes
+        out["setups"][name] = ms
+    ref = out["setups"][f"w{window}+0x0"]["step"]
+    for ms in out["setups"].values():
+        ms["vs_plain_window"] = round(ms["step"] / ref, 4)
+    return out
+
+
 def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None = None,
                         path: Path = ACCEPTANCE) -> float:
     """SJD tokens per step from `python -m bench.generate acceptance` (the default draft kind unless
@@ -460,7 +546,8 @@ def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None
     res = json.loads(path.read_text())
     drafts = drafts or res.get("default_draft")
     for row in res.get("runs", []):
-        if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts:
+        if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts \
+                and row.get("tree", "0x0") == "0x0":
             return float(row["tokens_per_step"])
     raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts; rerun "
                       f"`python -m bench.generate acceptance --window {window}` or pass --acceptance")
@@ -515,6 +602,13 @@ def main(argv=None):
         p.add_argument("--max-batch", type=int, default=16)
         p.add_argument("--cost-rounds", type=int, default=30, help="interleaved rounds timing each kind's "
                                                                     "advance() (0: skip)")
+        p.add_argument("--tree", nargs="+", default=["0x0"],
+                       help="draft trees SIBLINGSxBRANCH (Engine tree_siblings / tree_branch), each run at every "
+                            "window; 0x0: none (the default)")
+        p.add_argument("--equal-nodes", action="store_true",
+                       help="also run each tree at the window of equal node count (window - S*m)")
+        p.add_argument("--tree-cost-window", type=int, default=16,
+                       help="the plain window the trees' step cost is timed against")
         p.add_argument("--out", default=str(ACCEPTANCE))
         p.add_argument("--threads", type=int, default=1, help="torch threads (the figure is tokens per step; on "
                                                               "a shared CPU, more threads only contend)")

@@ -52,20 +52,23 @@ tests/model/test_sjd.py checks every kind with chi-square tests and greedy equal
 Draft tree (SJD-PAC's proactive drafting, Engine(tree_siblings=S, tree_branch=m); issue 20). The
 window's first draft is accepted least often (its q is the previous step's p, computed on a
 context the step then changed), and a rejection there ends the step at one token. The tree adds
-S candidates for that first position, drawn i.i.d. from the same q (tree_candidates), each the
+S candidates for that first position, drawn from the same q without replacement (tree_candidates), each the
 root of a branch of m nodes [candidate, drafts[1], ..., drafts[m-1]] (the deeper drafts are the
 main chain's, shared). The forward feeds the window and the branches at once (tree_layout: each
 node reads the accepted prefix and its own ancestors only). accept_first_of verifies the first
 position over the candidates (multi-draft speculative sampling); the accepted branch's p gives
 the path that verify() and the carry-over read for depths 2..m+1 (tree_path).
-Lossless: (1) the first position. Candidates c_0 (the carried draft) and c_1..c_S are i.i.d. ~ q
-given everything below (c_0 by the induction above, the others fresh draws), each tested in turn
-with its own uniform against p_cur, p_cur replaced after a rejection by normalize(max(0, p_cur -
-q)). One candidate's accept-or-reject is speculative sampling's rule: P(accept x) = min(p_cur, q)(x),
-and given a rejection the token must be distributed as the residual; the next candidate is a
-fresh draw from q, independent of the rejection, so the rule recurses on the residual, and the
-final draw from the last residual completes it: the first token ~ p exactly
-(test_accept_first_of_samples_p). (2) Depths >= 2 of the accepted branch: its drafts are the main
+Lossless: (1) the first position: recursive rejection sampling (Jeon et al., "Recursive
+Speculative Decoding", 2024). c_0 (the carried draft) ~ q given everything below (the induction
+above); c_k, k >= 1, is drawn from q_k = q without c_0..c_{k-1}, renormalized (without
+replacement: a repeat of a rejected candidate is never accepted, so i.i.d. copies would be
+wasted). Backward induction over the stages: the procedure from stage k on, given the history,
+outputs p_k: P(out = x) = sum_c q_k(c) [1{c = x} min(1, p_k(c) / q_k(c)) + (1 - min(1, ..)) p_{k+1}(x)]
+= min(p_k, q_k)(x) + (1 - sum min(p_k, q_k)) p_{k+1}(x) = p_k(x), because p_{k+1} =
+normalize(max(0, p_k - q_k)) depends on the history but not on c_k, and the last stage's fallback
+draws from its p exactly. A rejected c_k had p_k(c_k) < q_k(c_k), so p_{k+1}(c_k) = 0: removing it
+from the next q loses nothing. So the first token ~ p_0 = p (test_accept_first_of_gives_p exactly,
+by enumeration). (2) Depths >= 2 of the accepted branch: its drafts are the main
 chain's, each drawn from its q before this step from what is below it; the choice of the branch
 is a function of draws at the first position (candidates, their uniforms) that the draft's draw
 does not depend on, so given everything below it the draft is still ~ q, and it is verified
@@ -248,35 +251,51 @@ def tree_mask(pos: torch.Tensor, base: torch.Tensor, lo: torch.Tensor, hi: torch
 def tree_candidates(drafts: torch.Tensor, q: torch.Tensor, seed: torch.Tensor, step: torch.Tensor,
                     siblings: int) -> torch.Tensor:
     """The first position's candidates, local ids [B, 1 + siblings]: the window's first draft, then
-    `siblings` i.i.d. draws from its q (q[:, 0], stream STREAM_TREE). A pure function of the slot
-    state, so the forward (which feeds them) and advance() (which verifies them) agree."""
-    b, _, v = q.shape
+    `siblings` draws from its q (q[:, 0]) without replacement (stream STREAM_TREE): candidate k is
+    drawn from q with candidates 0..k-1 removed (draws_left; a row whose q has no mass left gets a
+    placeholder that accept_first_of never accepts). A pure function of the slot state, so the
+    forward (which feeds them) and advance() (which verifies them) agree."""
     u = counter_uniform(seed, step, torch.arange(1, siblings + 1, device=drafts.device), STREAM_TREE)
-    extra = sample(q[:, :1].expand(b, siblings, v), u)
-    return torch.cat([drafts[:, :1], extra], 1)
+    cands = drafts[:, :1]
+    for k in range(siblings):  # unrolled: static shapes
+        q_k, _ = draws_left(q[:, 0], cands)
+        cands = torch.cat([cands, sample(q_k, u[:, k])[:, None]], 1)
+    return cands
+
+
+def draws_left(q: torch.Tensor, taken: torch.Tensor):
+    """q [B, V] with the ids taken [B, k] removed, renormalized, and whether any mass is left [B]
+    (the distribution of a draw without replacement after those)."""
+    q_k = q.scatter(-1, taken, 0.0)
+    z = q_k.sum(-1, keepdim=True)
+    return q_k / z.clamp_min(1e-30), z[:, 0] > 0
 
 
 def accept_first_of(p: torch.Tensor, q: torch.Tensor, cands: torch.Tensor, u_accept: torch.Tensor,
                     u_residual: torch.Tensor, speculative: torch.Tensor):
-    """Multi-draft speculative sampling at one position over candidates drawn i.i.d. from q.
+    """Recursive rejection sampling (Jeon et al. 2024) at one position over candidates drawn from q
+    without replacement (tree_candidates).
 
     p, q [B, V]; cands [B, K] ids; u_accept [B, K], u_residual [B] uniforms; speculative [B] bool.
-    Candidate k is accepted if no earlier one was and u_k * q(c_k) < p_cur(c_k); after a rejection
-    p_cur becomes normalize(max(0, p_cur - q)) (when that is all zero a rejection had probability 0
-    and p_cur stays). If none is accepted the token is drawn from the last p_cur; rows with
-    speculative False draw from p. Returns (token [B] ~ p exactly, chosen [B]: the accepted
-    candidate's index, -1 if the token was drawn).
+    Candidate k's draft distribution is q_k = q without candidates 0..k-1, renormalized
+    (draws_left); it is accepted if no earlier one was and u_k * q_k(c_k) < p_k(c_k), p_0 = p; after
+    a rejection p_{k+1} = normalize(max(0, p_k - q_k)) (all zero: a rejection had probability 0, p_k
+    stays). A stage whose q_k has no mass is skipped. If none is accepted the token is drawn from
+    the last p_k; rows with speculative False draw from p. Returns (token [B] ~ p exactly, chosen
+    [B]: the accepted candidate's index, -1 if the token was drawn).
     """
     b, k_n = cands.shape
     chosen = torch.full((b,), -1, dtype=torch.long, device=cands.device)
     p_cur = p
     for k in range(k_n):  # unrolled: static shapes
         c = cands[:, k:k + 1]
-        ok = speculative & (chosen < 0) & (u_accept[:, k] * q.gather(-1, c)[:, 0] < p_cur.gather(-1, c)[:, 0])
+        q_k, has_mass = draws_left(q, cands[:, :k])
+        live = speculative & has_mass
+        ok = live & (chosen < 0) & (u_accept[:, k] * q_k.gather(-1, c)[:, 0] < p_cur.gather(-1, c)[:, 0])
         chosen = torch.where(ok, k, chosen)
-        resid = (p_cur - q).clamp_min(0)
+        resid = (p_cur - q_k).clamp_min(0)
         z = resid.sum(-1, keepdim=True)
-        p_cur = torch.where(speculative[:, None] & (z > 0), resid / z.clamp_min(1e-30), p_cur)
+        p_cur = torch.where(live[:, None] & (z > 0), resid / z.clamp_min(1e-30), p_cur)
     drawn = sample(p_cur, u_residual)
     token = torch.where(chosen >= 0, cands.gather(1, chosen.clamp(min=0)[:, None])[:, 0], drawn)
     return token, chosen
