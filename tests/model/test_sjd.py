@@ -12,20 +12,21 @@ import torch.nn.functional as F
 from model import sampling as S
 from model.decoder import ModelArgs
 from model.engine import Engine, Request
-from model.sjd import (DRAFT_KINDS, above_in_window, continue_window, in_window_above, is_pac, next_window, refill,
-                       verify)
+from model.sjd import (DRAFT_KINDS, above_in_window, accept_first_of, continue_window, draws_left, in_window_above,
+                       is_pac, next_window, refill, tree_candidates, tree_path, verify)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, speculative: bool,
-                   drafts_kind: str = "uniform", width: int = 2):
+                   drafts_kind: str = "uniform", width: int = 2, tree: tuple[int, int] = (0, 0)):
     """Drive verify / continue_window / next_window / refill as the engine's advance() does, with a
     known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}]).
 
     drafts_kind: the draft initialisation (model.sjd.DRAFT_KINDS), "above" being the token `width`
     positions back (a row of `width` tokens), once accepted (or, for "pac+above", still a draft of
-    the window)."""
+    the window). tree (siblings, branch): a draft tree at the window's first position, as the
+    engine's tree_advance() runs it (each branch node's p from its own input token)."""
     v = table.shape[0]
     kind = torch.full((rows,), DRAFT_KINDS.index(drafts_kind))
     code_q = S.uniform_codes_q(v)
@@ -58,8 +59,18 @@ def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, s
         inputs = torch.cat([last[:, None], drafts[:, :-1]], 1)
         p = torch.softmax(table[inputs], -1)
         u_acc = S.counter_uniform(seed, step, idx, S.STREAM_ACCEPT)
-        tokens, gained = verify(p, drafts, q, u_acc, S.counter_uniform(seed, step, idx[:, :1], S.STREAM_RESIDUAL)[:, 0],
-                                torch.full((rows,), window), spec)
+        u_res = S.counter_uniform(seed, step, idx[:, :1], S.STREAM_RESIDUAL)[:, 0]
+        limit = torch.full((rows,), window)
+        if tree[0]:
+            siblings, branch = tree
+            cands = tree_candidates(drafts, q, seed, step, siblings)
+            branch_in = torch.cat([cands[:, 1:, None], drafts[:, None, 1:branch].expand(-1, siblings, -1)], 2)
+            p_branches = torch.softmax(table[branch_in], -1)
+            u_first = S.counter_uniform(seed, step, torch.arange(siblings + 1), S.STREAM_TREE_ACCEPT)
+            first, chosen = accept_first_of(p[:, 0], q[:, 0], cands, u_first, u_res, spec)
+            p, drafts, q, limit = tree_path(p, p_branches, drafts, q, first, chosen, limit)
+            spec = torch.ones_like(spec)
+        tokens, gained = verify(p, drafts, q, u_acc, u_res, limit, spec)
         assert (gained >= 1).all() and (gained <= window).all()
         fresh = continue_window(p, drafts, q, u_acc, S.counter_uniform(seed, step, idx, S.STREAM_FRESH), is_pac(kind))
         rand = S.uniform_codes(S.counter_bits(seed, step, idx, S.STREAM_DRAFT), v)
@@ -98,6 +109,100 @@ def test_speculative_rule_samples_the_target_distribution(chi_square, drafts_kin
         assert chi_square(counts, exact) > 1e-3, speculative
         if speculative:
             assert steps.float().mean() < 4.0  # and it did speculate: fewer steps than tokens
+
+
+@pytest.mark.parametrize("drafts_kind", ["uniform", "pac", "pac+above"])
+@pytest.mark.parametrize("tree", [(1, 1), (2, 2), (3, 1)])
+def test_draft_tree_samples_the_target_distribution(chi_square, drafts_kind, tree):
+    """The draft tree (tree_candidates, accept_first_of, tree_path, then verify and the carry-over
+    as tree_advance runs them) on the bigram target: the joint of the first four tokens passes
+    chi-square against the exact one; window 3, so branches reach the window's end (branch 2:
+    limit 3 tokens) and the carry-over past a short branch (branch 1) is exercised. Fewer steps
+    than without the tree, for the kinds whose q holds more than one code."""
+    torch.manual_seed(0)
+    v = 5
+    table = 2.5 * torch.randn(v, v)
+    p = torch.softmax(table, -1)
+    exact = torch.einsum("a,ab,bc,cd->abcd", p[0], p, p, p).reshape(-1)
+    tokens, steps = run_bigram_sjd(table, rows=20000, window=3, n_tokens=4, speculative=True,
+                                   drafts_kind=drafts_kind, tree=tree)
+    codes = ((tokens[:, 0] * v + tokens[:, 1]) * v + tokens[:, 2]) * v + tokens[:, 3]
+    assert chi_square(torch.bincount(codes, minlength=v ** 4), exact) > 1e-3
+    _, plain_steps = run_bigram_sjd(table, rows=20000, window=3, n_tokens=4, speculative=True,
+                                    drafts_kind=drafts_kind)
+    if drafts_kind != "uniform":  # "uniform"'s q is one-hot on its code: no second candidate to draw
+        assert steps.float().mean() < plain_steps.float().mean()
+
+
+def first_position_exact(p: torch.Tensor, q: torch.Tensor, n_cands: int):
+    """Recursive rejection sampling at one position, enumerated exactly (float64): the output's
+    distribution and P(a candidate is accepted), candidates drawn from q without replacement
+    (sjd.draws_left; a stage with no mass left is skipped, as accept_first_of does)."""
+    def stage(p_k, taken, k):
+        if k == n_cands:
+            return p_k, 0.0
+        q_k, has = draws_left(q[None], torch.tensor([taken], dtype=torch.long).reshape(1, -1))
+        q_k = q_k[0]
+        if not has[0]:
+            return stage(p_k, taken + [0], k + 1)
+        out, acc = torch.zeros_like(p_k), 0.0
+        for c in range(len(q)):
+            if q_k[c] == 0:
+                continue
+            a = min(1.0, float(p_k[c] / q_k[c]))
+            out[c] += q_k[c] * a
+            acc += float(q_k[c]) * a
+            resid = (p_k - q_k).clamp_min(0)
+            p_next = resid / resid.sum() if resid.sum() > 0 else p_k
+            sub, sub_acc = stage(p_next, taken + [c], k + 1)
+            out += q_k[c] * (1 - a) * sub
+            acc += float(q_k[c]) * (1 - a) * sub_acc
+        return out, acc
+    return stage(p, [], 0)
+
+
+FIRST_POSITION_CASES = {
+    "q apart from p": ([0.05, 0.5, 0.3, 0.1, 0.05], [0.6, 0.1, 0.1, 0.1, 0.1]),
+    "q misses ids of p": ([0.4, 0.3, 0.2, 0.1, 0.0], [0.0, 0.0, 0.5, 0.2, 0.3]),
+    "q one-hot": ([0.2, 0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 1.0, 0.0, 0.0]),
+    "q equals p": ([0.1, 0.2, 0.3, 0.4, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(FIRST_POSITION_CASES))
+def test_accept_first_of_gives_p(chi_square, case):
+    """The first position's rule alone. Exactly (enumeration over candidates and the acceptance
+    probabilities min(1, p_k / q_k)): the token is distributed as p for 1..4 candidates, and more
+    candidates accept more often. Then the code itself (tree_candidates + accept_first_of, counter
+    draws, 200,000 rows): its tokens pass chi-square against p and its acceptance rate is the
+    enumerated one (5 standard errors)."""
+    p, q = (torch.tensor(x, dtype=torch.float64) for x in FIRST_POSITION_CASES[case])
+    accepts = []
+    for k in range(1, 5):
+        dist, acc = first_position_exact(p, q, k)
+        torch.testing.assert_close(dist, p, atol=1e-12, rtol=0)
+        accepts.append(acc)
+    assert all(b >= a - 1e-12 for a, b in zip(accepts, accepts[1:]))
+    if case == "q apart from p":
+        assert accepts[2] > accepts[0] + 0.2  # the reason for the tree
+
+    n, siblings = 200000, 2
+    seed, step = torch.arange(n), torch.zeros(n, dtype=torch.long)
+    pf, qf = p.float().expand(n, 5), q.float().expand(n, 1, 5)
+    first = S.sample(qf[:, 0], S.counter_uniform(seed, step, torch.arange(1), S.STREAM_DRAFT)[:, 0])
+    cands = tree_candidates(first[:, None], qf, seed, step, siblings)
+    assert (qf[:, 0].gather(1, cands[:, :1]) > 0).all()
+    u = S.counter_uniform(seed, step, torch.arange(siblings + 1), S.STREAM_TREE_ACCEPT)
+    token, chosen = accept_first_of(pf, qf[:, 0], cands, u, S.counter_uniform(seed, step, torch.arange(1),
+                                                                              S.STREAM_RESIDUAL)[:, 0],
+                                    torch.ones(n, dtype=torch.bool))
+    assert chi_square(torch.bincount(token, minlength=5), p) > 1e-3
+    rate, want = float((chosen >= 0).float().mean()), accepts[siblings]
+    assert abs(rate - want) <= 5 * (want * (1 - want) / n) ** 0.5 + 1e-9, (rate, want)
+    # no candidate repeats one before it (without replacement) where q has mass left
+    for k in range(1, siblings + 1):
+        _, has = draws_left(qf[:, 0], cands[:, :k])
+        assert not (has[:, None] & (cands[:, :k] == cands[:, k:k + 1])).any()
 
 
 def test_verify_rejects_to_the_residual():
