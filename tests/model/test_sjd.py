@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from model import sampling as S
 from model.decoder import ModelArgs
-from model.engine import Engine, Request
+from model.engine import Engine, Request, _Job
 from model.sjd import (DRAFT_KINDS, above_in_window, accept_first_of, continue_window, draws_left, in_window_above,
                        is_pac, next_window, refill, tree_candidates, tree_path, verify)
 
@@ -264,8 +264,9 @@ def peaky_model(random_decoder, small_layout):
     return random_decoder(args, seed=1, scale=0.35)
 
 
+@pytest.mark.parametrize("tree", [(0, 0), (2, 3)])
 @pytest.mark.parametrize("drafts", DRAFT_KINDS)
-def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, drafts):
+def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, drafts, tree):
     lay = small_layout
     prompt = lay.encode_prompt("two squares")
     h, w = 32, 64
@@ -283,7 +284,8 @@ def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, draf
     assert min(gaps) > 1e-3  # no near-ties, so temperature 1e-5 is greedy
     reqs = [Request(id=f"{sjd}", prompt_ids=prompt, height=h, width=w, seed=7, cfg=3.0, temperature=1e-5,
                     top_k=lay.codebook_size, sjd=sjd, drafts=drafts) for sjd in (True, False)]
-    results = {r.id: r for r in Engine(peaky_model, lay, max_batch=2, window=8, kv_bucket=64).generate(reqs)}
+    engine = Engine(peaky_model, lay, max_batch=2, window=8, kv_bucket=64, tree_siblings=tree[0], tree_branch=tree[1])
+    results = {r.id: r for r in engine.generate(reqs)}
     for r in results.values():
         assert r.error is None
         np.testing.assert_array_equal(r.codes, want)
@@ -291,8 +293,10 @@ def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, draf
 
 
 @pytest.mark.slow
-def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square):
-    """The first three codes over many seeds, SJD and plain, against the exact marginals."""
+@pytest.mark.parametrize("tree", [(0, 0), (2, 3)])
+def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square, tree):
+    """The first three codes over many seeds, SJD and plain, against the exact marginals; with and
+    without a draft tree (2 siblings of 3 nodes: its branches reach all three codes)."""
     lay = small_layout
     prompt, h, w, cfg, top_k = lay.encode_prompt("a circle"), 32, 32, 2.0, 10
     prefix = lay.image_prefix(h, w)
@@ -310,11 +314,12 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
     marg = [p0, joint01.sum(0), (joint01.reshape(-1, 1) * p2_given).sum(0)]
 
     n = 768
-    for sjd in (True, False):
+    for sjd in (True, False) if not tree[0] else (True,):
         reqs = [Request(id=str(i), prompt_ids=prompt, height=h, width=w, seed=1000 * sjd + i, cfg=cfg, top_k=top_k,
                         sjd=sjd) for i in range(n)]
-        codes = torch.tensor(np.stack([r.codes.reshape(-1)[:3] for r in
-                                       Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64).generate(reqs)]))
+        engine = Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64, tree_siblings=tree[0],
+                        tree_branch=tree[1])
+        codes = torch.tensor(np.stack([r.codes.reshape(-1)[:3] for r in engine.generate(reqs)]))
         for k in range(3):
             counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
             assert counts[marg[k] == 0].sum() == 0  # never outside the top-k support
@@ -322,8 +327,9 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafts", ["above", "above+carry", "pac", "pac+above"])
-def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout, chi_square, drafts):
+@pytest.mark.parametrize("drafts,tree", [("above", (0, 0)), ("above+carry", (0, 0)), ("pac", (0, 0)),
+                                         ("pac+above", (0, 0)), ("pac", (2, 3))])
+def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout, chi_square, drafts, tree):
     """Image to image, so the lower panel's first row has its row above from the start: the first
     three generated codes over many seeds pass chi-square against the exact marginals."""
     lay = small_layout
@@ -346,10 +352,94 @@ def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout
     n = 768
     reqs = [Request(id=str(i), prompt_ids=prompt, height=h, width=w, upper_codes=upper, seed=5000 + i, cfg=cfg,
                     top_k=top_k, drafts=drafts) for i in range(n)]
-    results = list(Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64).generate(reqs))
+    results = list(Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64, tree_siblings=tree[0],
+                          tree_branch=tree[1]).generate(reqs))
     codes = torch.tensor(np.stack([r.codes[4:].reshape(-1)[:3] for r in results]))
     for k in range(3):
         counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
         assert counts[marg[k] == 0].sum() == 0
         assert chi_square(counts, marg[k]) > 1e-3, (drafts, k)
     assert sum(r.tokens for r in results) / sum(r.steps for r in results) > 1.0
+
+
+# --- the draft tree's forward and K/V move, on the tiny decoder ------------------------------------
+
+def started_engine(model, layout, n: int, **kw) -> Engine:
+    """An engine with n t2i requests prefilled and in place (no step yet), driven by hand."""
+    engine = Engine(model, layout, max_batch=n, window=8, kv_bucket=64, **kw)
+    prompt = layout.encode_prompt("a circle")
+    for b in range(n):
+        r = Request(id=str(b), prompt_ids=prompt, height=32, width=64, seed=300 + b, cfg=2.0, top_k=10)
+        ctx, rows, cols = engine.check(r)
+        engine.jobs[b] = _Job(r, ctx, rows, cols, 0.0)
+    engine._prefill([(b, engine.jobs[b]) for b in range(n)])
+    return engine
+
+
+def full_window_logits(model, engine: Engine, b: int) -> torch.Tensor:
+    """Slot b's next window logits [2, L, C+2] (cond, uncond) from full forwards without a cache:
+    prompt + image prefix + the accepted body + the window's drafts."""
+    s, job, L = engine.state, engine.jobs[b], engine.window
+    n_prompt = len(job.request.prompt_ids)
+    body = engine.local_to_global[s.gen[b, :int(s.pos[b] - s.body0[b]) + 1]].tolist()
+    drafts = engine.local_to_global[s.drafts[b, :L - 1]].tolist()
+    cond = job.context[:n_prompt + 3] + body + drafts
+    top = int(s.pos[b])
+    with torch.no_grad():
+        c = model(torch.tensor([cond]))[0, top:top + L]
+        u = model(torch.tensor([cond[n_prompt:]]))[0, top - n_prompt:top - n_prompt + L]
+    return torch.stack([c, u])[..., engine.local_to_global]
+
+
+def step_to_a_sibling_acceptance(engine: Engine, check_main_chain: bool) -> int:
+    """Step until a slot gains 2+ tokens on a sibling branch -> that slot. check_main_chain: before
+    each step, the window's logits with the tree equal the plain forward's on the same state."""
+    L, n = engine.window, engine.max_batch
+    for _ in range(8):
+        s = engine.state
+        if check_main_chain:
+            with torch.no_grad():
+                tree = engine.window_logits()
+                tokens = torch.cat([s.last_tok[:, None], engine.local_to_global[s.drafts[:, :L - 1]]], 1)
+                pos = torch.cat([s.pos, s.pos - s.uoff])[:, None] + torch.arange(L)
+                plain = engine._decode_logits(tokens.repeat(2, 1), pos, 64)
+            assert tree.shape[1] == engine.nodes
+            torch.testing.assert_close(tree[:, :L], plain, atol=1e-4, rtol=1e-4)
+        before = s.pos.clone()
+        engine.step()
+        moved = (engine.last_kv_from != 1) & engine.state.active
+        if moved.any():
+            b = int(moved.nonzero()[0, 0])
+            assert int(engine.state.pos[b] - before[b]) >= 2
+            return b
+    raise AssertionError(f"no sibling branch accepted in 8 steps of {n} slots")
+
+
+def test_draft_tree_main_chain_is_unchanged_and_an_accepted_branch_moves_its_kv(peaky_model, small_layout,
+                                                                                  monkeypatch):
+    """The window's logits with the sibling branches fed beside it equal the plain forward's (the
+    siblings are invisible to it). After a step that accepted 2+ tokens on a sibling branch, the
+    next window's logits equal full forwards without a cache over the accepted tokens: the branch's
+    K/V were moved to their positions' slots. Without the move they differ (the test can fail)."""
+    lay, n = small_layout, 16
+    engine = started_engine(peaky_model, lay, n, tree_siblings=2, tree_branch=3)
+    b = step_to_a_sibling_acceptance(engine, check_main_chain=True)
+    with torch.no_grad():
+        got = engine.window_logits()[[b, n + b], :engine.window]
+    torch.testing.assert_close(got, full_window_logits(peaky_model, engine, b), atol=1e-4, rtol=1e-4)
+
+    # the same steps without the move: the accepted tokens' slots hold the main chain's K/V
+    peaky_model.clear_cache()
+    engine = started_engine(peaky_model, lay, n, tree_siblings=2, tree_branch=3)
+    monkeypatch.setattr(engine, "move_tree_kv", lambda before, kv_from: None)
+    assert step_to_a_sibling_acceptance(engine, check_main_chain=True) == b
+    with torch.no_grad():
+        got = engine.window_logits()[[b, n + b], :engine.window]
+    assert not torch.allclose(got, full_window_logits(peaky_model, engine, b), atol=1e-3, rtol=1e-3)
+
+
+def test_draft_tree_settings_are_checked(peaky_model, small_layout):
+    """A tree that does not fit the window, or half a tree, is one clear error."""
+    for siblings, branch in ((2, 8), (0, 3), (2, 0), (-1, 2)):
+        with pytest.raises(ValueError, match="draft tree"):
+            Engine(peaky_model, small_layout, max_batch=1, window=8, tree_siblings=siblings, tree_branch=branch)
