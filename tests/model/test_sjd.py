@@ -112,7 +112,7 @@ def test_speculative_rule_samples_the_target_distribution(chi_square, drafts_kin
 
 
 @pytest.mark.parametrize("drafts_kind", ["uniform", "pac", "pac+above"])
-@pytest.mark.parametrize("tree", [(1, 1), (2, 2), (3, 1)])
+@pytest.mark.parametrize("tree", [(1, 1), (2, 2), (3, 1)], ids=["1x1", "2x2", "3x1"])
 def test_draft_tree_samples_the_target_distribution(chi_square, drafts_kind, tree):
     """The draft tree (tree_candidates, accept_first_of, tree_path, then verify and the carry-over
     as tree_advance runs them) on the bigram target: the joint of the first four tokens passes
@@ -264,7 +264,7 @@ def peaky_model(random_decoder, small_layout):
     return random_decoder(args, seed=1, scale=0.35)
 
 
-@pytest.mark.parametrize("tree", [(0, 0), (2, 3)])
+@pytest.mark.parametrize("tree", [(0, 0), (2, 3)], ids=["no-tree", "tree2x3"])
 @pytest.mark.parametrize("drafts", DRAFT_KINDS)
 def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, drafts, tree):
     lay = small_layout
@@ -293,7 +293,7 @@ def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, draf
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tree", [(0, 0), (2, 3)])
+@pytest.mark.parametrize("tree", [(0, 0), (2, 3)], ids=["no-tree", "tree2x3"])
 def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square, tree):
     """The first three codes over many seeds, SJD and plain, against the exact marginals; with and
     without a draft tree (2 siblings of 3 nodes: its branches reach all three codes)."""
@@ -328,7 +328,8 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafts,tree", [("above", (0, 0)), ("above+carry", (0, 0)), ("pac", (0, 0)),
-                                         ("pac+above", (0, 0)), ("pac", (2, 3))])
+                                         ("pac+above", (0, 0)), ("pac", (2, 3))],
+                         ids=["above", "above+carry", "pac", "pac+above", "pac-tree2x3"])
 def test_row_above_drafts_match_the_model_distribution(peaky_model, small_layout, chi_square, drafts, tree):
     """Image to image, so the lower panel's first row has its row above from the start: the first
     three generated codes over many seeds pass chi-square against the exact marginals."""
