@@ -40,7 +40,7 @@ from model import sampling as S
 from model.decoder import Decoder, ModelArgs
 from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job, advance, window_probs
 from model.quantize import quantize_decoder, weight_bytes
-from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac
+from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac, parse_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
@@ -394,15 +394,6 @@ def acceptance(opts) -> dict:
                                      opts.cost_rounds)
         print(json.dumps(out["step_cost"]), flush=True)
     return out
-
-
-def parse_tree(text: str) -> tuple[int, int]:
-    """"SxM" -> (siblings, branch) of Engine's draft tree; "0x0": none."""
-    try:
-        a, b = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"draft tree {text!r}: expected SIBLINGSxBRANCH, e.g. 2x3 (0x0: none)") from None
-    return a, b
 
 
 def tree_plan(windows, trees, equal_nodes: bool) -> list[tuple[int, tuple[int, int]]]:

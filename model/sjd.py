@@ -216,6 +216,18 @@ def force_layout(drafts: torch.Tensor, q: torch.Tensor, kind: torch.Tensor, n_co
 
 # --- draft tree at the window's first position (module docstring, "Draft tree") --------------------
 
+DEFAULT_TREE = "0x0"  # Engine's default and generate.sjd_tree's: none (docs/generate.md, "Draft tree")
+
+
+def parse_tree(text) -> tuple[int, int]:
+    """"SxM" (or [S, M]) -> (siblings, branch) of Engine's draft tree; "0x0": none. Only the form is
+    checked here; Engine checks the sizes against its window."""
+    try:
+        a, b = (int(x) for x in (text.lower().split("x") if isinstance(text, str) else text))
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"draft tree {text!r}: expected SIBLINGSxBRANCH, e.g. 2x3 (0x0: none)") from None
+    return a, b
+
 def tree_layout(length: int, siblings: int, branch: int, device=None):
     """The N = length + siblings * branch nodes a tree step feeds per row, as offsets from the row's
     position pos (the last accepted token).

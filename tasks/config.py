@@ -305,6 +305,11 @@ class GenerateConfig(Section):
     # adaptive continuation, the most tokens per step measured), pac+above; lossless all. Default:
     # model.sjd.DEFAULT_DRAFTS (tests/tasks/test_config.py checks they agree).
     sjd_drafts: str = "pac"
+    # SJD-PAC's proactive drafting (model/sjd.py "Draft tree", docs/generate.md "Draft tree"): SIBLINGSxBRANCH
+    # extra candidates at the window's first position, each the root of a branch of BRANCH nodes
+    # (Engine tree_siblings / tree_branch; BRANCH <= sjd_window - 1); lossless. "0x0": none, the
+    # default (model.sjd.DEFAULT_TREE): on a CPU the extra nodes cost about what they gain.
+    sjd_tree: str = "0x0"
     # The engine (issues 6 and 13, model/engine.py, docs/generate.md). `auto` is resolved per device
     # by tasks.generate.job.engine_settings: int4 weight-only + the compiled step on CUDA, neither on a
     # CPU (int8 is no faster there), so one config file runs on both; int4 asked on a CPU is an
@@ -354,6 +359,15 @@ class GenerateConfig(Section):
 
         if v not in DRAFT_KINDS:
             raise ValueError(f"{v!r} is not a draft kind; expected one of {', '.join(DRAFT_KINDS)}")
+        return v
+
+    @field_validator("sjd_tree")
+    @classmethod
+    def _draft_tree(cls, v: str, info) -> str:
+        from model.engine import check_tree
+        from model.sjd import parse_tree
+
+        check_tree(*parse_tree(v), info.data.get("sjd_window", 16))
         return v
 
     @field_validator("max_batch", mode="before")

@@ -112,7 +112,7 @@ def job_config(cfg, settings: EngineSettings) -> dict:
 
 def sampling_of(gen) -> dict:
     return {"cfg": gen.cfg, "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window,
-            "drafts": gen.sjd_drafts}
+            "drafts": gen.sjd_drafts, "tree": gen.sjd_tree}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,11 +209,14 @@ def build_engine(model, layout, gen, settings: EngineSettings):
     the prefill chunked to gen.prefill_tokens."""
     from model.engine import Engine
     from model.quantize import quantize_decoder
+    from model.sjd import parse_tree
 
     quantize_decoder(model, settings.quantize)
     max_batch = batch_that_fits(model, layout, gen, settings.device)
+    siblings, branch = parse_tree(gen.sjd_tree)
     return Engine(model, layout, max_batch=max_batch, device=settings.device, compile=settings.compile != "eager",
-                  window=gen.sjd_window, kv_bucket=gen.kv_bucket, prefill_tokens=gen.prefill_tokens)
+                  window=gen.sjd_window, kv_bucket=gen.kv_bucket, prefill_tokens=gen.prefill_tokens,
+                  tree_siblings=siblings, tree_branch=branch)
 
 
 def batch_that_fits(model, layout, gen, device: str) -> int:
@@ -223,11 +226,14 @@ def batch_that_fits(model, layout, gen, device: str) -> int:
     import torch
 
     from model.engine import Engine
+    from model.sjd import parse_tree
 
     if device != "cuda":
         return 8 if gen.max_batch == "auto" else gen.max_batch
     free = torch.cuda.mem_get_info()[0]
-    fits = Engine.fit_batch(model, max_seq=model.args.max_seq_len, free_bytes=free, window=gen.sjd_window,
+    siblings, branch = parse_tree(gen.sjd_tree)  # the step feeds the window and the tree's branches
+    fits = Engine.fit_batch(model, max_seq=model.args.max_seq_len, free_bytes=free,
+                            window=gen.sjd_window + siblings * branch,
                             n_local=layout.codebook_size + 2, prefill_tokens=gen.prefill_tokens)
     if fits < 1:
         raise RequestError(f"generate: not one engine slot ({model.args.max_seq_len} positions) fits the "

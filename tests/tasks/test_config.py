@@ -1,6 +1,7 @@
 """Configs: YAML + overrides into typed models; errors name the file, the field, the expectation."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,26 @@ def test_sjd_drafts_take_the_engine_draft_kinds_and_reach_the_rows_params():
         assert sampling_of(cfg.generate)["drafts"] == kind
     with pytest.raises(ConfigError, match="generate.sjd_drafts: 'left' is not a draft kind"):
         load_config(None, ["generate.sjd_drafts=left"])
+
+
+def test_sjd_tree_is_checked_and_reaches_the_engine_and_the_rows_params():
+    """generate.sjd_tree: SIBLINGSxBRANCH, checked against the window at load time (the engine's
+    own rule); the default is none, the engine's default too."""
+    import inspect
+
+    from model.engine import Engine
+    from model.sjd import DEFAULT_TREE, parse_tree
+    from tasks.generate.job import sampling_of
+
+    cfg = load_config(None, ["generate.sjd_tree=2x3"])
+    assert parse_tree(cfg.generate.sjd_tree) == (2, 3) and sampling_of(cfg.generate)["tree"] == "2x3"
+    for bad, what in (("2x16", "1 <= branch <= window - 1 = 15"), ("two", "expected SIBLINGSxBRANCH")):
+        with pytest.raises(ConfigError, match=f"generate.sjd_tree: .*{re.escape(what)}"):
+            load_config(None, [f"generate.sjd_tree={bad}"])
+    load_config(None, ["generate.sjd_window=32", "generate.sjd_tree=2x16"])  # fits a longer window
+    params = inspect.signature(Engine).parameters
+    assert parse_tree(load_config(None, []).generate.sjd_tree) == parse_tree(DEFAULT_TREE) == (
+        params["tree_siblings"].default, params["tree_branch"].default)
 
 
 def test_sjd_drafts_default_is_the_engines():
