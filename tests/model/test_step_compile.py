@@ -97,14 +97,17 @@ def test_the_hazard_check_catches_the_first_cuda_runs_crashes():
     assert "argmax" in found and "-4658895280553007687" in found, found
 
 
-def test_the_engine_step_has_no_triton_hazards_and_matches_eager(model, small_layout):
-    eager = {r.id: r.codes for r in Engine(model, small_layout, max_batch=2, window=4, kv_bucket=64)
-             .generate(requests(small_layout))}
+@pytest.mark.parametrize("tree", [(0, 0), (2, 2)], ids=["no-tree", "tree2x2"])
+def test_the_engine_step_has_no_triton_hazards_and_matches_eager(model, small_layout, tree):
+    """Both halves of the step through torch.compile (the aten graphs inductor lowers) give eager's
+    images and hold no triton hazard; with a draft tree too (its forward takes the tree's cache
+    slots and mask, its advance() the candidates and the recursive rejection)."""
+    kw = dict(max_batch=2, window=4, kv_bucket=64, tree_siblings=tree[0], tree_branch=tree[1])
+    eager = {r.id: r.codes for r in Engine(model, small_layout, **kw).generate(requests(small_layout))}
     model.clear_cache()
     graphs = []
     torch._dynamo.reset()
-    engine = Engine(model, small_layout, max_batch=2, window=4, kv_bucket=64, compile=True,
-                    compile_backend=capturing_backend(graphs))
+    engine = Engine(model, small_layout, compile=True, compile_backend=capturing_backend(graphs), **kw)
     for r in engine.generate(requests(small_layout)):
         np.testing.assert_array_equal(r.codes, eager[r.id])
     assert engine.compile_mode == "full"
