@@ -319,7 +319,16 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
                         sjd=sjd) for i in range(n)]
         engine = Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64, tree_siblings=tree[0],
                         tree_branch=tree[1])
+        sibling_steps, step = [0], engine.step
+
+        def counted():
+            step()
+            if tree[0]:
+                sibling_steps[0] += int(((engine.last_kv_from != 1) & engine.state.active).sum())
+
+        engine.step = counted
         codes = torch.tensor(np.stack([r.codes.reshape(-1)[:3] for r in engine.generate(reqs)]))
+        assert (sibling_steps[0] > 100) == bool(tree[0])  # the branches' path did run
         for k in range(3):
             counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
             assert counts[marg[k] == 0].sum() == 0  # never outside the top-k support
