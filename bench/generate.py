@@ -385,9 +385,12 @@ def acceptance(opts) -> dict:
             print(json.dumps(row), flush=True)
     if opts.cost_rounds and any(t[0] for t in trees):
         model.clear_cache()
-        out["tree_step_cost"] = tree_step_cost(model, layout, base["t2i"], opts.tree_cost_window, trees,
-                                               opts.max_batch, opts.cost_rounds)
-        print(json.dumps(out["tree_step_cost"]), flush=True)
+        out["tree_step_cost"] = {}
+        for w in opts.tree_cost_window:
+            model.clear_cache()
+            out["tree_step_cost"][f"window {w}"] = cost = tree_step_cost(model, layout, base["t2i"], w, trees,
+                                                                         opts.max_batch, opts.cost_rounds)
+            print(json.dumps(cost), flush=True)
     elif opts.cost_rounds:
         model.clear_cache()
         out["step_cost"] = step_cost(model, layout, base["t2i"], kinds, max(opts.window), opts.max_batch,
@@ -598,8 +601,9 @@ def main(argv=None):
                             "window; 0x0: none (the default)")
         p.add_argument("--equal-nodes", action="store_true",
                        help="also run each tree at the window of equal node count (window - S*m)")
-        p.add_argument("--tree-cost-window", type=int, default=16,
-                       help="the plain window the trees' step cost is timed against")
+        p.add_argument("--tree-cost-window", type=int, nargs="+", default=[16, 32],
+                       help="the plain windows the trees' step cost is timed against (each tree at that window "
+                            "and at the window of equal node count)")
         p.add_argument("--out", default=str(ACCEPTANCE))
         p.add_argument("--threads", type=int, default=1, help="torch threads (the figure is tokens per step; on "
                                                               "a shared CPU, more threads only contend)")
