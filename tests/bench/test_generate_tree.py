@@ -1,0 +1,37 @@
+"""bench.generate acceptance with draft trees: the run plan, and the figure other benches read.
+
+    .venv/bin/python -m pytest -q tests/bench/test_generate_tree.py
+"""
+import json
+
+import pytest
+
+from bench.generate import measured_acceptance, tree_plan
+from model.sjd import parse_tree
+
+
+def test_tree_plan_adds_the_equal_node_runs_that_fit():
+    trees = [(0, 0), (2, 3), (6, 2)]
+    plan = tree_plan([8, 16], trees, equal_nodes=True)
+    assert plan[:6] == [(8, (0, 0)), (8, (2, 3)), (8, (6, 2)), (16, (0, 0)), (16, (2, 3)), (16, (6, 2))]
+    # 16 nodes: window 10 + 2x3 and window 4 + 6x2; 8 nodes: neither fits (window 2 holds no 3-node branch)
+    assert plan[6:] == [(10, (2, 3)), (4, (6, 2))]
+    assert tree_plan([16], trees, equal_nodes=False) == [(16, t) for t in trees]
+
+
+def test_the_measured_figure_is_never_a_tree_run(tmp_path):
+    """The per-image and bulk figures read the plain window's row, whatever order the runs are in."""
+    row = dict(sjd=True, group="t2i", window=16, drafts="pac")
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, tree="3x2", tokens_per_step=2.24),
+                                                                dict(row, tree="0x0", tokens_per_step=2.09)]}))
+    assert measured_acceptance(16, path=path) == 2.09
+    path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, tokens_per_step=2.09)]}))  # older files
+    assert measured_acceptance(16, path=path) == 2.09
+
+
+def test_parse_tree_says_what_it_expects():
+    assert parse_tree("3x2") == (3, 2) and parse_tree([2, 3]) == (2, 3) and parse_tree("0x0") == (0, 0)
+    for bad in ("3", "ax2", "3x2x1", None):
+        with pytest.raises(ValueError, match="expected SIBLINGSxBRANCH"):
+            parse_tree(bad)
