@@ -577,7 +577,7 @@ def _commit(s: Slots, c: Consts, p: torch.Tensor, tokens: torch.Tensor, gained: 
     """The slots after a step: the kept tokens (verify's) written, each active slot moved forward by
     what it gained, and the next window (the carry-over of fresh [B, L] with p as q, the rest by
     each slot's draft kind)."""
-    b, length = s.drafts.shape
+    length = s.drafts.shape[1]
     offs = torch.arange(length, device=s.drafts.device)
     body_next = (s.pos - s.body0)[:, None] + offs + 1  # body index each window position predicts
     # Write the kept tokens by body index; move each active slot forward by what it gained.

@@ -325,7 +325,7 @@ def tree_path(p: torch.Tensor, p_branches: torch.Tensor, drafts: torch.Tensor, q
     tokens (past the branch no p was computed on its context); a drawn first token ends the step
     there (limit 1). Returns (p, drafts, q, limit) of the path.
     """
-    b, length, v = p.shape
+    b, _, v = p.shape
     m = p_branches.shape[2]
     one = F.one_hot(first, v).to(p.dtype)[:, None]
     rows = torch.arange(b, device=p.device)

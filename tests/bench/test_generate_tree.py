@@ -21,7 +21,7 @@ def test_tree_plan_adds_the_equal_node_runs_that_fit():
 
 def test_the_measured_figure_is_never_a_tree_run(tmp_path):
     """The per-image and bulk figures read the plain window's row, whatever order the runs are in."""
-    row = dict(sjd=True, group="t2i", window=16, drafts="pac")
+    row = {"sjd": True, "group": "t2i", "window": 16, "drafts": "pac"}
     path = tmp_path / "acc.json"
     path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, tree="3x2", tokens_per_step=2.24),
                                                                 dict(row, tree="0x0", tokens_per_step=2.09)]}))

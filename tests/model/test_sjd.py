@@ -182,7 +182,7 @@ def test_accept_first_of_gives_p(chi_square, case):
         dist, acc = first_position_exact(p, q, k)
         torch.testing.assert_close(dist, p, atol=1e-12, rtol=0)
         accepts.append(acc)
-    assert all(b >= a - 1e-12 for a, b in zip(accepts, accepts[1:]))
+    assert all(b >= a - 1e-12 for a, b in itertools.pairwise(accepts))
     if case == "q apart from p":
         assert accepts[2] > accepts[0] + 0.2  # the reason for the tree
 
@@ -292,6 +292,20 @@ def test_sjd_equals_greedy_near_zero_temperature(peaky_model, small_layout, draf
     assert results["True"].steps < results["False"].steps == results["False"].tokens
 
 
+def count_sibling_steps(engine: Engine) -> list[int]:
+    """A counter, [n], of the steps an active slot gained 2+ tokens on a draft tree's sibling
+    branch (its K/V moved), filled as the engine steps."""
+    count, step = [0], engine.step
+
+    def counted():
+        step()
+        if engine.tree[0]:
+            count[0] += int(((engine.last_kv_from != 1) & engine.state.active).sum())
+
+    engine.step = counted
+    return count
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tree", [(0, 0), (2, 3)], ids=["no-tree", "tree2x3"])
 def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square, tree):
@@ -319,14 +333,7 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
                         sjd=sjd) for i in range(n)]
         engine = Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64, tree_siblings=tree[0],
                         tree_branch=tree[1])
-        sibling_steps, step = [0], engine.step
-
-        def counted():
-            step()
-            if tree[0]:
-                sibling_steps[0] += int(((engine.last_kv_from != 1) & engine.state.active).sum())
-
-        engine.step = counted
+        sibling_steps = count_sibling_steps(engine)
         codes = torch.tensor(np.stack([r.codes.reshape(-1)[:3] for r in engine.generate(reqs)]))
         assert (sibling_steps[0] > 100) == bool(tree[0])  # the branches' path did run
         for k in range(3):

@@ -102,7 +102,7 @@ def test_the_engine_step_has_no_triton_hazards_and_matches_eager(model, small_la
     """Both halves of the step through torch.compile (the aten graphs inductor lowers) give eager's
     images and hold no triton hazard; with a draft tree too (its forward takes the tree's cache
     slots and mask, its advance() the candidates and the recursive rejection)."""
-    kw = dict(max_batch=2, window=4, kv_bucket=64, tree_siblings=tree[0], tree_branch=tree[1])
+    kw = {"max_batch": 2, "window": 4, "kv_bucket": 64, "tree_siblings": tree[0], "tree_branch": tree[1]}
     eager = {r.id: r.codes for r in Engine(model, small_layout, **kw).generate(requests(small_layout))}
     model.clear_cache()
     graphs = []
