@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from model import sampling as S
 from model.decoder import Decoder
 from model.sjd import (DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, accept_first_of, continue_window, force_layout,
-                       in_window_above, is_pac, next_window, refill, tree_candidates, tree_layout, tree_mask, tree_path,
-                       verify)
+                       in_window_above, is_pac, next_window, refill, tree_candidates, tree_carry, tree_layout, tree_mask,
+                       tree_path, verify)
 
 log = logging.getLogger(__name__)
 
@@ -553,8 +553,9 @@ def tree_advance(logits: torch.Tensor, s: Slots, c: Consts, siblings: int, branc
     first, chosen = accept_first_of(p[:, 0], s.q[:, 0], cands, u_first, u_res, s.speculative)
     path_p, path_drafts, path_q, limit = tree_path(p, p_branches, s.drafts, s.q, first, chosen, limit)
     tokens, gained = verify(path_p, path_drafts, path_q, u_acc, u_res, limit, torch.ones_like(s.speculative))
-    fresh = continue_window(path_p, path_drafts, path_q, u_acc, u_fresh, is_pac(s.draft_kind))
-    moved = _commit(s, c, path_p, tokens, gained, fresh)
+    carry_p = tree_carry(path_p, p, p_branches, chosen)
+    fresh = continue_window(carry_p, path_drafts, path_q, u_acc, u_fresh, is_pac(s.draft_kind))
+    moved = _commit(s, c, carry_p, tokens, gained, fresh)
     kv_from = torch.where(s.active & (chosen >= 1) & (gained >= 2), length + (chosen - 1) * branch, 1)
     return moved, kv_from
 

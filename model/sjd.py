@@ -76,7 +76,11 @@ against p on the accepted branch's context: speculative sampling's theorem as fo
 Only the one accepted branch is verified past the first position. (3) The carry-over: any q is
 valid as long as it is the distribution the next draft is drawn from; on a sibling path the
 positions past the branch keep the main chain's p (computed with c_0 below them, a draw below
-them): a worse q, still an exact one.
+them): a worse q, still an exact one. Where no candidate was accepted (the first token drawn from
+the residual, a code none of the computed contexts had), depths 2..m+1 carry the mean of the
+main chain's and the branches' p there instead (tree_carry; a broader guess than one wrong
+context): continue_window's kept-or-redrawn token is distributed exactly as that mean, which is
+its next q.
 """
 from __future__ import annotations
 
@@ -337,3 +341,15 @@ def tree_path(p: torch.Tensor, p_branches: torch.Tensor, drafts: torch.Tensor, q
     path_drafts = torch.cat([first[:, None], drafts[:, 1:]], 1)
     limit = torch.where(chosen < 0, 1, torch.where(on_sib, limit.clamp(max=m + 1), limit))
     return path_p, path_drafts, path_q, limit
+
+
+def tree_carry(path_p: torch.Tensor, p: torch.Tensor, p_branches: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The distributions the carry-over draws the next window's drafts from (continue_window's
+    target, next_window's q), [B, L, V]: the path's, except where the first token was drawn
+    (chosen < 0). There the token below depths 2..m+1 is new, a code none of the computed contexts
+    had, so each of those depths takes the mean of its p over the main chain and every branch
+    instead of the main chain's alone (a broader guess; any q is exact for the draft drawn from it)."""
+    m = p_branches.shape[2]
+    mix = (p[:, 1:m + 1] + p_branches.sum(1)) / (1 + p_branches.shape[1])
+    drawn = (chosen < 0)[:, None, None]
+    return torch.cat([path_p[:, :1], torch.where(drawn, mix, path_p[:, 1:m + 1]), path_p[:, m + 1:]], 1)

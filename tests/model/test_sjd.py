@@ -13,7 +13,7 @@ from model import sampling as S
 from model.decoder import ModelArgs
 from model.engine import Engine, Request, _Job
 from model.sjd import (DRAFT_KINDS, above_in_window, accept_first_of, continue_window, draws_left, in_window_above,
-                       is_pac, next_window, refill, tree_candidates, tree_path, verify)
+                       is_pac, next_window, refill, tree_candidates, tree_carry, tree_path, verify)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,10 +68,13 @@ def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, s
             p_branches = torch.softmax(table[branch_in], -1)
             u_first = S.counter_uniform(seed, step, torch.arange(siblings + 1), S.STREAM_TREE_ACCEPT)
             first, chosen = accept_first_of(p[:, 0], q[:, 0], cands, u_first, u_res, spec)
+            main_p = p
             p, drafts, q, limit = tree_path(p, p_branches, drafts, q, first, chosen, limit)
             spec = torch.ones_like(spec)
         tokens, gained = verify(p, drafts, q, u_acc, u_res, limit, spec)
         assert (gained >= 1).all() and (gained <= window).all()
+        if tree[0]:  # what the carry-over draws from
+            p = tree_carry(p, main_p, p_branches, chosen)
         fresh = continue_window(p, drafts, q, u_acc, S.counter_uniform(seed, step, idx, S.STREAM_FRESH), is_pac(kind))
         rand = S.uniform_codes(S.counter_bits(seed, step, idx, S.STREAM_DRAFT), v)
         drafts, q = next_window(p, fresh, gained, rand)
