@@ -178,3 +178,38 @@ def test_inductor_compiles_advance_on_cpu_like_eager(model, small_layout):
             else:
                 assert torch.equal(a, b), name
         s = want
+
+
+@pytest.mark.slow
+def test_inductor_compiles_tree_advance_on_cpu_like_eager(model, small_layout):
+    """tree_advance() (a draft tree: candidates without replacement, recursive rejection, the path,
+    the K/V source) through inductor's C++ backend gives eager's integers bit for bit, q to float32
+    rounding, on a mid-image state."""
+    from model.engine import _Job, tree_advance
+
+    reqs = requests(small_layout)
+    engine = Engine(model, small_layout, max_batch=len(reqs), window=8, kv_bucket=64, tree_siblings=2, tree_branch=3)
+    for b, r in enumerate(reqs):
+        ctx, rows, cols = engine.check(r)
+        engine.jobs[b] = _Job(r, ctx, rows, cols, 0.0)
+    engine._prefill([(b, engine.jobs[b]) for b in range(len(reqs))])
+    for _ in range(3):
+        engine.step()
+    torch._dynamo.reset()
+
+    def tree_step(logits, s, c):
+        return tree_advance(logits, s, c, 2, 3)
+
+    compiled = torch.compile(tree_step, backend="inductor", fullgraph=True, dynamic=False)
+    s = engine.state
+    for trial in range(2):
+        logits = 3 * torch.randn(2 * len(reqs), engine.nodes, small_layout.codebook_size + 2,
+                                 generator=torch.Generator().manual_seed(trial))
+        (got, got_from), (want, want_from) = compiled(logits, s, engine.consts), tree_step(logits, s, engine.consts)
+        assert torch.equal(got_from, want_from)
+        for name, a, b in zip(s._fields, got, want):
+            if name == "q":
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            else:
+                assert torch.equal(a, b), name
+        s = want
