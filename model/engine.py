@@ -13,6 +13,12 @@ whose image is done is refilled with the next request (continuous batching). Req
 sjd=False share the step and keep one token of it. The layout decides what each position may
 hold: image codes inside a row, the row end at each row's end, the image end last.
 
+Draft tree (tree_siblings=S, tree_branch=m; default none): each step also feeds S sibling branches
+of m nodes for the window's first position, past the window in the cache (_tree_logits), verifies
+them with tree_advance() and moves an accepted branch's K/V to its positions' slots
+(move_tree_kv); model/sjd.py, "Draft tree", and docs/generate.md say why it is lossless and what
+it gains and costs.
+
 Tasks: text-to-image and a pair from text (upper_codes=None: the whole image is sampled) and
 image-to-image (upper_codes given: the upper panel is prefilled, the lower one sampled).
 A bad request fails alone, before any work, with Result.error saying what to change.
