@@ -44,6 +44,8 @@ from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_win
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
+# draft trees' acceptance (docs/generate.md, "Draft tree"): `acceptance --tree ... --out` this file
+TREE_ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tree-tiny.json"
 
 
 class BenchLayout:
@@ -226,14 +228,19 @@ def run(opts) -> dict:
     quant = "int4" if cuda else "int8"
     setups = opts.setups.split(",")
     compile_mode = "eager" if opts.no_compile else (opts.compile or ("full" if cuda else "eager"))
+    siblings, branch = tree = parse_tree(opts.tree)
+    tree_name = f"{siblings}x{branch}"
     acceptance_from = "--acceptance"
     if opts.acceptance is None and ({"int4-sjd", "int8-sjd", "bulk"} & set(setups)):
-        opts.acceptance, acceptance_from = measured_acceptance(opts.window), f"measured: {ACCEPTANCE.name}"
+        path = TREE_ACCEPTANCE if siblings else ACCEPTANCE
+        opts.acceptance = measured_acceptance(opts.window, tree=tree_name, path=path)
+        acceptance_from = f"measured: {path.name}"
     res = {"preset": opts.preset, "device": str(device), "device_name": torch.cuda.get_device_name(device)
            if cuda else platform.processor() or platform.machine(), "torch": torch.__version__,
            "image_px": size, "image_tokens": n_img, "contexts": contexts, "bandwidth_Bps": bw,
            "copy_bandwidth_Bps": copy_bandwidth(device), "acceptance_tokens_per_step": opts.acceptance,
-           "acceptance_from": acceptance_from, "window": opts.window, "compile": compile_mode, "setups": {}}
+           "acceptance_from": acceptance_from, "window": opts.window, "tree": tree_name, "compile": compile_mode,
+           "setups": {}}
     print(f"# {opts.preset} on {res['device_name']}: {size} px ({n_img} image tokens), contexts {contexts}")
 
     def floor_ms(wbytes, c, rows=2):
@@ -279,7 +286,8 @@ def run(opts) -> dict:
             import torch._inductor.config as inductor_config
             inductor_config.freezing = True  # REFERENCE.md: int4 + compile needs it to beat bf16
         engine = Engine(model, layout, max_batch=1, device=device, compile=compile_mode == "full",
-                        window=opts.window if sjd else 1, kv_bucket=opts.kv_bucket, prefill_tokens=opts.prefill_tokens)
+                        window=opts.window if sjd else 1, kv_bucket=opts.kv_bucket, prefill_tokens=opts.prefill_tokens,
+                        **(tree_kwargs(tree) if sjd else {}))
         times = [time_engine(engine, layout, [c], size, sjd, opts.window, opts.steps, device) for c in contexts]
         ms = [t[0] for t in times]
         tps = opts.acceptance if sjd else 1.0
@@ -290,16 +298,17 @@ def run(opts) -> dict:
         model = None
     if "bulk" in setups:
         model = fresh_model(quant)
-        max_seq = min(args.max_seq_len, top + opts.window + 4 * (size // 8 + 1) + 8)
+        nodes = opts.window + siblings * branch  # tokens per row and step (the window and the draft tree)
+        max_seq = min(args.max_seq_len, top + nodes + 4 * (size // 8 + 1) + 8)
         # The engine's own answer (GPU.md: a second chooser here disagreed with the engine's check)
         batch = opts.max_batch or min(64 if cuda else 8, Engine.fit_batch(
-            model, max_seq=max_seq, free_bytes=free_memory(device), window=opts.window,
+            model, max_seq=max_seq, free_bytes=free_memory(device), window=nodes,
             n_local=layout.codebook_size + 2, prefill_tokens=opts.prefill_tokens))
         if batch < 1:
             raise RuntimeError(f"bulk: not one slot of {max_seq} positions fits the free memory (Engine.fit_batch)")
         engine = Engine(model, layout, max_batch=batch, device=device, compile=compile_mode == "full",
-                        window=opts.window,
-                        kv_bucket=opts.kv_bucket, max_seq=max_seq, prefill_tokens=opts.prefill_tokens)
+                        window=opts.window, kv_bucket=opts.kv_bucket, max_seq=max_seq,
+                        prefill_tokens=opts.prefill_tokens, **tree_kwargs(tree))
         spread = [prompt_len + int(n_img * (i + 0.5) / batch) for i in range(batch)]
         ms, _ = time_engine(engine, layout, spread, size, True, opts.window, opts.steps, device)
         steps_per_image = n_img / opts.acceptance
@@ -530,8 +539,12 @@ def tree_step_cost(model, layout, requests, window: int, trees, batch: int, roun
     return out
 
 
+def tree_kwargs(tree: tuple[int, int]) -> dict:
+    return {"tree_siblings": tree[0], "tree_branch": tree[1]}
+
+
 def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None = None,
-                        path: Path = ACCEPTANCE) -> float:
+                        path: Path = ACCEPTANCE, tree: str = "0x0") -> float:
     """SJD tokens per step from `python -m bench.generate acceptance` (the default draft kind unless
     named); the per-image and bulk figures use it instead of an assumed value."""
     if not path.is_file():
@@ -541,10 +554,11 @@ def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None
     drafts = drafts or res.get("default_draft")
     for row in res.get("runs", []):
         if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts \
-                and row.get("tree", "0x0") == "0x0":
+                and row.get("tree", "0x0") == tree:
             return float(row["tokens_per_step"])
-    raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts; rerun "
-                      f"`python -m bench.generate acceptance --window {window}` or pass --acceptance")
+    raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts and tree {tree}; rerun "
+                      f"`python -m bench.generate acceptance --window {window} --tree {tree} --out {path}` or pass "
+                      f"--acceptance")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -558,6 +572,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--acceptance", type=float, help="SJD tokens per step for s/image and images/hour (default: "
                    f"measured, t2i at the window, from {ACCEPTANCE.relative_to(RESULTS.parent.parent)})")
+    p.add_argument("--tree", default="0x0", help="draft tree SIBLINGSxBRANCH of the SJD and bulk setups (Engine "
+                   f"tree_siblings / tree_branch); its tokens per step from {TREE_ACCEPTANCE.name} unless --acceptance")
     p.add_argument("--kv-bucket", type=int, default=512)
     p.add_argument("--prefill-tokens", type=int, default=DEFAULT_PREFILL_TOKENS, help="tokens per prefill forward")
     p.add_argument("--max-batch", type=int, help="bulk batch (default: as many as fit, Engine.fit_batch)")
