@@ -191,6 +191,7 @@ class Engine:
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
             self._advance = torch.compile(self._advance_eager, backend=compile_backend, fullgraph=True, dynamic=False)
         self.steps_run = 0
+        self.last_kv_from: torch.Tensor | None = None  # a tree step's kv_from (tree_advance), for benches and tests
 
     # --- memory: the one place that sizes a batch -------------------------------------------------
     @staticmethod
@@ -449,7 +450,8 @@ class Engine:
 
     @torch.no_grad()
     def window_logits(self) -> torch.Tensor:
-        """The step's forward: logits [2B, L, C+2] of every slot's window (cond rows, then uncond)."""
+        """The step's forward: logits [2B, L, C+2] of every slot's window (cond rows, then uncond);
+        with a draft tree [2B, N, C+2], the sibling branches' nodes after the window's."""
         s, L, dev = self.state, self.window, self.device
         offs = torch.arange(L, device=dev)
         pos_c = torch.where(s.active, s.pos, 0)[:, None] + offs
