@@ -232,6 +232,7 @@ def parse_tree(text) -> tuple[int, int]:
         raise ValueError(f"draft tree {text!r}: expected SIBLINGSxBRANCH, e.g. 2x3 (0x0: none)") from None
     return a, b
 
+
 def tree_layout(length: int, siblings: int, branch: int, device=None):
     """The N = length + siblings * branch nodes a tree step feeds per row, as offsets from the row's
     position pos (the last accepted token).
