@@ -1,11 +1,12 @@
 """Every GPU check and figure in one command (issue 13): one table printed, one JSON written.
 
-    python -m bench.gpu                                       # one H100/H200: within 8 minutes
+    python -m bench.gpu                                       # one H100/H200: within 8.5 minutes
     python -m bench.gpu --device cpu --preset tiny --quick    # a CPU: every part at tiny size, < 2 minutes
     python -m bench.gpu --parts correctness,static,bulk       # some parts only
 
 Parts, each with a time budget (compiles dominate: about a minute each at 7b):
-- correctness: the compiled engine against the eager one on the tiny preset, fp32, same seeds:
+- correctness: the compiled engine against the eager one on the tiny preset, fp32, same seeds,
+  without and with a draft tree:
   identical codes and steps (t2i and image-to-image, SJD on and off); int4 (int8 on a CPU) on
   the tiny preset runs;
 - reference, static, int4, int4-sjd: the 7b at 768 px with CFG at three contexts (bench/generate.py):
@@ -66,7 +67,8 @@ def make_plan(device: str, preset: str | None, quick: bool, threads: int | None 
 
 def part_correctness(plan: Plan) -> dict:
     """Compiled vs eager engine on the tiny preset in fp32, same requests and seeds: the codes and
-    step counts must be identical; then the tiny preset int4 (int8 on a CPU) generates."""
+    step counts must be identical, without and with a 2x2 draft tree; then the tiny preset int4
+    (int8 on a CPU) generates."""
     import numpy as np
     import torch
 
@@ -87,11 +89,11 @@ def part_correctness(plan: Plan) -> dict:
                                 seed=i, top_k=64, sjd=i < len(DRAFT_KINDS), window=8,
                                 drafts=DRAFT_KINDS[i % len(DRAFT_KINDS)]))
 
-    def run(compile: bool, quantize: str = "none"):
+    def run(compile: bool, quantize: str = "none", tree: tuple[int, int] = (0, 0)):
         model = build_model(args, device, torch.float32)
         quantize_decoder(model, quantize)
         engine = Engine(model, layout, max_batch=2, device=device, compile=compile, window=8, kv_bucket=64,
-                        compile_backend=plan.compile_backend)
+                        compile_backend=plan.compile_backend, tree_siblings=tree[0], tree_branch=tree[1])
         out = {r.id: r for r in engine.generate(iter(requests))}
         return out, engine.compile_mode
 
@@ -101,19 +103,28 @@ def part_correctness(plan: Plan) -> dict:
     t0 = time.perf_counter()
     compiled, mode = run(True)
     t_compiled = time.perf_counter() - t0
-    errors = [r.error for r in [*eager.values(), *compiled.values()] if r.error]
+    # the draft tree's step (docs/generate.md, "Draft tree"): its own forward and advance() compiled
+    tree_eager, _ = run(False, tree=(2, 2))
+    tree_compiled, tree_mode = run(True, tree=(2, 2))
+    runs = [eager, compiled, tree_eager, tree_compiled]
+    errors = [r.error for out in runs for r in out.values() if r.error]
     if errors:
         raise RuntimeError(f"engine errors: {errors}")
-    same = all(np.array_equal(eager[k].codes, compiled[k].codes) and eager[k].steps == compiled[k].steps
-               for k in eager)
+
+    def identical(a, b):
+        return all(np.array_equal(a[k].codes, b[k].codes) and a[k].steps == b[k].steps for k in a)
+
+    same, tree_same = identical(eager, compiled), identical(tree_eager, tree_compiled)
     quant = "int4" if device.type == "cuda" else "int8"
     q, _ = run(False, quant)
     q_ok = all(r.error is None and r.codes is not None for r in q.values())
-    return {"ok": bool(same and q_ok and mode == "full"), "identical": bool(same), "compile_mode": mode,
+    return {"ok": bool(same and tree_same and q_ok and mode == tree_mode == "full"), "identical": bool(same),
+            "compile_mode": mode, "tree_identical": bool(tree_same), "tree_compile_mode": tree_mode,
             "backend": plan.compile_backend, "requests": len(requests), quant + "_runs": bool(q_ok),
             "eager_s": round(t_eager, 2), "compiled_s": round(t_compiled, 2),
             "summary": f"compiled ({mode}, {plan.compile_backend}) {'==' if same else '!='} eager on "
-                       f"{len(requests)} requests; {quant} tiny {'runs' if q_ok else 'FAILS'}"}
+                       f"{len(requests)} requests, with a 2x2 draft tree ({tree_mode}) "
+                       f"{'==' if tree_same else '!='}; {quant} tiny {'runs' if q_ok else 'FAILS'}"}
 
 
 def _generate_part(setup: str) -> Callable[[Plan], dict]:
@@ -195,7 +206,7 @@ def call_tokenize(btok, plan: Plan) -> list[dict]:
 
 # name -> (function, budget in seconds on a GPU, on a CPU with --quick)
 PARTS: dict[str, tuple[Callable[[Plan], dict], float, float]] = {
-    "correctness": (part_correctness, 60, 60),
+    "correctness": (part_correctness, 90, 60),
     "reference": (_generate_part("reference"), 30, 20),
     "static": (_generate_part("static"), 70, 20),
     "int4": (_generate_part("int4"), 70, 20),
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", help="decoder of the generation parts (default 7b; tiny with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes everywhere: checks the command itself")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    ap.add_argument("--total", type=float, default=None, help="seconds for the whole run (default 470; 115 quick)")
+    ap.add_argument("--total", type=float, default=None, help="seconds for the whole run (default 500; 115 quick)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's budget")
     ap.add_argument("--out", help="JSON path (default bench/results/gpu-<device>.json)")
     ap.add_argument("--threads", type=int, help="torch threads of the parts (on a shared CPU: 1)")
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here; use --device cpu --preset tiny --quick to check the command")
     plan = make_plan(a.device, a.preset, a.quick, a.threads)
-    total = a.total or (115 if a.quick else 470)
+    total = a.total or (115 if a.quick else 500)
     t0 = time.perf_counter()
     parts = run_parts(plan, names, total, a.budget_scale, a.quick)
     wall = time.perf_counter() - t0

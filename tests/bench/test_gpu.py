@@ -43,6 +43,7 @@ def test_quick_cpu_run_exits_0_prints_its_table_and_writes_json(tmp_path):
     failed = {k: v.get("detail") for k, v in res["parts"].items() if v["status"] != "ok"}
     assert not failed, failed
     assert res["parts"]["correctness"]["identical"] and res["parts"]["correctness"]["int8_runs"]
+    assert res["parts"]["correctness"]["tree_identical"]
     assert res["parts"]["bulk"]["batch_from"] == "Engine.fit_batch"
     table = proc.stdout[proc.stdout.index("# bench.gpu on"):]
     for name in names:
