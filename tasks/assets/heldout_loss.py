@@ -5,7 +5,8 @@
 
 The figure is the one training logs (cross-entropy per supervised token: the image tokens after
 each row's loss_start, docs/train.md), computed without dropout or cfg dropping on every row of
-the dataset (or the first --rows), the same rows and batches for each decoder. Training's own loss
+the dataset (or the first --rows), the same rows and batches for each decoder, overall and for
+each task kind (rows are batched within their task, so the two agree to rounding). Training's own loss
 is on rows it has seen, often many times; this one says whether a decoder draws unseen scenes
 better (docs/assets.md). Results are printed and saved as JSON (--out).
 """
@@ -51,17 +52,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     ds = open_dataset(args.tokens)
     n = len(ds) if args.rows is None else min(args.rows, len(ds))
-    table = ds.take(list(range(n)), columns=["tokens", "loss_start"])
-    samples = list(zip(table.column("tokens").to_pylist(), table.column("loss_start").to_pylist()))
-    print(f"{args.tokens}: {n} rows")
+    table = ds.take(list(range(n)), columns=["tokens", "loss_start", "task"])
+    by_task: dict[str, list[tuple[list[int], int]]] = {}
+    for tokens, start, task in zip(table.column("tokens").to_pylist(), table.column("loss_start").to_pylist(),
+                                   table.column("task").to_pylist()):
+        by_task.setdefault(task, []).append((tokens, start))
+    print(f"{args.tokens}: {n} rows, " + ", ".join(f"{t} {len(s)}" for t, s in sorted(by_task.items())))
     result = {"tokens": args.tokens, "rows": n, "decoders": {}}
     for folder in args.decoder:
         t = time.perf_counter()
         model, _ = load_decoder(folder, dtype=torch.float32)
-        loss, tokens = heldout_loss(model, samples, args.batch_size)
+        tasks = {task: heldout_loss(model, s, args.batch_size) for task, s in sorted(by_task.items())}
+        tokens = sum(k for _, k in tasks.values())
+        loss = sum(ce * k for ce, k in tasks.values()) / tokens
         result["decoders"][folder] = {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
-                                      "supervised_tokens": tokens, "seconds": round(time.perf_counter() - t, 1)}
-        print(f"{folder}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {tokens:,} tokens")
+                                      "supervised_tokens": tokens, "seconds": round(time.perf_counter() - t, 1),
+                                      "by_task": {task: {"loss": round(ce, 4), "supervised_tokens": k}
+                                                  for task, (ce, k) in tasks.items()}}
+        print(f"{folder}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {tokens:,} tokens; "
+              + ", ".join(f"{task} {ce:.3f}" for task, (ce, _) in tasks.items()))
         del model
     result["command"] = "python -m tasks.assets.heldout_loss " + " ".join(
         [f"--tokens {args.tokens}"] + [f"--decoder {d}" for d in args.decoder]

@@ -1,6 +1,6 @@
 """tasks.assets.heldout_loss: the held-out loss of a decoder equals cross-entropy computed
 directly from its logits over the supervised positions (loss_start on), and a run writes one
-figure per decoder."""
+figure per decoder, overall and per task kind."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ def test_heldout_loss_is_the_cross_entropy_of_the_supervised_tokens(tmp_path):
     rows = [(rng.integers(0, vocab, n).tolist(), start) for n, start in ((40, 10), (25, 5), (33, 30))]
     w = DatasetWriter(tmp_path / "tokens", "tokens", meta={"layout_fingerprint": "test"})
     w.write_unit("00000", pa.table({
-        "id": [f"r{i}" for i in range(3)], "task": ["t2i"] * 3, "bucket": ["64x64"] * 3,
+        "id": [f"r{i}" for i in range(3)], "task": ["t2i", "control:canny", "t2i"], "bucket": ["64x64"] * 3,
         "grid_h": [4] * 3, "grid_w": [4] * 3, "tokens": [ids for ids, _ in rows],
         "loss_start": [start for _, start in rows]}))
     w.finalize()
@@ -33,14 +33,22 @@ def test_heldout_loss_is_the_cross_entropy_of_the_supervised_tokens(tmp_path):
     result = main(["--tokens", str(tmp_path / "tokens"), "--decoder", dec, "--batch-size", "2", "--out", str(out)])
 
     ce, n = 0.0, 0
+    per_task = {}
     with torch.inference_mode():
-        for ids, start in rows:
+        for (ids, start), task in zip(rows, ["t2i", "control:canny", "t2i"]):
             logits = model(torch.tensor([ids[:-1]]))[0].float()  # position t predicts token t+1
             target = torch.tensor(ids[1:])
             keep = torch.arange(len(ids) - 1) >= start - 1  # token j is supervised when j >= loss_start
-            ce += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
-            n += int(keep.sum())
+            row_ce = float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            ce, n = ce + row_ce, n + int(keep.sum())
+            t_ce, t_n = per_task.get(task, (0.0, 0))
+            per_task[task] = (t_ce + row_ce, t_n + int(keep.sum()))
     got = result["decoders"][dec]
     assert got["supervised_tokens"] == n == (40 - 10) + (25 - 5) + (33 - 30)
     assert abs(got["loss"] - ce / n) < 1e-3
+    assert set(got["by_task"]) == {"t2i", "control:canny"}
+    for task, (t_ce, t_n) in per_task.items():
+        assert got["by_task"][task]["supervised_tokens"] == t_n
+        assert abs(got["by_task"][task]["loss"] - t_ce / t_n) < 1e-3
+    assert per_task["t2i"][0] / per_task["t2i"][1] != per_task["control:canny"][0] / per_task["control:canny"][1]
     assert json.loads(out.read_text())["decoders"][dec]["loss"] == got["loss"]
