@@ -40,7 +40,7 @@ from model import sampling as S
 from model.decoder import Decoder, ModelArgs
 from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job, advance, window_probs
 from model.quantize import quantize_decoder, weight_bytes
-from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac, parse_tree
+from model.sjd import CARRY_TAU, DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac, parse_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
@@ -337,23 +337,7 @@ def acceptance(opts) -> dict:
     draft kind. The job's request path lives in tasks/ (CPU only: the GPU bench reads the result)."""
     import dataclasses
 
-    from model.hf_checkpoint import load_decoder
-    from model.layout import Layout
-    from model.movqgan import load_movqgan
-    from tasks.config import load_config
-    from tasks.generate.job import pair_requests
-    from tasks.generate.requests import expand_inputs
-
-    cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
-                                    f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
-                                    f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
-    gen, m = cfg.generate, cfg.models
-    layout = Layout.from_config(m)
-    model, _ = load_decoder(m.decoder_path)
-    movq = load_movqgan(m.movqgan_path, m.movqgan_preset)
-    pairs = expand_inputs(cfg).pairs
-    groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
-    base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
+    model, layout, gen, groups, base = acceptance_requests(opts)
     kinds = opts.drafts or list(DRAFT_KINDS)
     trees = [parse_tree(t) for t in (getattr(opts, "tree", None) or ["0x0"])]
     out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
@@ -364,15 +348,16 @@ def acceptance(opts) -> dict:
            "trees": [f"{a}x{b}" for a, b in trees]}
     print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
           flush=True)
-    plan = [(w, k, t) for w, t in tree_plan(opts.window, trees, getattr(opts, "equal_nodes", False))
-            for k in kinds] + [(1, None, (0, 0))]
+    taus = getattr(opts, "carry_tau", None) or [CARRY_TAU]
+    plan = [(w, k, t, tau) for w, t in tree_plan(opts.window, trees, getattr(opts, "equal_nodes", False))
+            for k in kinds for tau in (taus if t[0] else [CARRY_TAU])] + [(1, None, (0, 0), CARRY_TAU)]
     for group, requests in base.items():
-        for window, kind, tree in plan:
+        for window, kind, tree, tau in plan:
             sjd = kind is not None
             reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
             engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64,
-                            tree_siblings=tree[0], tree_branch=tree[1])
+                            tree_siblings=tree[0], tree_branch=tree[1], tree_carry_tau=tau)
             gains = count_gains(engine)
             t0 = time.perf_counter()
             results = list(engine.generate(iter(reqs)))
@@ -390,6 +375,7 @@ def acceptance(opts) -> dict:
                    "engine_steps": engine.steps_run, "seconds": round(secs, 2)}
             if tree[0]:  # steps that gained 2+ tokens through a sibling branch (its K/V moved)
                 row["sibling_steps"] = round(gains.sibling / n_steps, 3)
+                row["carry_tau"] = tau  # the carry-over after a drawn first token (None: the plain mean)
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
     if opts.cost_rounds and any(t[0] for t in trees):
@@ -406,6 +392,30 @@ def acceptance(opts) -> dict:
                                      opts.cost_rounds)
         print(json.dumps(out["step_cost"]), flush=True)
     return out
+
+
+def acceptance_requests(opts):
+    """The shipped decoder and the job's own requests that `acceptance` runs (opts: checkpoint, config,
+    n pairs per task, size) -> (model, layout, the config's generate section, {group: pairs},
+    {group: requests}), groups "t2i" (from text) and "i2i" (image to image)."""
+    from model.hf_checkpoint import load_decoder
+    from model.layout import Layout
+    from model.movqgan import load_movqgan
+    from tasks.config import load_config
+    from tasks.generate.job import pair_requests
+    from tasks.generate.requests import expand_inputs
+
+    cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
+                                    f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
+                                    f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
+    gen, m = cfg.generate, cfg.models
+    layout = Layout.from_config(m)
+    model, _ = load_decoder(m.decoder_path)
+    movq = load_movqgan(m.movqgan_path, m.movqgan_preset)
+    pairs = expand_inputs(cfg).pairs
+    groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
+    base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
+    return model, layout, gen, groups, base
 
 
 def tree_plan(windows, trees, equal_nodes: bool) -> list[tuple[int, tuple[int, int]]]:
@@ -552,13 +562,20 @@ def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None
                           "or pass --acceptance")
     res = json.loads(path.read_text())
     drafts = drafts or res.get("default_draft")
-    for row in res.get("runs", []):
-        if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts \
-                and row.get("tree", "0x0") == tree:
-            return float(row["tokens_per_step"])
+    rows = [row for row in res.get("runs", []) if row["sjd"] and row["group"] == group and row["window"] == window
+            and row["drafts"] == drafts and row.get("tree", "0x0") == tree]
+    # a tree run with the engine's carry-over if there is one (rows before carry_tau had the plain mean)
+    rows.sort(key=lambda row: row.get("carry_tau", CARRY_TAU) != CARRY_TAU)
+    if rows:
+        return float(rows[0]["tokens_per_step"])
     raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts and tree {tree}; rerun "
                       f"`python -m bench.generate acceptance --window {window} --tree {tree} --out {path}` or pass "
                       f"--acceptance")
+
+
+def carry_tau(text: str) -> float | None:
+    """--carry-tau's values: a positive number, or "none" (the plain mean)."""
+    return None if text.lower() == "none" else float(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -615,6 +632,10 @@ def main(argv=None):
         p.add_argument("--tree", nargs="+", default=["0x0"],
                        help="draft trees SIBLINGSxBRANCH (Engine tree_siblings / tree_branch), each run at every "
                             "window; 0x0: none (the default)")
+        p.add_argument("--carry-tau", type=carry_tau, nargs="+", default=[CARRY_TAU],
+                       help=f"the draft tree's carry-over after a drawn first token (Engine tree_carry_tau): a "
+                            f"similarity temperature, or none for the plain mean; each tree runs with each "
+                            f"(default {CARRY_TAU})")
         p.add_argument("--equal-nodes", action="store_true",
                        help="also run each tree at the window of equal node count (window - S*m)")
         p.add_argument("--tree-cost-window", type=int, nargs="+", default=[16, 32],
