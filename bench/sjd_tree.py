@@ -302,7 +302,7 @@ class Estimator:
             sc.append(sc[-1] * ratio)
         self.sub = np.concatenate([[0.0], 1 + np.concatenate([[0.0], np.cumsum(sc)])])  # sub[n]: n nodes
         self.p0 = np.concatenate([[0.0], np.cumsum(rt["p0"])])  # p0[k]: candidates 0..k-1
-        self.alt = {d: np.concatenate([[0.0], np.cumsum(v)]) for d, v in rt["main_alt"].items()}
+        self.alt = {int(d): np.concatenate([[0.0], np.cumsum(v)]) for d, v in rt["main_alt"].items()}
         self.sib_alt = np.concatenate([[0.0], np.cumsum(rt["sib_alt"])])
         self.main = 1 + sum(rt["main_chain"][:window - 2])
         self.mc1 = rt["main_chain"][0]
@@ -330,12 +330,27 @@ def search(est: Estimator, budgets, k0: int, k1: int, branch_max: int, top: int 
     for n in budgets:
         fit = [f for f in found if f[1] <= n]
         one = [f for f in fit if not (f[4] or f[5] or f[7])]
-        out[n] = {"one_level": {"tokens_per_step": round(one[0][0], 3), "tree": f"{one[0][2]}x{one[0][3]}",
+        out[n] = {"one_level": {"tokens_per_step": round(float(one[0][0]), 3), "tree": f"{one[0][2]}x{one[0][3]}",
                                 "nodes": one[0][1]},
-                  "best": [{"tokens_per_step": round(e, 3), "nodes": nodes, "siblings": s_, "branch": m,
+                  "best": [{"tokens_per_step": round(float(e), 3), "nodes": nodes, "siblings": s_, "branch": m,
                             "depth1_main": t1, "depth1_per_sibling": u1, "sub_branch": m1, "depth2_main": t2}
                            for e, nodes, s_, m, t1, u1, m1, t2 in fit[:top]]}
     return out
+
+
+def code_commit() -> str | None:
+    """The repository's commit (with "+dirty" when files differ from it): which engine ran."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def fingerprint(folder: str) -> str:
@@ -435,7 +450,8 @@ def main(argv=None):
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
     model, layout, gen_cfg, _, base = acceptance_requests(opts)
-    out = {"model": opts.checkpoint, "model_sha256": fingerprint(opts.checkpoint), "window": opts.window,
+    out = {"model": opts.checkpoint, "model_sha256": fingerprint(opts.checkpoint), "code_commit": code_commit(),
+           "window": opts.window,
            "drafts": opts.drafts, "carry_tau": opts.carry_tau, "cfg": gen_cfg.cfg, "temperature": gen_cfg.temperature,
            "requests": {g: len(r) for g, r in base.items()}, "budgets": list(BUDGETS),
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads(),

@@ -77,10 +77,12 @@ Only the one accepted branch is verified past the first position. (3) The carry-
 valid as long as it is the distribution the next draft is drawn from; on a sibling path the
 positions past the branch keep the main chain's p (computed with c_0 below them, a draw below
 them): a worse q, still an exact one. Where no candidate was accepted (the first token drawn from
-the residual, a code none of the computed contexts had), depths 2..m+1 carry the mean of the
+the residual, a code none of the computed contexts had), depths 2..m+1 carry a mixture of the
 main chain's and the branches' p there instead (tree_carry; a broader guess than one wrong
-context): continue_window's kept-or-redrawn token is distributed exactly as that mean, which is
-its next q.
+context), each context weighted by how much its candidate resembles the drawn code (carry_weights:
+a softmax of cosine similarities of the head's rows; a function of the first position's draws,
+which lie below those depths): continue_window's kept-or-redrawn token is distributed exactly as
+that mixture, which is its next q.
 """
 from __future__ import annotations
 
