@@ -340,7 +340,7 @@ def acceptance(opts) -> dict:
     model, layout, gen, groups, base = acceptance_requests(opts)
     kinds = opts.drafts or list(DRAFT_KINDS)
     trees = [parse_tree(t) for t in (getattr(opts, "tree", None) or ["0x0"])]
-    out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
+    out = {"model": str(opts.checkpoint), "model_sha256": fingerprint(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
            "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
            "default_draft": DEFAULT_DRAFTS if DEFAULT_DRAFTS in kinds else kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
@@ -392,6 +392,18 @@ def acceptance(opts) -> dict:
                                      opts.cost_rounds)
         print(json.dumps(out["step_cost"]), flush=True)
     return out
+
+
+def fingerprint(folder) -> str:
+    """sha256 of a decoder folder's weights (model.safetensors): which decoder a result is of (the
+    assets' fingerprints in assets/ are the same digests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def acceptance_requests(opts):

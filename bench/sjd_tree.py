@@ -32,7 +32,6 @@ Imports model/ (and bench.generate's request builder); CPU.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import time
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.generate import RESULTS, acceptance_requests
+from bench.generate import RESULTS, acceptance_requests, fingerprint
 from model import sampling as S
 from model.engine import Engine, _step_draws, window_probs
 from model.sjd import (
@@ -351,14 +350,6 @@ def code_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-def fingerprint(folder: str) -> str:
-    h = hashlib.sha256()
-    with open(Path(folder) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def watch(engine: Engine, st: Stats, rng: torch.Generator, k0: int, k1: int) -> None:
