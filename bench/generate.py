@@ -384,7 +384,7 @@ def acceptance(opts) -> dict:
         for w in opts.tree_cost_window:
             model.clear_cache()
             out["tree_step_cost"][f"window {w}"] = cost = tree_step_cost(model, layout, base["t2i"], w, trees,
-                                                                         opts.max_batch, opts.cost_rounds)
+                                                                         opts.max_batch, opts.cost_rounds, taus)
             print(json.dumps(cost), flush=True)
     elif opts.cost_rounds:
         model.clear_cache()
@@ -511,21 +511,25 @@ def step_cost(model, layout, requests, kinds, window: int, batch: int, rounds: i
             "pac_ops_added_fraction_of_step": round((ms["pac_ops"] - ms["former_draw"]) / step, 4)}
 
 
-def tree_step_cost(model, layout, requests, window: int, trees, batch: int, rounds: int) -> dict:
-    """What a draft tree costs a step, side by side: for the plain window, each tree at that window,
-    and each tree at the window of equal node count (window - S * m), ms of the forward, of
-    advance() and of the K/V move (Engine.move_tree_kv), on one mid-image state of `batch` slots per
-    setup, in interleaved rounds (load on a shared CPU hits every setup alike); medians, and each
-    step's time relative to the plain window's."""
+def tree_step_cost(model, layout, requests, window: int, trees, batch: int, rounds: int,
+                   taus=(CARRY_TAU,)) -> dict:
+    """What a draft tree costs a step, side by side: for the plain window, each tree at that window
+    (with each carry-over of taus, Engine tree_carry_tau, when there are several), and each tree at
+    the window of equal node count (window - S * m), ms of the forward, of advance() and of the K/V
+    move (Engine.move_tree_kv), on one mid-image state of `batch` slots per setup, in interleaved
+    rounds (load on a shared CPU hits every setup alike); medians, and each step's time relative to
+    the plain window's."""
     import copy
     import dataclasses
 
-    setups = [(window, (0, 0))] + [(w, t) for t in trees if t[0]
-                                   for w in (window, window - t[0] * t[1]) if t[1] <= w - 1]
+    setups = [(window, (0, 0), CARRY_TAU)] + [(w, t, tau) for t in trees if t[0]
+                                              for w in (window, window - t[0] * t[1]) if t[1] <= w - 1
+                                              for tau in (taus if w == window else taus[-1:])]
     engines = {}
-    for w, t in setups:
+    for w, t, tau in setups:
         m = copy.deepcopy(model)  # each engine owns its cache
-        engine = Engine(m, layout, max_batch=batch, window=w, kv_bucket=64, tree_siblings=t[0], tree_branch=t[1])
+        engine = Engine(m, layout, max_batch=batch, window=w, kv_bucket=64, tree_siblings=t[0], tree_branch=t[1],
+                        tree_carry_tau=tau)
         for b in range(batch):
             r = dataclasses.replace(requests[b % len(requests)], id=f"cost{b}", window=w, sjd=True, drafts="pac")
             ctx, rows, cols = engine.check(r)
@@ -533,7 +537,7 @@ def tree_step_cost(model, layout, requests, window: int, trees, batch: int, roun
         engine._prefill([(b, engine.jobs[b]) for b in range(batch)])
         for _ in range(3):  # drafts and q as in the middle of an image
             engine.step()
-        engines[f"w{w}+{t[0]}x{t[1]}"] = engine
+        engines[f"w{w}+{t[0]}x{t[1]}" + (f" carry {tau}" if t[0] and len(taus) > 1 else "")] = engine
     times = {k: {"forward": [], "advance": [], "kv_move": []} for k in engines}
     with torch.no_grad():
         for _ in range(rounds):
