@@ -16,8 +16,9 @@ hold: image codes inside a row, the row end at each row's end, the image end las
 Draft tree (tree_siblings=S, tree_branch=m; default none): each step also feeds S sibling branches
 of m nodes for the window's first position, past the window in the cache (_tree_logits), verifies
 them with tree_advance() and moves an accepted branch's K/V to its positions' slots
-(move_tree_kv); model/sjd.py, "Draft tree", and docs/generate.md say why it is lossless and what
-it gains and costs.
+(move_tree_kv); after a drawn first token the carry-over weights the tree's contexts by the drawn
+code's resemblance to each candidate (tree_carry_tau; None: the plain mean). model/sjd.py, "Draft
+tree", and docs/generate.md say why it is lossless and what it gains and costs.
 
 Tasks: text-to-image and a pair from text (upper_codes=None: the whole image is sampled) and
 image-to-image (upper_codes given: the upper panel is prefilled, the lower one sampled).
