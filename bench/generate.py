@@ -40,7 +40,7 @@ from model import sampling as S
 from model.decoder import Decoder, ModelArgs
 from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job, advance, window_probs
 from model.quantize import quantize_decoder, weight_bytes
-from model.sjd import DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac, parse_tree
+from model.sjd import CARRY_TAU, DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, continue_window, is_pac, parse_tree
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ACCEPTANCE = RESULTS / "generate-sjd-acceptance-tiny.json"  # written by `python -m bench.generate acceptance`
@@ -337,26 +337,10 @@ def acceptance(opts) -> dict:
     draft kind. The job's request path lives in tasks/ (CPU only: the GPU bench reads the result)."""
     import dataclasses
 
-    from model.hf_checkpoint import load_decoder
-    from model.layout import Layout
-    from model.movqgan import load_movqgan
-    from tasks.config import load_config
-    from tasks.generate.job import pair_requests
-    from tasks.generate.requests import expand_inputs
-
-    cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
-                                    f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
-                                    f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
-    gen, m = cfg.generate, cfg.models
-    layout = Layout.from_config(m)
-    model, _ = load_decoder(m.decoder_path)
-    movq = load_movqgan(m.movqgan_path, m.movqgan_preset)
-    pairs = expand_inputs(cfg).pairs
-    groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
-    base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
+    model, layout, gen, groups, base = acceptance_requests(opts)
     kinds = opts.drafts or list(DRAFT_KINDS)
     trees = [parse_tree(t) for t in (getattr(opts, "tree", None) or ["0x0"])]
-    out = {"model": str(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
+    out = {"model": str(opts.checkpoint), "model_sha256": fingerprint(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
            "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
            "default_draft": DEFAULT_DRAFTS if DEFAULT_DRAFTS in kinds else kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
@@ -364,15 +348,16 @@ def acceptance(opts) -> dict:
            "trees": [f"{a}x{b}" for a, b in trees]}
     print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
           flush=True)
-    plan = [(w, k, t) for w, t in tree_plan(opts.window, trees, getattr(opts, "equal_nodes", False))
-            for k in kinds] + [(1, None, (0, 0))]
+    taus = getattr(opts, "carry_tau", None) or [CARRY_TAU]
+    plan = [(w, k, t, tau) for w, t in tree_plan(opts.window, trees, getattr(opts, "equal_nodes", False))
+            for k in kinds for tau in (taus if t[0] else [CARRY_TAU])] + [(1, None, (0, 0), CARRY_TAU)]
     for group, requests in base.items():
-        for window, kind, tree in plan:
+        for window, kind, tree, tau in plan:
             sjd = kind is not None
             reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
             model.clear_cache()
             engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64,
-                            tree_siblings=tree[0], tree_branch=tree[1])
+                            tree_siblings=tree[0], tree_branch=tree[1], tree_carry_tau=tau)
             gains = count_gains(engine)
             t0 = time.perf_counter()
             results = list(engine.generate(iter(reqs)))
@@ -390,6 +375,7 @@ def acceptance(opts) -> dict:
                    "engine_steps": engine.steps_run, "seconds": round(secs, 2)}
             if tree[0]:  # steps that gained 2+ tokens through a sibling branch (its K/V moved)
                 row["sibling_steps"] = round(gains.sibling / n_steps, 3)
+                row["carry_tau"] = tau  # the carry-over after a drawn first token (None: the plain mean)
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
     if opts.cost_rounds and any(t[0] for t in trees):
@@ -398,7 +384,7 @@ def acceptance(opts) -> dict:
         for w in opts.tree_cost_window:
             model.clear_cache()
             out["tree_step_cost"][f"window {w}"] = cost = tree_step_cost(model, layout, base["t2i"], w, trees,
-                                                                         opts.max_batch, opts.cost_rounds)
+                                                                         opts.max_batch, opts.cost_rounds, taus)
             print(json.dumps(cost), flush=True)
     elif opts.cost_rounds:
         model.clear_cache()
@@ -406,6 +392,42 @@ def acceptance(opts) -> dict:
                                      opts.cost_rounds)
         print(json.dumps(out["step_cost"]), flush=True)
     return out
+
+
+def fingerprint(folder) -> str:
+    """sha256 of a decoder folder's weights (model.safetensors): which decoder a result is of (the
+    assets' fingerprints in assets/ are the same digests)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def acceptance_requests(opts):
+    """The shipped decoder and the job's own requests that `acceptance` runs (opts: checkpoint, config,
+    n pairs per task, size) -> (model, layout, the config's generate section, {group: pairs},
+    {group: requests}), groups "t2i" (from text) and "i2i" (image to image)."""
+    from model.hf_checkpoint import load_decoder
+    from model.layout import Layout
+    from model.movqgan import load_movqgan
+    from tasks.config import load_config
+    from tasks.generate.job import pair_requests
+    from tasks.generate.requests import expand_inputs
+
+    cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
+                                    f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
+                                    f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
+    gen, m = cfg.generate, cfg.models
+    layout = Layout.from_config(m)
+    model, _ = load_decoder(m.decoder_path)
+    movq = load_movqgan(m.movqgan_path, m.movqgan_preset)
+    pairs = expand_inputs(cfg).pairs
+    groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}
+    base = {g: [r for p in ps for r in pair_requests(p, layout, movq, gen)] for g, ps in groups.items()}
+    return model, layout, gen, groups, base
 
 
 def tree_plan(windows, trees, equal_nodes: bool) -> list[tuple[int, tuple[int, int]]]:
@@ -489,21 +511,25 @@ def step_cost(model, layout, requests, kinds, window: int, batch: int, rounds: i
             "pac_ops_added_fraction_of_step": round((ms["pac_ops"] - ms["former_draw"]) / step, 4)}
 
 
-def tree_step_cost(model, layout, requests, window: int, trees, batch: int, rounds: int) -> dict:
-    """What a draft tree costs a step, side by side: for the plain window, each tree at that window,
-    and each tree at the window of equal node count (window - S * m), ms of the forward, of
-    advance() and of the K/V move (Engine.move_tree_kv), on one mid-image state of `batch` slots per
-    setup, in interleaved rounds (load on a shared CPU hits every setup alike); medians, and each
-    step's time relative to the plain window's."""
+def tree_step_cost(model, layout, requests, window: int, trees, batch: int, rounds: int,
+                   taus=(CARRY_TAU,)) -> dict:
+    """What a draft tree costs a step, side by side: for the plain window, each tree at that window
+    (with each carry-over of taus, Engine tree_carry_tau, when there are several), and each tree at
+    the window of equal node count (window - S * m), ms of the forward, of advance() and of the K/V
+    move (Engine.move_tree_kv), on one mid-image state of `batch` slots per setup, in interleaved
+    rounds (load on a shared CPU hits every setup alike); medians, and each step's time relative to
+    the plain window's."""
     import copy
     import dataclasses
 
-    setups = [(window, (0, 0))] + [(w, t) for t in trees if t[0]
-                                   for w in (window, window - t[0] * t[1]) if t[1] <= w - 1]
+    setups = [(window, (0, 0), CARRY_TAU)] + [(w, t, tau) for t in trees if t[0]
+                                              for w in (window, window - t[0] * t[1]) if t[1] <= w - 1
+                                              for tau in (taus if w == window else taus[-1:])]
     engines = {}
-    for w, t in setups:
+    for w, t, tau in setups:
         m = copy.deepcopy(model)  # each engine owns its cache
-        engine = Engine(m, layout, max_batch=batch, window=w, kv_bucket=64, tree_siblings=t[0], tree_branch=t[1])
+        engine = Engine(m, layout, max_batch=batch, window=w, kv_bucket=64, tree_siblings=t[0], tree_branch=t[1],
+                        tree_carry_tau=tau)
         for b in range(batch):
             r = dataclasses.replace(requests[b % len(requests)], id=f"cost{b}", window=w, sjd=True, drafts="pac")
             ctx, rows, cols = engine.check(r)
@@ -511,7 +537,7 @@ def tree_step_cost(model, layout, requests, window: int, trees, batch: int, roun
         engine._prefill([(b, engine.jobs[b]) for b in range(batch)])
         for _ in range(3):  # drafts and q as in the middle of an image
             engine.step()
-        engines[f"w{w}+{t[0]}x{t[1]}"] = engine
+        engines[f"w{w}+{t[0]}x{t[1]}" + (f" carry {tau}" if t[0] and len(taus) > 1 else "")] = engine
     times = {k: {"forward": [], "advance": [], "kv_move": []} for k in engines}
     with torch.no_grad():
         for _ in range(rounds):
@@ -552,13 +578,20 @@ def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None
                           "or pass --acceptance")
     res = json.loads(path.read_text())
     drafts = drafts or res.get("default_draft")
-    for row in res.get("runs", []):
-        if row["sjd"] and row["group"] == group and row["window"] == window and row["drafts"] == drafts \
-                and row.get("tree", "0x0") == tree:
-            return float(row["tokens_per_step"])
+    rows = [row for row in res.get("runs", []) if row["sjd"] and row["group"] == group and row["window"] == window
+            and row["drafts"] == drafts and row.get("tree", "0x0") == tree]
+    # a tree run with the engine's carry-over if there is one (rows before carry_tau had the plain mean)
+    rows.sort(key=lambda row: row.get("carry_tau", CARRY_TAU) != CARRY_TAU)
+    if rows:
+        return float(rows[0]["tokens_per_step"])
     raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts and tree {tree}; rerun "
                       f"`python -m bench.generate acceptance --window {window} --tree {tree} --out {path}` or pass "
                       f"--acceptance")
+
+
+def carry_tau(text: str) -> float | None:
+    """--carry-tau's values: a positive number, or "none" (the plain mean)."""
+    return None if text.lower() == "none" else float(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -615,6 +648,10 @@ def main(argv=None):
         p.add_argument("--tree", nargs="+", default=["0x0"],
                        help="draft trees SIBLINGSxBRANCH (Engine tree_siblings / tree_branch), each run at every "
                             "window; 0x0: none (the default)")
+        p.add_argument("--carry-tau", type=carry_tau, nargs="+", default=[CARRY_TAU],
+                       help=f"the draft tree's carry-over after a drawn first token (Engine tree_carry_tau): a "
+                            f"similarity temperature, or none for the plain mean; each tree runs with each "
+                            f"(default {CARRY_TAU})")
         p.add_argument("--equal-nodes", action="store_true",
                        help="also run each tree at the window of equal node count (window - S*m)")
         p.add_argument("--tree-cost-window", type=int, nargs="+", default=[16, 32],

@@ -16,8 +16,9 @@ hold: image codes inside a row, the row end at each row's end, the image end las
 Draft tree (tree_siblings=S, tree_branch=m; default none): each step also feeds S sibling branches
 of m nodes for the window's first position, past the window in the cache (_tree_logits), verifies
 them with tree_advance() and moves an accepted branch's K/V to its positions' slots
-(move_tree_kv); model/sjd.py, "Draft tree", and docs/generate.md say why it is lossless and what
-it gains and costs.
+(move_tree_kv); after a drawn first token the carry-over weights the tree's contexts by the drawn
+code's resemblance to each candidate (tree_carry_tau; None: the plain mean). model/sjd.py, "Draft
+tree", and docs/generate.md say why it is lossless and what it gains and costs.
 
 Tasks: text-to-image and a pair from text (upper_codes=None: the whole image is sampled) and
 image-to-image (upper_codes given: the upper panel is prefilled, the lower one sampled).
@@ -43,9 +44,9 @@ import torch.nn.functional as F
 
 from model import sampling as S
 from model.decoder import Decoder
-from model.sjd import (DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, accept_first_of, continue_window, force_layout,
-                       in_window_above, is_pac, next_window, refill, tree_candidates, tree_carry, tree_layout, tree_mask,
-                       tree_path, verify)
+from model.sjd import (CARRY_TAU, DEFAULT_DRAFTS, DRAFT_KINDS, above_in_window, accept_first_of, carry_weights,
+                       continue_window, force_layout, in_window_above, is_pac, next_window, refill,
+                       tree_candidates, tree_carry, tree_layout, tree_mask, tree_path, verify)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class Consts(NamedTuple):
     """Tensors advance() reads that do not change while the engine runs."""
     local_to_global: torch.Tensor  # [C+2] global ids of the local vocabulary
     code_q: torch.Tensor  # [C+2] the exact distribution of uniform random codes (sampling.uniform_codes_q)
+    code_vectors: torch.Tensor  # [C+2, D] the head's rows of the local ids (the draft tree's carry_weights)
 
 
 COMPILE_MODES = ("full", "forward", "eager")
@@ -135,10 +137,15 @@ class Engine:
     def __init__(self, model: Decoder, layout, max_batch: int = 8, device: str | torch.device = "cpu",
                  compile: bool = False, window: int = 16, max_seq: int | None = None, kv_bucket: int = 512,
                  cache_dtype: torch.dtype | None = None, compile_backend="inductor",
-                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS, tree_siblings: int = 0, tree_branch: int = 0):
+                 prefill_tokens: int = DEFAULT_PREFILL_TOKENS, tree_siblings: int = 0, tree_branch: int = 0,
+                 tree_carry_tau: float | None = CARRY_TAU):
         self.model, self.layout, self.device = model, layout, torch.device(device)
         self.max_batch, self.window, self.kv_bucket = max_batch, window, kv_bucket
         self.tree = check_tree(tree_siblings, tree_branch, window)
+        if not (tree_carry_tau is None or (isinstance(tree_carry_tau, (int, float)) and tree_carry_tau > 0)):
+            raise ValueError(f"Engine: tree_carry_tau {tree_carry_tau!r} must be a positive number (the similarity "
+                             f"temperature of the draft tree's carry-over) or None (the plain mean)")
+        self.tree_carry_tau = tree_carry_tau
         # tokens fed per row and step: the window, then the draft tree's sibling branches past it
         self.nodes = window + self.tree[0] * self.tree[1]
         self.max_seq = max_seq or model.args.max_seq_len
@@ -160,16 +167,17 @@ class Engine:
         local = list(range(layout.code_offset, layout.code_offset + self.n_codes)) + [layout.row_end,
                                                                                        layout.image_end]
         self.local_to_global = torch.tensor(local, device=self.device)
-        self.consts = Consts(self.local_to_global, S.uniform_codes_q(self.n_codes, self.n_codes + 2).to(self.device))
         with torch.no_grad():
             self.head = model.output.weight[self.local_to_global].detach().clone()
+        self.consts = Consts(self.local_to_global, S.uniform_codes_q(self.n_codes, self.n_codes + 2).to(self.device),
+                             self.head)
         self.state = Slots.empty(max_batch, window, self.n_codes + 2, self.max_seq + window, self.device)
         self.jobs: list[_Job | None] = [None] * max_batch
         if self.tree[0]:
             siblings, branch = self.tree
 
             def tree_step(logits: torch.Tensor, s: Slots, c: Consts):
-                return tree_advance(logits, s, c, siblings, branch)
+                return tree_advance(logits, s, c, siblings, branch, tree_carry_tau)
 
             self._advance_eager = tree_step
         else:
@@ -544,7 +552,8 @@ def advance(logits: torch.Tensor, s: Slots, c: Consts) -> Slots:
     return _commit(s, c, p, tokens, gained, fresh)
 
 
-def tree_advance(logits: torch.Tensor, s: Slots, c: Consts, siblings: int, branch: int):
+def tree_advance(logits: torch.Tensor, s: Slots, c: Consts, siblings: int, branch: int,
+                 carry_tau: float | None = CARRY_TAU):
     """advance() for an engine with a draft tree (model/sjd.py, "Draft tree"): logits [2B, N, C+2]
     of the window and the sibling branches (Engine._tree_logits) -> (the slots after the step,
     kv_from [B]: where the K/V of the row's accepted tokens are, as the first slot of its accepted
@@ -561,7 +570,9 @@ def tree_advance(logits: torch.Tensor, s: Slots, c: Consts, siblings: int, branc
     first, chosen = accept_first_of(p[:, 0], s.q[:, 0], cands, u_first, u_res, s.speculative)
     path_p, path_drafts, path_q, limit = tree_path(p, p_branches, s.drafts, s.q, first, chosen, limit)
     tokens, gained = verify(path_p, path_drafts, path_q, u_acc, u_res, limit, torch.ones_like(s.speculative))
-    carry_p = tree_carry(path_p, p, p_branches, chosen)
+    # after a drawn first token: the contexts weighted by their candidate's resemblance to it (None: the mean)
+    weights = None if carry_tau is None else carry_weights(c.code_vectors, first, cands, carry_tau)
+    carry_p = tree_carry(path_p, p, p_branches, chosen, weights)
     fresh = continue_window(carry_p, path_drafts, path_q, u_acc, u_fresh, is_pac(s.draft_kind))
     moved = _commit(s, c, carry_p, tokens, gained, fresh)
     kv_from = torch.where(s.active & (chosen >= 1) & (gained >= 2), length + (chosen - 1) * branch, 1)

@@ -77,10 +77,12 @@ Only the one accepted branch is verified past the first position. (3) The carry-
 valid as long as it is the distribution the next draft is drawn from; on a sibling path the
 positions past the branch keep the main chain's p (computed with c_0 below them, a draw below
 them): a worse q, still an exact one. Where no candidate was accepted (the first token drawn from
-the residual, a code none of the computed contexts had), depths 2..m+1 carry the mean of the
+the residual, a code none of the computed contexts had), depths 2..m+1 carry a mixture of the
 main chain's and the branches' p there instead (tree_carry; a broader guess than one wrong
-context): continue_window's kept-or-redrawn token is distributed exactly as that mean, which is
-its next q.
+context), each context weighted by how much its candidate resembles the drawn code (carry_weights:
+a softmax of cosine similarities of the head's rows; a function of the first position's draws,
+which lie below those depths): continue_window's kept-or-redrawn token is distributed exactly as
+that mixture, which is its next q.
 """
 from __future__ import annotations
 
@@ -344,13 +346,36 @@ def tree_path(p: torch.Tensor, p_branches: torch.Tensor, drafts: torch.Tensor, q
     return path_p, path_drafts, path_q, limit
 
 
-def tree_carry(path_p: torch.Tensor, p: torch.Tensor, p_branches: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+CARRY_TAU = 0.05  # carry_weights' temperature (docs/generate.md, "Carry-over weighted by similarity")
+
+
+def carry_weights(vectors: torch.Tensor, first: torch.Tensor, cands: torch.Tensor, tau: float = CARRY_TAU):
+    """tree_carry's weights [B, 1 + S] of the tree's contexts (candidate 0: the main chain, k: sibling
+    k's branch) after a drawn first token: a softmax over the candidates of the cosine similarity
+    between the drawn token's vector and each candidate's, divided by tau. vectors [V, D]: a vector
+    per local id (the engine: the decoder's head rows); first [B] the first position's token, cands
+    [B, 1 + S] its candidates. The drawn code was no candidate, and its next position's p is closest
+    to the p computed on the context of the code that resembles it most (measured: bench.sjd_tree).
+    A function of the first position's draws only, which lie below every depth it weights, so the
+    mixture is an exact q whatever the weights."""
+    v = F.normalize(vectors[cands].float(), dim=-1)
+    f = F.normalize(vectors[first].float(), dim=-1)
+    return torch.softmax((v * f[:, None]).sum(-1) / tau, -1)
+
+
+def tree_carry(path_p: torch.Tensor, p: torch.Tensor, p_branches: torch.Tensor, chosen: torch.Tensor,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """The distributions the carry-over draws the next window's drafts from (continue_window's
     target, next_window's q), [B, L, V]: the path's, except where the first token was drawn
     (chosen < 0). There the token below depths 2..m+1 is new, a code none of the computed contexts
-    had, so each of those depths takes the mean of its p over the main chain and every branch
-    instead of the main chain's alone (a broader guess; any q is exact for the draft drawn from it)."""
+    had, so each of those depths takes a mixture of its p over the main chain and every branch
+    instead of the main chain's alone (a broader guess; any q is exact for the draft drawn from it):
+    weights [B, 1 + S] (carry_weights; default the mean)."""
     m = p_branches.shape[2]
-    mix = (p[:, 1:m + 1] + p_branches.sum(1)) / (1 + p_branches.shape[1])
+    if weights is None:
+        mix = (p[:, 1:m + 1] + p_branches.sum(1)) / (1 + p_branches.shape[1])
+    else:
+        w = weights.to(p.dtype)
+        mix = w[:, :1, None] * p[:, 1:m + 1] + (w[:, 1:, None, None] * p_branches).sum(1)
     drawn = (chosen < 0)[:, None, None]
     return torch.cat([path_p[:, :1], torch.where(drawn, mix, path_p[:, 1:m + 1]), path_p[:, m + 1:]], 1)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bench.generate import measured_acceptance, tree_plan
-from model.sjd import parse_tree
+from bench.generate import carry_tau, measured_acceptance, tree_plan
+from model.sjd import CARRY_TAU, parse_tree
 
 
 def test_tree_plan_adds_the_equal_node_runs_that_fit():
@@ -35,3 +35,16 @@ def test_parse_tree_says_what_it_expects():
     for bad in ("3", "ax2", "3x2x1", None):
         with pytest.raises(ValueError, match="expected SIBLINGSxBRANCH"):
             parse_tree(bad)
+
+
+def test_a_tree_figure_is_the_engines_carry_over(tmp_path):
+    """With runs of both carry-overs (--carry-tau none 0.05) a tree's figure is the one the engine
+    runs by default (sjd.CARRY_TAU); files from before carry_tau (the plain mean) still serve."""
+    row = {"sjd": True, "group": "t2i", "window": 16, "drafts": "pac", "tree": "3x2"}
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, carry_tau=None, tokens_per_step=2.31),
+                                                                dict(row, carry_tau=CARRY_TAU, tokens_per_step=2.36)]}))
+    assert measured_acceptance(16, path=path, tree="3x2") == 2.36
+    path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, tokens_per_step=2.34)]}))
+    assert measured_acceptance(16, path=path, tree="3x2") == 2.34
+    assert carry_tau("none") is None and carry_tau("None") is None and carry_tau("0.05") == 0.05

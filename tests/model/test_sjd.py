@@ -12,21 +12,26 @@ import torch.nn.functional as F
 from model import sampling as S
 from model.decoder import ModelArgs
 from model.engine import Engine, Request, _Job
-from model.sjd import (DRAFT_KINDS, above_in_window, accept_first_of, continue_window, draws_left, in_window_above,
-                       is_pac, next_window, refill, tree_candidates, tree_carry, tree_path, verify)
+from model.sjd import (DRAFT_KINDS, above_in_window, accept_first_of, carry_weights, continue_window, draws_left,
+                       in_window_above, is_pac, next_window, refill, tree_candidates, tree_carry, tree_path, verify)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, speculative: bool,
-                   drafts_kind: str = "uniform", width: int = 2, tree: tuple[int, int] = (0, 0)):
+                   drafts_kind: str = "uniform", width: int = 2, tree: tuple[int, int] = (0, 0),
+                   carry_vectors: torch.Tensor | None = None, carry_from_draft: bool = False):
     """Drive verify / continue_window / next_window / refill as the engine's advance() does, with a
     known target, p(x_t | x_{t-1}) = softmax(table[x_{t-1}]).
 
     drafts_kind: the draft initialisation (model.sjd.DRAFT_KINDS), "above" being the token `width`
     positions back (a row of `width` tokens), once accepted (or, for "pac+above", still a draft of
     the window). tree (siblings, branch): a draft tree at the window's first position, as the
-    engine's tree_advance() runs it (each branch node's p from its own input token)."""
+    engine's tree_advance() runs it (each branch node's p from its own input token). carry_vectors
+    [V, D]: tree_carry weighted by carry_weights (the engine's way) instead of the plain mean;
+    carry_from_draft: a wrong variant for the test to catch, all weight on the context whose p gives
+    the carried draft at depth 1 the most mass (weights that depend on that draft, not only on the
+    tokens below it)."""
     v = table.shape[0]
     kind = torch.full((rows,), DRAFT_KINDS.index(drafts_kind))
     code_q = S.uniform_codes_q(v)
@@ -74,7 +79,14 @@ def run_bigram_sjd(table: torch.Tensor, rows: int, window: int, n_tokens: int, s
         tokens, gained = verify(p, drafts, q, u_acc, u_res, limit, spec)
         assert (gained >= 1).all() and (gained <= window).all()
         if tree[0]:  # what the carry-over draws from
-            p = tree_carry(p, main_p, p_branches, chosen)
+            weights = None
+            if carry_vectors is not None:
+                weights = carry_weights(carry_vectors, first, cands)
+            if carry_from_draft:  # the context that gives the carried draft at depth 1 the most mass
+                ctx = torch.cat([main_p[:, 1:2], p_branches[:, :, 0]], 1)  # [B, 1 + S, V]
+                liked = ctx.gather(2, drafts[:, None, 1:2].expand(-1, ctx.shape[1], 1))[..., 0]
+                weights = F.one_hot(liked.argmax(1), ctx.shape[1]).float()
+            p = tree_carry(p, main_p, p_branches, chosen, weights)
         fresh = continue_window(p, drafts, q, u_acc, S.counter_uniform(seed, step, idx, S.STREAM_FRESH), is_pac(kind))
         rand = S.uniform_codes(S.counter_bits(seed, step, idx, S.STREAM_DRAFT), v)
         drafts, q = next_window(p, fresh, gained, rand)
@@ -135,6 +147,43 @@ def test_draft_tree_samples_the_target_distribution(chi_square, drafts_kind, tre
                                     drafts_kind=drafts_kind)
     if drafts_kind != "uniform":  # "uniform"'s q is one-hot on its code: no second candidate to draw
         assert steps.float().mean() < plain_steps.float().mean()
+
+
+@pytest.mark.parametrize("drafts_kind", ["pac", "pac+above"])
+def test_draft_tree_carry_weighted_by_similarity_samples_the_target_distribution(chi_square, drafts_kind):
+    """tree_carry weighted by carry_weights (the engine's carry-over after a drawn first token: the
+    contexts weighted by their candidate's resemblance to the drawn token), driven as tree_advance
+    runs it (2x2 tree, window 3, random vectors per id, the engine's temperature: near one-hot
+    weights) on the bigram target, 100,000 rows: the joint of the first four tokens passes
+    chi-square. Weights
+    that depend on the draft at depth 1 (the token the carry-over keeps or redraws there, not one
+    below it: all weight on the context that likes it most) make its next q wrong and fail it
+    (p about 1e-13 and 1e-21; at 20,000 rows it would pass, p 0.03)."""
+    torch.manual_seed(0)
+    v = 5
+    table = 2.5 * torch.randn(v, v)
+    p = torch.softmax(table, -1)
+    exact = torch.einsum("a,ab,bc,cd->abcd", p[0], p, p, p).reshape(-1)
+    vectors = torch.randn(v, 4)
+    for wrong in (False, True):
+        tokens, _ = run_bigram_sjd(table, rows=100000, window=3, n_tokens=4, speculative=True,
+                                   drafts_kind=drafts_kind, tree=(2, 2), carry_vectors=None if wrong else vectors,
+                                   carry_from_draft=wrong)
+        codes = ((tokens[:, 0] * v + tokens[:, 1]) * v + tokens[:, 2]) * v + tokens[:, 3]
+        got = chi_square(torch.bincount(codes, minlength=v ** 4), exact)
+        assert (got < 1e-6) if wrong else (got > 1e-3), (wrong, got)
+
+
+def test_carry_weights_follow_the_drawn_tokens_resemblance():
+    """carry_weights: a distribution over the candidates, the one most like the drawn token weighted
+    most, equal vectors weighted equally, and tau -> large gives the plain mean."""
+    vectors = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    cands = torch.tensor([[3, 2, 1], [2, 2, 3]])
+    w = carry_weights(vectors, torch.tensor([0, 2]), cands)
+    assert torch.allclose(w.sum(-1), torch.ones(2))
+    assert w[0].argmax() == 2 and w[0, 2] > 0.99  # [0.9, 0.1] resembles [1, 0] most
+    assert w[1, 0] == w[1, 1] and w[1, 0] > 0.49
+    assert torch.allclose(carry_weights(vectors, torch.tensor([0, 2]), cands, tau=1e6), torch.full((2, 3), 1 / 3))
 
 
 def first_position_exact(p: torch.Tensor, q: torch.Tensor, n_cands: int):
