@@ -508,7 +508,13 @@ def test_draft_tree_main_chain_is_unchanged_and_an_accepted_branch_moves_its_kv(
 
 
 def test_draft_tree_settings_are_checked(peaky_model, small_layout):
-    """A tree that does not fit the window, or half a tree, is one clear error."""
+    """A tree that does not fit the window, or half a tree, is one clear error; so is a carry-over
+    temperature that is not a positive number (None, the plain mean, is allowed)."""
     for siblings, branch in ((2, 8), (0, 3), (2, 0), (-1, 2)):
         with pytest.raises(ValueError, match="draft tree"):
             Engine(peaky_model, small_layout, max_batch=1, window=8, tree_siblings=siblings, tree_branch=branch)
+    for tau in (0, -0.05, "0.05"):
+        with pytest.raises(ValueError, match="tree_carry_tau"):
+            Engine(peaky_model, small_layout, max_batch=1, window=8, tree_siblings=2, tree_branch=2, tree_carry_tau=tau)
+    assert Engine(peaky_model, small_layout, max_batch=1, window=8, tree_siblings=2, tree_branch=2,
+                  tree_carry_tau=None).tree_carry_tau is None
