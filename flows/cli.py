@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repair.add_argument("path", help="dataset folder or URI (s3://bucket/prefix)")
     repair.add_argument("--json", action="store_true", help="machine-readable report")
+    cmp = sub.add_parser(
+        "compare",
+        help="two evaluated runs figure by figure: better, worse or within noise",
+        description="Compare the per-row figures (figures.jsonl) of evaluated generated datasets: BASE ... --vs NEW ...; "
+        "rows of the same input are paired (tasks/evaluate/compare.py).",
+    )
+    from tasks.evaluate.compare import add_arguments
+
+    add_arguments(cmp)
     cfg = sub.add_parser("config", help="print the resolved config", description="Validate and print a config.")
     cfg.add_argument("--config", default=DEFAULT_CONFIG)
     cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -209,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "datasets":
             return _datasets(args)
+        elif args.command == "compare":
+            from tasks.evaluate.compare import run
+
+            return run(args)
         elif args.command == "config":
             print(json.dumps(load_config(args.config, args.overrides).model_dump(), indent=2))
         elif args.command == "demo":
@@ -216,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_summary(run_flow(args.command, args.config, args.overrides))
     except (ConfigError, StorageError, RequestError) as e:
+        print(f"panelforge: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:  # only `compare` lets these through: its inputs are files
+        if args.command != "compare":
+            raise
         print(f"panelforge: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -35,8 +35,8 @@ def _publish(summary: dict) -> None:
     create_table_artifact(summary["table"], key="evaluate-figures", description=(
         f"{summary['uri']}: each figure beside its unconditioned floor ({summary['rows']} rows)"))
     md = [f"# Evaluation: {summary['uri']}", "",
-          "| figure | task | rows | generated | floor | better |", "|---|---|---:|---:|---:|---|"]
-    md += [f"| {r['figure']} | {r['task']} | {r['rows']} | {r['generated']} | {r['floor']} | {r['better']} |"
+          "| figure | task | rows | generated | ± se | floor | better |", "|---|---|---:|---:|---:|---:|---|"]
+    md += [f"| {r['figure']} | {r['task']} | {r['rows']} | {r['generated']} | {r['se']} | {r['floor']} | {r['better']} |"
            for r in summary["table"]]
     md += ["", f"Report: `{summary['report']}`", ""]
     for name, path in [("contact sheet", summary["contact_sheet"]), *summary["sheets"].items()]:
@@ -61,8 +61,8 @@ def evaluate(config_path: str | None = None, overrides: list[Override] | None = 
     _publish(summary)
     logger = get_run_logger()
     for r in summary["table"]:
-        logger.info("evaluate: %s %s: %s (floor %s, %s is better)", r["figure"], r["task"], r["generated"],
-                    r["floor"], r["better"])
+        logger.info("evaluate: %s %s: %s +- %s (floor %s, %s is better)", r["figure"], r["task"], r["generated"],
+                    r["se"], r["floor"], r["better"])
     logger.info("evaluate: report %s; contact sheet %s", summary["report"], summary["contact_sheet"])
     return summary
 

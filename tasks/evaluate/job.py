@@ -108,8 +108,15 @@ class EvaluateWorker:
         return {"unit": unit["unit"], "records": records, "errors": errors, "seconds": time.perf_counter() - t0}
 
 
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt(n)); no error for one value."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), (float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None)
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """One table row per (metric, task): mean of the generated figure and of the floor."""
+    """One table row per (metric, task): mean of the generated figure and of the floor, each with
+    its standard error (how far the mean would move on another draw of as many rows)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["metric"], r["task"])].append(r)
@@ -117,13 +124,19 @@ def summarize(records: list[dict]) -> list[dict]:
     table = []
     for (metric, task), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         floors = [r["floor"] for r in rs if r["floor"] is not None]
+        value, se = mean_se([r["value"] for r in rs])
+        floor, floor_se = mean_se(floors) if floors else (None, None)
         table.append({
             "figure": metric, "task": task, "rows": len(rs),
-            "generated": round(float(np.mean([r["value"] for r in rs])), 4),
-            "floor": round(float(np.mean(floors)), 4) if floors else None,
+            "generated": round(value, 4), "se": _round(se),
+            "floor": _round(floor), "floor_se": _round(floor_se),
             "better": METRICS[metric][1], "paper": PAPER.get((metric, task), ""),
         })
     return table
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def run_evaluate(cfg, uri: str | None = None, use_ray: bool = True,
@@ -188,7 +201,8 @@ def main() -> None:
     args = ap.parse_args()
     summary = run_evaluate(load_config(args.config, args.overrides), args.uri, use_ray=not args.no_ray)
     for r in summary["table"]:
-        print(f"{r['figure']:15s} {r['task']:14s} rows {r['rows']:4d}  generated {r['generated']:.4f}  "
+        print(f"{r['figure']:15s} {r['task']:14s} rows {r['rows']:4d}  generated {r['generated']:.4f} "
+              f"+- {'-' if r['se'] is None else format(r['se'], '.4f')}  "
               f"floor {'-' if r['floor'] is None else format(r['floor'], '.4f')}  ({r['better']} is better)")
     print(f"report: {summary['report']}\ncontact sheet: {summary['contact_sheet']}")
 

@@ -4,6 +4,7 @@
 
 Files (in the dataset's folder or object-store prefix):
 - report.md                the figures beside their floors, how each is measured, the images;
+- figures.jsonl            every row's figures (what `panelforge compare` reads);
 - contact_sheet.png        sample pairs, upper over lower (tasks/build_panels.contact_sheet);
 - eval_control.png         control rows: the control map | the generated panel | what was compared
                            (canny: green = edges in both, red = in the map only, blue = generated
@@ -12,6 +13,7 @@ Files (in the dataset's folder or object-store prefix):
 """
 from __future__ import annotations
 
+import json
 import textwrap
 
 import cv2
@@ -22,6 +24,7 @@ from tasks.panels.compose import decode_panel
 from tasks.shapes.detector import detect_shapes
 from tasks.generate.verify import binary_map, canny_edges
 
+FIGURES = "figures.jsonl"  # every per-row figure: {"id", "task", "metric", "value", "floor"} a line
 TILE = 160  # tile height in the sheets, pixels
 _LABEL = 20
 _BGR = {"red": (40, 40, 220), "orange": (20, 140, 245), "yellow": (30, 215, 245), "green": (70, 170, 40),
@@ -148,12 +151,12 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
         f"{len(ds)} generated rows ({', '.join(f'{t} {n}' for t, n in sorted(ds.rows_per_task().items()))}); "
         f"model {', '.join(fingerprints) or 'unknown'}; {errors} rows could not be scored.",
         "",
-        "| figure | task | rows | generated | floor (unconditioned) | better | paper |",
-        "|---|---|---:|---:|---:|---|---|",
+        "| figure | task | rows | generated | ± se | floor (unconditioned) | ± se | better | paper |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in table:
-        lines.append(f"| {r['figure']} | {r['task']} | {r['rows']} | {_fmt(r['generated'])} | {_fmt(r['floor'])} "
-                     f"| {r['better']} | {r['paper']} |")
+        lines.append(f"| {r['figure']} | {r['task']} | {r['rows']} | {_fmt(r['generated'])} | {_fmt(r.get('se'))} "
+                     f"| {_fmt(r['floor'])} | {_fmt(r.get('floor_se'))} | {r['better']} | {r['paper']} |")
     lines += [
         "",
         "How each figure is measured (tasks/evaluate/job.py):",
@@ -163,6 +166,9 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
     lines += [
         "- The floor: the same figure between this row's input (control map, caption) and the picture "
         "generated for another row of the same task: what an unconditioned sample scores.",
+        "- ± se: the standard error of the mean (sample standard deviation / sqrt(rows)). Two runs whose "
+        "figures differ by less than about twice their errors are not told apart; `panelforge compare` "
+        "compares two runs row by row from their figures.jsonl.",
         "- Depth of a generated shapes picture: the scene is re-rendered from its seed; each of its colours "
         "found in the picture takes that shape's z, the rest the background plane.",
         "",
@@ -194,6 +200,7 @@ def write_report(uri: str, ds, table: list[dict], records: list[dict], cfg, erro
     sheet = contact_sheet(uri, cfg.generate.contact_sheet_pairs)
     images = {"contact_sheet": "contact_sheet.png", "eval_control": "eval_control.png",
               "eval_captions": "eval_captions.png"}  # relative: report.md sits beside them
+    figures = _write(loc, FIGURES, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
     report = _write(loc, "report.md", markdown(uri, ds, table, errors, images).encode())
-    return {"report": report, "contact_sheet": sheet, "sheets": sheets}
+    return {"report": report, "contact_sheet": sheet, "sheets": sheets, "figures": figures}
 

@@ -207,3 +207,97 @@ def test_rows_written_by_the_generate_worker_get_every_figure(tmp_path):
         assert fig[key]["rows"] == 2 and fig[key]["floor"] is not None, key
     assert fig[("caption_shape", "t2i")]["generated"] == 0.0  # random codes draw no palette shapes
     assert abs(fig[("depth_rmse", "control:depth")]["generated"] - fig[("depth_rmse", "control:depth")]["floor"]) < 0.1
+
+
+def test_standard_errors_and_per_row_figures_are_written(tmp_path):
+    """report.md and the table give each mean its standard error; figures.jsonl holds every row's
+    figures, from which the table's means and errors are recomputed here."""
+    cfg = _config(tmp_path)
+    uri = write_generated(tmp_path, cfg, "unconditioned", seed_shift=1000)
+    summary = run_evaluate(cfg, uri, use_ray=False)
+    lines = Path(summary["figures"]).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert Path(summary["figures"]).parent == Path(uri) and len(records) >= 20
+    for row in summary["table"]:
+        values = np.array([r["value"] for r in records if (r["metric"], r["task"]) == (row["figure"], row["task"])])
+        assert len(values) == row["rows"] == 4
+        assert row["generated"] == pytest.approx(values.mean(), abs=1e-4)
+        assert row["se"] == pytest.approx(values.std(ddof=1) / 2, abs=1e-4)
+    depth = _by(summary["table"])[("depth_rmse", "control:depth")]
+    assert depth["se"] > 0 and depth["floor_se"] > 0
+    text = Path(summary["report"]).read_text()
+    assert f"| depth_rmse | control:depth | 4 | {depth['generated']:.3f} | {depth['se']:.3f} |" in text
+
+
+def _figures(path: Path, rows: list[tuple[str, str, str, float]]) -> str:
+    path.mkdir(parents=True)
+    (path / "figures.jsonl").write_text("".join(
+        json.dumps({"id": i, "task": t, "metric": m, "value": v, "floor": None}) + "\n" for i, t, m, v in rows))
+    return str(path)
+
+
+def test_compare_pairs_rows_of_the_same_input(tmp_path):
+    """Evaluations of an unconditioned and a perfect generator on the same inputs: the perfect one
+    is better on the figures that measure conditioning, and a run against itself is the same."""
+    from tasks.evaluate.compare import compare
+
+    cfg = _config(tmp_path)
+    good = write_generated(tmp_path, cfg, "oracle")
+    bad = write_generated(tmp_path, cfg, "unconditioned", seed_shift=1000)
+    run_evaluate(cfg, good, use_ray=False)
+    run_evaluate(cfg, bad, use_ray=False)
+    rows = {(r["figure"], r["task"]): r for r in compare([bad], [good])}
+    canny = rows[("canny_f1", "control:canny")]
+    assert canny["paired"] == 4 and canny["diff"] > 0.5 and canny["verdict"] == "better"
+    assert rows[("depth_rmse", "dense:depth")]["diff"] < 0 and rows[("depth_rmse", "dense:depth")]["verdict"] == "better"
+    assert compare([good], [bad])[0]["verdict"] == "worse"
+    same = compare([good], [good])
+    assert all(r["diff"] == 0 and r["verdict"] in ("same", "within noise") for r in same)
+
+
+def test_compare_arithmetic_paired_and_unpaired(tmp_path):
+    from tasks.evaluate.compare import compare
+
+    base = _figures(tmp_path / "a", [("r1", "t2i", "caption_shape", 0.0), ("r2", "t2i", "caption_shape", 0.5),
+                                     ("r3", "t2i", "caption_shape", 1.0)])
+    new = _figures(tmp_path / "b", [("r1", "t2i", "caption_shape", 0.5), ("r2", "t2i", "caption_shape", 0.5),
+                                    ("r3", "t2i", "caption_shape", 1.0)])
+    (row,) = compare([base], [new])
+    d = np.array([0.5, 0.0, 0.0])
+    assert row["paired"] == 3 and row["diff"] == pytest.approx(d.mean(), abs=1e-4)
+    assert row["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3), abs=1e-4)
+    assert row["verdict"] == "within noise"  # 0.167 against an error of 0.167
+    other = _figures(tmp_path / "c", [("s1", "t2i", "caption_shape", 1.0), ("s2", "t2i", "caption_shape", 0.5)])
+    (row,) = compare([base], [other])  # no shared row: Welch's error
+    va, vb = np.array([0.0, 0.5, 1.0]), np.array([1.0, 0.5])
+    assert row["paired"] == 0 and row["diff"] == pytest.approx(vb.mean() - va.mean(), abs=1e-4)
+    assert row["se"] == pytest.approx(np.sqrt(va.var(ddof=1) / 3 + vb.var(ddof=1) / 2), abs=1e-4)
+    base_depth = _figures(tmp_path / "d", [(f"r{k}", "dense:depth", "depth_rmse", 0.3 + 0.01 * k) for k in range(8)])
+    new_depth = _figures(tmp_path / "e", [(f"r{k}", "dense:depth", "depth_rmse", 0.2 + 0.012 * k) for k in range(8)])
+    assert compare([base_depth], [new_depth])[0]["verdict"] == "better"  # a lower RMSE is better
+    assert compare([new_depth], [base_depth])[0]["verdict"] == "worse"
+
+
+def test_compare_refuses_bad_inputs_with_the_reason(tmp_path, capsys):
+    from flows.cli import main
+    from tasks.evaluate.compare import compare
+
+    a = _figures(tmp_path / "a", [("r1", "t2i", "caption_shape", 0.0), ("r2", "t2i", "caption_shape", 1.0)])
+    with pytest.raises(FileNotFoundError, match="run `panelforge evaluate`"):
+        compare([a], [str(tmp_path / "never-evaluated")])
+    with pytest.raises(ValueError, match="r1 .* appears twice on one side"):
+        compare([a, a], [a])
+    other = _figures(tmp_path / "b", [("r1", "dense:depth", "depth_rmse", 0.2)])
+    with pytest.raises(ValueError, match="share no figure"):
+        compare([a], [other])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "figures.jsonl").write_text('{"id": "r1", "task": "t2i"}\n')
+    with pytest.raises(ValueError, match="line 1: not a figure record"):
+        compare([a], [str(tmp_path / "bad")])
+    assert main(["compare", a, "--vs", str(tmp_path / "bad")]) == 2
+    assert "line 1: not a figure record" in capsys.readouterr().err
+    assert main(["compare", a, "--vs", a, "--json", str(tmp_path / "cmp.json")]) == 0
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["rows"][0]["verdict"] == "same" and saved["rows"][0]["paired"] == 2
+    with pytest.raises(ValueError, match="sigmas"):
+        compare([a], [a], sigmas=0)
