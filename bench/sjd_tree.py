@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.generate import RESULTS, acceptance_requests, fingerprint
+from storage.manifest import code_version
 from model import sampling as S
 from model.engine import Engine, _step_draws, window_probs
 from model.sjd import (
@@ -337,21 +338,6 @@ def search(est: Estimator, budgets, k0: int, k1: int, branch_max: int, top: int 
     return out
 
 
-def code_commit() -> str | None:
-    """The repository's commit (with "+dirty" when files differ from it): which engine ran."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def watch(engine: Engine, st: Stats, rng: torch.Generator, k0: int, k1: int) -> None:
     """Make every engine step also record() its logits and the slots before it into st."""
     logits_of, step, seen = engine.window_logits, engine.step, {}
@@ -441,7 +427,7 @@ def main(argv=None):
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
     model, layout, gen_cfg, _, base = acceptance_requests(opts)
-    out = {"model": opts.checkpoint, "model_sha256": fingerprint(opts.checkpoint), "code_commit": code_commit(),
+    out = {"model": opts.checkpoint, "model_sha256": fingerprint(opts.checkpoint), "code_version": code_version(),
            "window": opts.window,
            "drafts": opts.drafts, "carry_tau": opts.carry_tau, "cfg": gen_cfg.cfg, "temperature": gen_cfg.temperature,
            "requests": {g: len(r) for g, r in base.items()}, "budgets": list(BUDGETS),

@@ -46,23 +46,23 @@ def now() -> str:
 
 
 @functools.cache
-def code_version() -> str:
-    """'panelforge 0.1.0+g<commit>' when run from a git checkout, else the package version."""
+def code_version(root: str | os.PathLike | None = None) -> str:
+    """'panelforge 0.1.0+g<commit>' when run from a git checkout ('...+g<commit>.dirty' when tracked
+    files differ from that commit: the code that ran is not the commit's), else the package version.
+    root: the checkout to ask (default: the one this module lives in)."""
     try:
         version = metadata.version("panelforge")
     except metadata.PackageNotFoundError:
         version = "unknown"
+    cwd = Path(root) if root is not None else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = commit and subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                          capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"panelforge {version}" + (f"+g{commit}" if commit else "")
+        commit, dirty = "", ""
+    return f"panelforge {version}" + (f"+g{commit}" if commit else "") + (".dirty" if dirty else "")
 
 
 def digest(manifest: dict) -> str:

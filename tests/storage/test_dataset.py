@@ -171,6 +171,35 @@ def test_lineage_and_code_version(tmp_path):
     assert ds.manifest["code_version"].startswith("panelforge ")
 
 
+def test_code_version_names_the_commit_and_changed_files(tmp_path):
+    """A dataset made by code that differs from its commit says so (".dirty"); untracked files
+    (a workdir inside the checkout) do not count."""
+    import subprocess
+
+    from storage.manifest import code_version
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    commit = git("rev-parse", "--short", "HEAD")
+    code_version = code_version.__wrapped__  # not the per-process cache: this checkout changes under it
+    assert code_version(tmp_path).endswith(f"+g{commit}")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "new.txt").write_text("untracked")
+    assert code_version(tmp_path).endswith(f"+g{commit}")
+    # Another size: git's index trusts a same-size file whose mtime falls in the second it last looked.
+    (tmp_path / "a.py").write_text("x = 20\n")
+    assert code_version(tmp_path).endswith(f"+g{commit}.dirty")
+    outside = tmp_path.parent / f"{tmp_path.name}-not-a-checkout"  # pytest's tmp folders are in no checkout
+    outside.mkdir()
+    assert code_version(outside).startswith("panelforge ") and "+g" not in code_version(outside)
+
+
 def test_stale_temporaries_are_cleaned(tmp_path):
     _write(tmp_path / "ds", units=[0])
     stale = tmp_path / "ds" / "shards" / ".00001.arrow.deadbeef.tmp"
