@@ -9,6 +9,13 @@ the dataset (or the first --rows), the same rows and batches for each decoder, o
 each task kind (rows are batched within their task, so the two agree to rounding). Training's own loss
 is on rows it has seen, often many times; this one says whether a decoder draws unseen scenes
 better (docs/assets.md). Results are printed and saved as JSON (--out).
+
+For the dual-panel kinds each task's figure is also split by panel: `upper` (the image prefix and
+the upper panel's rows: the control map of control:*, the picture of dense:*) and `lower` (the
+lower panel's rows, then image_end and turn_end). The lower panel of a control row, given its map,
+costs what the picture costs once the map is known: beside t2i's loss it says how much the
+decoder takes from the map. The split is exact (cross-entropy sums add up): `lower` is the loss
+with supervision starting at the lower panel's first row, `upper` the rest.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from pathlib import Path
 import torch
 
 from model.hf_checkpoint import load_decoder
+from model.prompts import is_dual
 from model.training import chunked_loss, make_batch
 from storage import open_dataset
 
@@ -38,12 +46,31 @@ def heldout_loss(model, samples: list[tuple[list[int], int]], batch_size: int = 
     return ce_sum / n_sum, n_sum
 
 
+def lower_start(loss_start: int, grid_h: int, grid_w: int) -> int:
+    """Index of the lower panel's first token in a dual-panel row: after the image prefix
+    (image_start, two size tokens) and the upper half's rows of grid_w codes and a row end."""
+    if grid_h % 2:
+        raise ValueError(f"a dual-panel row with {grid_h} code rows: expected an even number (two equal panels)")
+    return loss_start + 3 + (grid_h // 2) * (grid_w + 1)
+
+
+def panel_split(model, samples: list[tuple[list[int], int]], lowers: list[int], total: tuple[float, int],
+                batch_size: int = 8) -> dict:
+    """{"upper": {loss, supervised_tokens}, "lower": {...}} from the whole rows' (mean CE, tokens)."""
+    ce_low, n_low = heldout_loss(model, [(ids, lo) for (ids, _), lo in zip(samples, lowers)], batch_size)
+    ce_up, n_up = total[0] * total[1] - ce_low * n_low, total[1] - n_low
+    return {"upper": {"loss": round(ce_up / n_up, 4), "supervised_tokens": n_up},
+            "lower": {"loss": round(ce_low, 4), "supervised_tokens": n_low}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", required=True, help="a tokens dataset (folder or URI) the decoders did not train on")
     ap.add_argument("--decoder", action="append", required=True, help="a decoder folder; give it once per decoder")
     ap.add_argument("--rows", type=int, default=None, help="the first N rows only (default: all)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--no-panels", dest="panels", action="store_false",
+                    help="skip the split of dual-panel rows into upper and lower panel (a second pass over them)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench/results/decoder-heldout-loss.json")
     args = ap.parse_args(argv)
@@ -52,11 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     ds = open_dataset(args.tokens)
     n = len(ds) if args.rows is None else min(args.rows, len(ds))
-    table = ds.take(list(range(n)), columns=["tokens", "loss_start", "task"])
+    table = ds.take(list(range(n)), columns=["tokens", "loss_start", "task", "grid_h", "grid_w"])
     by_task: dict[str, list[tuple[list[int], int]]] = {}
-    for tokens, start, task in zip(table.column("tokens").to_pylist(), table.column("loss_start").to_pylist(),
-                                   table.column("task").to_pylist()):
+    lowers: dict[str, list[int]] = {}
+    for tokens, start, task, gh, gw in zip(*(table.column(c).to_pylist() for c in table.column_names)):
         by_task.setdefault(task, []).append((tokens, start))
+        if is_dual(task):
+            lowers.setdefault(task, []).append(lower_start(start, gh, gw))
     print(f"{args.tokens}: {n} rows, " + ", ".join(f"{t} {len(s)}" for t, s in sorted(by_task.items())))
     result = {"tokens": args.tokens, "rows": n, "decoders": {}}
     for folder in args.decoder:
@@ -65,16 +94,21 @@ def main(argv: list[str] | None = None) -> dict:
         tasks = {task: heldout_loss(model, s, args.batch_size) for task, s in sorted(by_task.items())}
         tokens = sum(k for _, k in tasks.values())
         loss = sum(ce * k for ce, k in tasks.values()) / tokens
+        panels = {task: panel_split(model, by_task[task], lowers[task], tasks[task], args.batch_size)
+                  for task in lowers} if args.panels else {}
         result["decoders"][folder] = {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
                                       "supervised_tokens": tokens, "seconds": round(time.perf_counter() - t, 1),
-                                      "by_task": {task: {"loss": round(ce, 4), "supervised_tokens": k}
+                                      "by_task": {task: {"loss": round(ce, 4), "supervised_tokens": k,
+                                                         **panels.get(task, {})}
                                                   for task, (ce, k) in tasks.items()}}
         print(f"{folder}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {tokens:,} tokens; "
-              + ", ".join(f"{task} {ce:.3f}" for task, (ce, _) in tasks.items()))
+              + ", ".join(f"{task} {ce:.3f}" + (f" (upper {panels[task]['upper']['loss']:.3f}, lower "
+                                               f"{panels[task]['lower']['loss']:.3f})" if task in panels else "")
+                          for task, (ce, _) in tasks.items()))
         del model
     result["command"] = "python -m tasks.assets.heldout_loss " + " ".join(
         [f"--tokens {args.tokens}"] + [f"--decoder {d}" for d in args.decoder]
-        + ([f"--rows {args.rows}"] if args.rows else []))
+        + ([f"--rows {args.rows}"] if args.rows else []) + ([] if args.panels else ["--no-panels"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {args.out}")
