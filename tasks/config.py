@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from model.prompts import TASK_KINDS, PromptError, split_task
 from storage.uri import has_credentials, redact
 
 
@@ -295,7 +296,12 @@ class RewriteConfig(Section):
 class GenerateConfig(Section):
     """generate (issues 6 and 7)."""
 
-    cfg: float = 4.0
+    cfg: float = 4.0  # classifier-free guidance scale; 1 turns guidance off (the release: 4.0)
+    # Per task: a task ("control:canny") or a kind ("control") -> its own cfg scale; the exact task
+    # first, then its kind, else `cfg`. Guidance amplifies the text only (the unconditional branch
+    # sees the image from its start token on, upper panel included), and on the shipped tiny model
+    # control rows follow their map better with less of it (docs/evaluate.md).
+    cfg_by_task: dict[str, float] = Field(default_factory=dict)
     temperature: float = 1.0
     top_k: int = 4096
     sjd: bool = True
@@ -401,10 +407,25 @@ class GenerateConfig(Section):
         for name, low in (("top_k", 1), ("sjd_window", 1), ("kv_bucket", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"generate.{name}: must be >= {low} (got {getattr(self, name)})")
-        if self.temperature < 0 or self.cfg < 0:
-            raise ValueError("generate.temperature and generate.cfg must be >= 0 "
-                             f"(got {self.temperature}, {self.cfg})")
+        if self.temperature < 0:
+            raise ValueError(f"generate.temperature: must be >= 0 (got {self.temperature})")
+        if not self.cfg >= 1:  # the engine's own bound (model/engine.py)
+            raise ValueError(f"generate.cfg: must be >= 1, 1 turns guidance off (got {self.cfg})")
+        for task, scale in self.cfg_by_task.items():
+            try:
+                if task not in TASK_KINDS:
+                    split_task(task)
+            except PromptError as e:
+                raise ValueError(f"generate.cfg_by_task: {e} (or a kind: {', '.join(TASK_KINDS)})") from None
+            if not scale >= 1:
+                raise ValueError(f"generate.cfg_by_task.{task}: must be >= 1, 1 turns guidance off (got {scale})")
         return self
+
+    def cfg_for(self, task: str) -> float:
+        """The guidance scale of a task's rows: cfg_by_task's entry for the task, else for its kind,
+        else cfg."""
+        kind = task.partition(":")[0]
+        return self.cfg_by_task.get(task, self.cfg_by_task.get(kind, self.cfg))
 
 
 class EvaluateConfig(Section):

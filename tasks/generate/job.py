@@ -110,8 +110,8 @@ def job_config(cfg, settings: EngineSettings) -> dict:
     return {"models": cfg.models.model_dump(), "generate": gen, "evaluate": cfg.evaluate.model_dump()}
 
 
-def sampling_of(gen) -> dict:
-    return {"cfg": gen.cfg, "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window,
+def sampling_of(gen, task: str) -> dict:
+    return {"cfg": gen.cfg_for(task), "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window,
             "drafts": gen.sjd_drafts, "tree": gen.sjd_tree}
 
 
@@ -346,7 +346,7 @@ class GenerateWorker:
                     "upper": p.upper if p.upper is not None else _png(uppers[k]),
                     "lower": _png(lowers[k]) if lowers[k] is not None else None,
                     "source": f"generated:{p.source}", "params": json.dumps(params),
-                    "seed": sample_seed(p.seed, j), "sampling": json.dumps(sampling_of(gen)),
+                    "seed": sample_seed(p.seed, j), "sampling": json.dumps(sampling_of(gen, p.task)),
                     "model_fingerprint": self.parts.fingerprint, "sjd_steps": r.steps,
                     "sjd_acceptance": (r.tokens / r.steps) if r.steps else None, "seconds": r.seconds, "score": score,
                 }
@@ -404,7 +404,7 @@ def pair_requests(p: PairSpec, layout, movqgan, gen, n: int = 1) -> list:
             upper_codes = movqgan.encode(np.array(_open_rgb(p.upper))[None])[0].cpu().numpy()
     ids = layout.encode_prompt(p.prompt)
     return [Request(id=f"{p.id}|{j}", prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
-                    seed=sample_seed(p.seed, j), cfg=gen.cfg, temperature=gen.temperature, top_k=gen.top_k,
+                    seed=sample_seed(p.seed, j), cfg=gen.cfg_for(p.task), temperature=gen.temperature, top_k=gen.top_k,
                     sjd=gen.sjd, window=gen.sjd_window, drafts=gen.sjd_drafts, task=p.task) for j in range(n)]
 
 

@@ -141,7 +141,7 @@ def test_sjd_drafts_take_the_engine_draft_kinds_and_reach_the_rows_params():
 
     for kind in DRAFT_KINDS:
         cfg = load_config(None, [f"generate.sjd_drafts={kind}"])
-        assert sampling_of(cfg.generate)["drafts"] == kind
+        assert sampling_of(cfg.generate, "t2i")["drafts"] == kind
     with pytest.raises(ConfigError, match="generate.sjd_drafts: 'left' is not a draft kind"):
         load_config(None, ["generate.sjd_drafts=left"])
 
@@ -156,7 +156,7 @@ def test_sjd_tree_is_checked_and_reaches_the_engine_and_the_rows_params():
     from tasks.generate.job import sampling_of
 
     cfg = load_config(None, ["generate.sjd_tree=2x3"])
-    assert parse_tree(cfg.generate.sjd_tree) == (2, 3) and sampling_of(cfg.generate)["tree"] == "2x3"
+    assert parse_tree(cfg.generate.sjd_tree) == (2, 3) and sampling_of(cfg.generate, "t2i")["tree"] == "2x3"
     for bad, what in (("2x16", "1 <= branch <= window - 1 = 15"), ("two", "expected SIBLINGSxBRANCH")):
         with pytest.raises(ConfigError, match=f"generate.sjd_tree: .*{re.escape(what)}"):
             load_config(None, [f"generate.sjd_tree={bad}"])
@@ -171,3 +171,18 @@ def test_sjd_drafts_default_is_the_engines():
     from model.sjd import DEFAULT_DRAFTS
 
     assert load_config(None, []).generate.sjd_drafts == DEFAULT_DRAFTS == Request("r", [1], 32, 32).drafts
+
+
+def test_cfg_by_task_resolves_task_then_kind_then_cfg_and_refuses_bad_entries():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["generate.cfg=5", "generate.cfg_by_task={control: 2, control:hed: 3}"])
+    gen = cfg.generate
+    assert (gen.cfg_for("control:hed"), gen.cfg_for("control:canny"), gen.cfg_for("t2i"), gen.cfg_for("edit")) == (3, 2, 5, 5)
+    for override, message in (
+        ("generate.cfg_by_task={contrl: 2}", r"generate.cfg_by_task: unknown task 'contrl'"),
+        ("generate.cfg_by_task={control:sketch: 2}", r"task 'control:sketch': the map must be one of"),
+        ("generate.cfg_by_task={t2i: 0.5}", r"generate.cfg_by_task.t2i: must be >= 1, 1 turns guidance off \(got 0.5\)"),
+        ("generate.cfg=0.5", r"generate.cfg: must be >= 1"),
+        ("generate.temperature=-1", r"generate.temperature: must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs/tiny.yaml", [override])

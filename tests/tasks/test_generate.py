@@ -127,3 +127,19 @@ def test_model_fingerprint_follows_content_not_paths(tmp_path):
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 1]))
     assert model_fingerprint(str(copy / "decoder"), movq, "L") != here
+
+
+def test_cfg_by_task_sets_each_rows_guidance_and_is_recorded(tmp_path, models):
+    """generate.cfg_by_task: the exact task first, then its kind, else generate.cfg; the engine is
+    asked with that scale and the row's sampling records it."""
+    tasks = ["t2i", "control:canny", "control:depth", "dense:depth"]
+    shapes = {"kind": "shapes", "count": 4, "seed": 1, "tasks": tasks, "size": "64x64"}
+    cfg, worker = _worker(tmp_path, models, {"inputs": shapes, "cfg": 4.0,
+                                             "cfg_by_task": {"control": 2.0, "control:depth": 1.0}})
+    rows, rejects, _ = worker.run_pairs(expand_inputs(cfg).pairs)
+    want = {"t2i": 4.0, "control:canny": 2.0, "control:depth": 1.0, "dense:depth": 4.0}
+    assert not rejects and sorted(r["task"] for r in rows) == sorted(tasks)
+    for row in rows:
+        assert json.loads(row["sampling"])["cfg"] == want[row["task"]]
+    asked = {r.task: r.cfg for r in worker.parts.engine.seen}
+    assert asked == want
