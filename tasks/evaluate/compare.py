@@ -21,29 +21,25 @@ import json
 import math
 from collections import defaultdict
 
-import numpy as np
-
-from tasks.evaluate.figures import METRICS
-from tasks.evaluate.report import FIGURES
+# Only the standard library at import: flows/cli.py builds `panelforge compare`'s parser from
+# add_arguments() for every command, so numpy, OpenCV and the figures load when a comparison runs.
 
 
 def load_figures(uri: str) -> list[dict]:
     """The per-row figures an evaluation wrote beside a generated dataset."""
+    import pyarrow.fs as pafs
+
     from storage import resolve
+    from tasks.evaluate.report import FIGURES
 
     loc = resolve(uri)
     path = loc.join(FIGURES)
-    try:
-        if loc.local:
-            with open(path, "rb") as f:
-                data = f.read()
-        else:
-            with loc.fs.open_input_stream(path) as f:
-                data = f.read()
-    except FileNotFoundError:
+    if loc.fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(
             f"{loc.display(FIGURES)}: not found; run `panelforge evaluate` on {uri} first "
-            "(evaluations before figures.jsonl existed wrote only report.md)") from None
+            "(evaluations before figures.jsonl existed wrote only report.md)")
+    with loc.fs.open_input_stream(path) as f:
+        data = f.read()
     out = []
     for n, line in enumerate(data.decode().splitlines(), 1):
         if not line.strip():
@@ -70,12 +66,11 @@ def _side(uris: list[str]) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def _se(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
-
-
 def compare(base: list[str], new: list[str], sigmas: float = 2.0) -> list[dict]:
     """One row per (figure, task) that both sides have: means, NEW - BASE, its error and a verdict."""
+    from tasks.evaluate.figures import METRICS
+    from tasks.evaluate.job import mean_se
+
     if sigmas <= 0:
         raise ValueError(f"sigmas {sigmas}: must be > 0")
     a, b = _side(base), _side(new)
@@ -84,16 +79,15 @@ def compare(base: list[str], new: list[str], sigmas: float = 2.0) -> list[dict]:
     for key in sorted(set(a) & set(b), key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1])):
         metric, task = key
         shared = sorted(set(a[key]) & set(b[key]))
-        va, vb = np.array(list(a[key].values())), np.array(list(b[key].values()))
+        (mean_a, se_a), (mean_b, se_b) = mean_se(list(a[key].values())), mean_se(list(b[key].values()))
         if len(shared) > 1:
-            d = np.array([b[key][i] - a[key][i] for i in shared])
-            diff, se, how = float(d.mean()), _se(d), "paired"
+            diff, se = mean_se([b[key][i] - a[key][i] for i in shared])
         else:
-            diff = float(vb.mean() - va.mean())
-            se = math.sqrt(_se(va) ** 2 + _se(vb) ** 2)
-            how = "unpaired"
-        sign = 1 if METRICS.get(metric, ("", "higher"))[1] == "higher" else -1
-        if math.isnan(se) or se == 0:
+            diff = mean_b - mean_a
+            se = None if se_a is None or se_b is None else math.sqrt(se_a ** 2 + se_b ** 2)
+        better = METRICS.get(metric, ("", "higher"))[1]
+        sign = 1 if better == "higher" else -1
+        if not se:
             verdict = "same" if diff == 0 else "too few rows"
         elif sign * diff >= sigmas * se:
             verdict = "better"
@@ -101,11 +95,11 @@ def compare(base: list[str], new: list[str], sigmas: float = 2.0) -> list[dict]:
             verdict = "worse"
         else:
             verdict = "within noise"
-        rows.append({"figure": metric, "task": task, "rows_base": len(va), "rows_new": len(vb),
-                     "paired": len(shared) if how == "paired" else 0,
-                     "base": round(float(va.mean()), 4), "new": round(float(vb.mean()), 4),
-                     "diff": round(diff, 4), "se": None if math.isnan(se) else round(se, 4),
-                     "better": METRICS.get(metric, ("", "higher"))[1], "verdict": verdict})
+        rows.append({"figure": metric, "task": task, "rows_base": len(a[key]), "rows_new": len(b[key]),
+                     "paired": len(shared) if len(shared) > 1 else 0,
+                     "base": round(mean_a, 4), "new": round(mean_b, 4),
+                     "diff": round(diff, 4), "se": None if se is None else round(se, 4),
+                     "better": better, "verdict": verdict})
     if not rows:
         raise ValueError("the two sides share no figure of any task: are they evaluations of the same kind of rows?")
     return rows
