@@ -231,11 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StorageError, RequestError) as e:
         print(f"panelforge: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:  # only `compare` lets these through: its inputs are files
-        if args.command != "compare":
-            raise
-        print(f"panelforge: error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -124,7 +124,15 @@ def add_arguments(ap) -> None:
 
 
 def run(args) -> int:
-    rows = compare(args.base, args.vs, args.sigmas)
+    """The command: the table printed (and saved with --json); a bad input is one line on stderr and
+    exit status 2."""
+    import sys
+
+    try:
+        rows = compare(args.base, args.vs, args.sigmas)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"panelforge: error: {e}", file=sys.stderr)
+        return 2
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
