@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks import quiet_broken_pipe
+
+    return quiet_broken_pipe(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     _env_defaults()
     args = build_parser().parse_args(argv)
     logging.basicConfig(

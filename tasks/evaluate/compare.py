@@ -133,11 +133,12 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"panelforge: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(rows))
-    if args.json:
+    if args.json:  # saved before printing, so a reader that stops early (`| head`) loses nothing
         with open(args.json, "w") as f:
             json.dump({"base": args.base, "new": args.vs, "sigmas": args.sigmas, "rows": rows}, f, indent=1)
             f.write("\n")
+    print(format_table(rows))
+    if args.json:
         print(f"saved {args.json}")
     return 0
 
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m tasks.evaluate.compare", description=__doc__.splitlines()[0])
     add_arguments(ap)
-    return run(ap.parse_args(argv))
+    from tasks import quiet_broken_pipe
+
+    return quiet_broken_pipe(run, ap.parse_args(argv))
 
 
 if __name__ == "__main__":

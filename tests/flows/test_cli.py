@@ -64,3 +64,20 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
 def test_config_show(capsys):
     assert main(["config", "--config", str(ROOT / "configs/tiny.yaml"), "workdir=/tmp/x"]) == 0
     assert '"workdir": "/tmp/x"' in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    # `panelforge ... | head`: the reader closes the pipe while the command still writes. The
+    # output is larger than a pipe's buffer, so the writer is still writing when the pipe closes.
+    code = ("import sys; from tasks import quiet_broken_pipe\n"
+            "def chatty():\n"
+            "    for i in range(200_000):\n"
+            "        print('line', i)\n"
+            "    return 0\n"
+            "sys.exit(quiet_broken_pipe(chatty))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"line 0\n"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141, err
+    assert err == ""  # no traceback, and no second error from the interpreter's flush at exit
