@@ -81,3 +81,17 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141, err
     assert err == ""  # no traceback, and no second error from the interpreter's flush at exit
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_the_commands_error():
+    # A socket or child process breaking under a flow must not pass for `| head`: with stdout read
+    # to the end, the error is raised as it was (traceback, status 1), not swallowed as status 141.
+    code = ("import sys; from tasks import quiet_broken_pipe\n"
+            "def breaks():\n"
+            "    print('working')\n"
+            "    raise BrokenPipeError(32, 'Broken pipe (a socket)')\n"
+            "sys.exit(quiet_broken_pipe(breaks))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stdout == "working\n"
+    assert "BrokenPipeError" in p.stderr and "a socket" in p.stderr
