@@ -308,7 +308,8 @@ class GenerateConfig(Section):
     sjd_window: int = 16
     # How SJD's drafts start (model.sjd.DRAFT_KINDS, docs/generate.md "Draft initialisations"):
     # uniform (the SJD paper's), above (the code one row up, mixed with uniform), above+carry, pac (SJD-PAC's
-    # adaptive continuation, the most tokens per step measured), pac+above; lossless all. Default:
+    # adaptive continuation), pac+above (pac with the new positions drafted from the row above: on the
+    # leg-12 tiny decoder 2.5-6.5% fewer steps than pac, docs/generate.md); lossless all. Default:
     # model.sjd.DEFAULT_DRAFTS (tests/tasks/test_config.py checks they agree).
     sjd_drafts: str = "pac"
     # SJD-PAC's proactive drafting (model/sjd.py "Draft tree", docs/generate.md "Draft tree"): SIBLINGSxBRANCH
