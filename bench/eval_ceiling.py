@@ -5,10 +5,20 @@ with these codes), and another scene (the unconditioned floor).
 
     .venv/bin/python -m bench.eval_ceiling                      # the shipped tiny MoVQGAN, 64 scenes
     .venv/bin/python -m bench.eval_ceiling --movqgan PATH --preset 270m --size 512
+    .venv/bin/python -m bench.eval_ceiling --movqgan NEW --codes-vs assets/movqgan-tiny.safetensors
 
 Control rows are scored at the panel size (size x size/2: a dual panel's lower half), caption
 agreement on whole size x size pictures (t2i). Printed and saved to
 bench/results/eval-ceiling.json.
+
+It also measures how local the codes are: the share of a dual image's lower-panel codes that
+stay the same when its upper panel is swapped for another scene's ("codes kept"). A transformer
+decoder learns one code per look of a patch only when that share is high; the encoder's
+GroupNorm statistics and attention span the whole picture, so it need not be.
+
+--codes-vs OTHER also says how many of the codes --movqgan gives these scenes (panels and whole
+pictures) OTHER gives too, at the same place: after a fine-tune that changed the codes, how much
+of what a transformer decoder learned on OTHER's codes still applies.
 """
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=64)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=5000)
+    ap.add_argument("--codes-vs", default=None, metavar="OTHER", help="a MoVQGAN (same preset) whose codes to compare")
     ap.add_argument("--out", default="bench/results/eval-ceiling.json")
     args = ap.parse_args()
 
@@ -67,14 +78,31 @@ def main() -> None:
                 add("caption_colour (t2i)", side, agree[0])
                 add("caption_shape (t2i)", side, agree[1])
     table = {m: {side: round(float(np.mean(v)), 3) for side, v in sides.items()} for m, sides in figures.items()}
+    kept = []
+    half = args.size // 16  # code rows of one panel
+    for i, w in enumerate(wholes):
+        swapped = w.image.copy()
+        swapped[: args.size // 2] = wholes[(i + 1) % len(wholes)].image[: args.size // 2]
+        a, b = movq.encode(w.image[None])[0, half:], movq.encode(swapped[None])[0, half:]
+        kept.append((a == b).float().mean().item())
+    same = None
+    if args.codes_vs:
+        other = load_movqgan(args.codes_vs, args.preset)
+        pics = [p.image for p in panels] + [w.image for w in wholes]
+        same = float(np.mean([(movq.encode(x[None]) == other.encode(x[None])).float().mean().item() for x in pics]))
     result = {"bench": "eval_ceiling", "movqgan": Path(args.movqgan).name, "preset": args.preset,
               "scenes": args.scenes, "size": args.size, "seeds": [args.seed, args.seed + args.scenes - 1],
-              "figures": table, "seconds": round(time.perf_counter() - t0, 1),
+              "figures": table, "codes_kept_when_the_other_panel_changes": round(float(np.mean(kept)), 4), **({"codes_same_as": {"movqgan": Path(args.codes_vs).name,
+                                                         "fraction": round(same, 4)}} if same is not None else {}),
+              "seconds": round(time.perf_counter() - t0, 1),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"{args.scenes} scenes at {args.size} px through {result['movqgan']}:")
     print(f"{'figure':30s} {'scene':>8s} {'movqgan':>8s} {'other':>8s}")
     for m, sides in table.items():
         print(f"{m:30s} {sides['scene']:8.3f} {sides['movqgan']:8.3f} {sides['other scene']:8.3f}")
+    print(f"lower-panel codes kept when the upper panel changes: {np.mean(kept):.1%}")
+    if same is not None:
+        print(f"codes the same as {Path(args.codes_vs).name}'s at the same place: {same:.1%}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"saved {args.out}")

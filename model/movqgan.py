@@ -350,6 +350,7 @@ class VQOutput:
     codebook_loss: torch.Tensor  # ||sg(z) - e||^2: moves the codebook
     commit_loss: torch.Tensor  # ||z - sg(e)||^2: keeps the encoder near its codes
     stats: dict = field(default_factory=dict)
+    latent: torch.Tensor | None = None  # z [B, embed_dim, H/8, W/8] before quantization
 
 
 class MoVQGAN(nn.Module):
@@ -481,7 +482,7 @@ class MoVQGAN(nn.Module):
         commit_loss = F.mse_loss(z, e.detach())
         zq = z + (e - z).detach()
         recon = self.decoder(self.post_quant_conv(zq), zq)
-        return VQOutput(recon, codes, codebook_loss, commit_loss)
+        return VQOutput(recon, codes, codebook_loss, commit_loss, latent=z)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -73,3 +73,52 @@ def test_decoder_only_finetune_keeps_the_codes_and_repoints_the_decoder(tmp_path
     assert json.loads((decoder / "panelforge.json").read_text())["movqgan"]["sha256"] == file_sha256(str(old))
     rec = repoint_decoder(decoder, old, new)
     assert rec == {"sha256": file_sha256(str(new)), "weights": "x", "codes_same_as_sha256": file_sha256(str(old))}
+
+
+def test_whole_model_finetune_trains_the_encoder_and_codebook_too(tmp_path):
+    import torch
+
+    from model.movqgan import MoVQGAN, load_movqgan, save_movqgan
+    from tasks.assets.train_movqgan import same_codes, train
+
+    torch.manual_seed(0)
+    old = tmp_path / "old.safetensors"
+    save_movqgan(MoVQGAN("tiny"), old, dtype=torch.float16)
+    model, curve = train(steps=3, batch=2, crop=16, lr=1e-3, pool_size=4, log_every=1, init_from=str(old),
+                         edge_weight=1.0)
+    assert [r["step"] for r in curve] == [1, 2, 3] and all(r["edge"] > 0 for r in curve)
+    new = tmp_path / "new.safetensors"
+    save_movqgan(model, new, dtype=torch.float16)
+    a = load_movqgan(old, "tiny")
+    assert not torch.equal(a.encoder.conv_in.weight, model.encoder.conv_in.weight.half().float())
+    assert not same_codes(old, new)  # a decoder trained on the old codes must learn the new ones
+
+    # a wall-clock budget ends the run early, with the learning rate annealed over it
+    _, short = train(steps=10_000, batch=2, crop=16, pool_size=4, log_every=1000, init_from=str(old),
+                     budget_seconds=0.5)
+    assert len(short) == 1 and 0 < short[0]["step"] < 10_000
+
+
+def test_context_batches_keep_one_half_and_train_the_latents_to_match():
+    import numpy as np
+    import torch
+
+    from tasks.assets.train_movqgan import _context_batch, image_pool, train
+
+    pool = image_pool(6, 32, first_seed=900)
+    seen = set()
+    for seed in range(8):
+        x, keep = _context_batch(pool, np.random.default_rng(seed), 3)
+        seen.add(keep)
+        a, b = x[:3], x[3:]
+        kept = slice(0, 16) if keep == 0 else slice(16, 32)
+        other = slice(16, 32) if keep == 0 else slice(0, 16)
+        assert x.shape == (6, 3, 32, 32) and torch.equal(a[..., kept, :], b[..., kept, :])
+        # the swapped half comes from pool images (another one, or by chance the same)
+        pool_halves = torch.from_numpy(pool).permute(0, 3, 1, 2).float()[..., other, :] / 127.5 - 1.0
+        assert all(any(torch.equal(h, p) for p in pool_halves) for h in b[..., other, :])
+    assert seen == {0, 1}
+
+    torch.manual_seed(0)
+    _, curve = train(steps=2, batch=4, pool_size=4, log_every=1, context_weight=5.0)
+    assert [r["step"] for r in curve] == [1, 2] and all(r["context"] > 0 for r in curve)

@@ -20,6 +20,11 @@ sharper. Codes are taken from whole images, the way the pipeline encodes them, a
 learns on windows of that code grid (no flips: a flipped image has other codes). --edge-weight
 adds an L1 loss on the image gradients, which for flat-coloured shapes is where the pixel losses
 leave the blur.
+
+--init-from without --freeze-codes goes on training all of a trained MoVQGAN (crops, flips, dead-code
+restarts, as from scratch), with --edge-weight: sharper codes, not only sharper pictures of the old
+ones. Its codes differ from --init-from's, so a transformer decoder trained on those must be trained
+on the new ones (the images re-tokenized) before the pair ships.
 """
 from __future__ import annotations
 
@@ -59,6 +64,20 @@ def image_pool(count: int, size: int = 128, first_seed: int = 0) -> np.ndarray:
             continue
         out[i] = np.repeat(m[..., None], 3, axis=2)
     return out
+
+
+def _context_batch(pool: np.ndarray, rng: np.random.Generator, batch: int) -> tuple[torch.Tensor, int]:
+    """[2 * batch] whole pool images: `batch` of them, then the same with one half (the upper or the
+    lower, the same for all) taken from other images; and which half was kept (0 upper, 1 lower).
+    A dual panel is two pictures in one image: each panel's codes should not depend on the other."""
+    n, h, w, _ = pool.shape
+    idx, other = rng.integers(0, n, batch), rng.integers(0, n, batch)
+    keep = int(rng.integers(0, 2))
+    x = pool[idx]
+    y = x.copy()
+    swap = slice(h // 2, h) if keep == 0 else slice(0, h // 2)
+    y[:, swap] = pool[other][:, swap]
+    return torch.from_numpy(np.concatenate([x, y])).permute(0, 3, 1, 2).float() / 127.5 - 1.0, keep
 
 
 def _batch(pool: np.ndarray, rng: np.random.Generator, batch: int, crop: int) -> torch.Tensor:
@@ -205,8 +224,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32, lr: float = 2e-3,
           pool_size: int = 384, seed: int = 0, threads: int = 1, restart_every: int = 50,
-          log_every: int = 50) -> tuple[MoVQGAN, list[dict]]:
-    """Returns the trained model (eval mode) and the loss curve (one dict per log_every steps)."""
+          log_every: int = 50, init_from: str | None = None, edge_weight: float = 0.0,
+          budget_seconds: float | None = None, context_weight: float = 0.0) -> tuple[MoVQGAN, list[dict]]:
+    """Returns the trained model (eval mode) and the loss curve (one dict per log_every steps).
+
+    From scratch by default. init_from: go on training a trained MoVQGAN, every part of it (so
+    its codes change: a transformer decoder trained on the old ones must learn the new ones).
+    edge_weight: adds the image-gradient L1 (gradient_l1). budget_seconds: end after this wall time,
+    with the learning rate's warmup and cosine spread over whichever of steps or time runs out first
+    (as finetune_decoder); dead codes are restarted over the first 80% of the run.
+    context_weight: train on whole pool images instead of crops, each beside a copy with one half
+    from other images, with this weight on the squared difference of the kept half's latents
+    (before quantization, relative to their variance): a panel's codes then depend less on the panel beside it. `batch` is then
+    halved (each image is encoded twice); the global GroupNorm statistics and attention of the
+    encoder otherwise let every code depend on the whole picture."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -215,39 +246,68 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
     # background, and the model sees the demo's sizes of shapes.
     pools = [image_pool(pool_size // 2, 64, first_seed=seed * 100_000),
              image_pool(pool_size // 2, 128, first_seed=seed * 100_000 + pool_size)]
-    model = MoVQGAN(preset).train()
+    model = (load_movqgan(init_from, preset) if init_from else MoVQGAN(preset)).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9), foreach=True)  # MoVQGAN's betas
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    with torch.no_grad():  # codebook from data: the uniform(+-1/n) init sits far from the encoder outputs
-        z = model.quant_conv(model.encoder(torch.cat([_batch(p, rng, batch * 2, crop) for p in pools])))
-        _restart_dead_codes(model, z, torch.zeros(model.n_embed), trng)
+    # OneCycle as the first trainings; a time budget (or a run too short for OneCycle's phases, which
+    # divides by zero at 10 steps) anneals by hand below
+    sched = None if budget_seconds or steps < 20 else torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    if not init_from:
+        with torch.no_grad():  # codebook from data: the uniform(+-1/n) init sits far from the encoder outputs
+            z = model.quant_conv(model.encoder(torch.cat([_batch(p, rng, batch * 2, crop) for p in pools])))
+            _restart_dead_codes(model, z, torch.zeros(model.n_embed), trng)
     usage = torch.zeros(model.n_embed)
     curve, acc, t0 = [], {"rec": 0.0, "codebook": 0.0, "commit": 0.0}, time.perf_counter()
+    if edge_weight:
+        acc["edge"] = 0.0
+    if context_weight:
+        acc["context"] = 0.0
+    reached = 0
     for step in range(1, steps + 1):
-        x = _batch(pools[step % 2], rng, batch, crop)
+        done = max(step / steps, (time.perf_counter() - t0) / budget_seconds if budget_seconds else 0.0)
+        if done > 1.0:
+            break
+        reached = step
+        if sched is None:  # 5% linear warmup, then cosine to 1% of the peak
+            for g in opt.param_groups:
+                g["lr"] = lr * (done / 0.05 if done < 0.05 else
+                                0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+        if context_weight:
+            x, keep = _context_batch(pools[step % 2], rng, max(1, batch // 2))
+        else:
+            x = _batch(pools[step % 2], rng, batch, crop)
         out = model(x)
         rec = F.l1_loss(out.recon, x) + F.mse_loss(out.recon, x)
         loss = rec + out.codebook_loss + 0.25 * out.commit_loss
+        if context_weight:
+            z, half = out.latent, out.latent.shape[2] // 2
+            rows = slice(0, half) if keep == 0 else slice(half, None)
+            a, b = z[: len(z) // 2, :, rows], z[len(z) // 2:, :, rows]
+            context = F.mse_loss(a, b) / z.detach().var()  # relative: shrinking z would not lower it
+            loss = loss + context_weight * context
+            acc["context"] += context.item()
+        if edge_weight:
+            edge = gradient_l1(out.recon, x)
+            loss = loss + edge_weight * edge
+            acc["edge"] += edge.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         usage += torch.bincount(out.codes.flatten(), minlength=model.n_embed)
         acc["rec"] += rec.item()
         acc["codebook"] += out.codebook_loss.item()
         acc["commit"] += out.commit_loss.item()
-        if step % restart_every == 0 and step < steps * 0.8:
+        if step % restart_every == 0 and done < 0.8:
             with torch.no_grad():
                 z = model.quant_conv(model.encoder(x))
             _restart_dead_codes(model, z, usage, trng)
             usage.zero_()
         if step % log_every == 0 or step == steps:
-            n = log_every if step % log_every == 0 else step % log_every
-            row = {"step": step, **{k: round(v / n, 5) for k, v in acc.items()},
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            curve.append(row)
-            log.info("step %d %s", step, row)
-            acc = dict.fromkeys(acc, 0.0)
+            _log_row(curve, acc, step, log_every, t0=t0)
+    if reached % log_every and reached != steps:  # stopped by the budget between two rows
+        _log_row(curve, acc, reached, log_every, t0=t0)
     return model.eval(), curve
 
 
@@ -279,12 +339,17 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--init-from", default=None, help="a trained MoVQGAN to start from (with --freeze-codes)")
+    ap.add_argument("--init-from", default=None,
+                    help="a trained MoVQGAN to start from: all of it trains (new codes), or its decoder half "
+                         "with --freeze-codes")
     ap.add_argument("--freeze-codes", action="store_true", help="train only the decoder half: codes stay the same")
-    ap.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient L1 (--freeze-codes)")
+    ap.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient L1 (with --init-from)")
+    ap.add_argument("--context-weight", type=float, default=0.0,
+                    help="train on whole images, each beside a copy with one half from other images, with this "
+                         "weight on the latents' difference in the kept half (codes that depend less on context)")
     ap.add_argument("--window", type=int, default=8, help="code windows the decoder trains on (--freeze-codes)")
     ap.add_argument("--budget-seconds", type=float, default=None,
-                    help="--freeze-codes: end after this wall time (learning rate annealed over it) or --steps")
+                    help="end after this wall time (learning rate annealed over it) or --steps")
     ap.add_argument("--repoint-decoder", default=None, metavar="FOLDER",
                     help="after --freeze-codes: let this decoder (trained on --init-from's codes) use --out")
     ap.add_argument("--out", default="assets/movqgan-tiny.safetensors")
@@ -305,11 +370,19 @@ def main() -> None:
         meta["steps_reached"] = curve[-1]["step"] if curve else 0
         meta["budget_seconds"] = a.budget_seconds
     else:
-        model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads)
+        model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads,
+                             init_from=a.init_from, edge_weight=a.edge_weight if a.init_from else 0.0,
+                             budget_seconds=a.budget_seconds, context_weight=a.context_weight)
+        if a.budget_seconds:
+            meta["steps_reached"] = curve[-1]["step"] if curve else 0
+            meta["budget_seconds"] = a.budget_seconds
     seconds = time.perf_counter() - t0
     metrics, imgs, recon = evaluate(model)
     meta = {**meta, "trained_by": "tasks/assets/train_movqgan.py", "steps": a.steps, "batch": a.batch, "crop": a.crop,
             "seed": a.seed, "psnr_heldout_128px": metrics["psnr"], "train_seconds": round(seconds)}
+    if a.init_from and not a.freeze_codes:
+        meta.update(finetuned_from=Path(a.init_from).name, edge_weight=a.edge_weight, lr=a.lr,
+                    context_weight=a.context_weight)
     if a.freeze_codes:
         meta.update(decoder_finetuned_from=Path(a.init_from).name, window=a.window, edge_weight=a.edge_weight)
         meta.pop("crop")
