@@ -20,10 +20,8 @@ with supervision starting at the lower panel's first row, `upper` the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,6 +29,7 @@ from model.hf_checkpoint import load_decoder
 from model.prompts import is_dual
 from model.training import chunked_loss, make_batch
 from storage import open_dataset
+from tasks.assets import save_result
 
 
 def heldout_loss(model, samples: list[tuple[list[int], int]], batch_size: int = 8) -> tuple[float, int]:
@@ -109,9 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["command"] = "python -m tasks.assets.heldout_loss " + " ".join(
         [f"--tokens {args.tokens}"] + [f"--decoder {d}" for d in args.decoder]
         + ([f"--rows {args.rows}"] if args.rows else []) + ([] if args.panels else ["--no-panels"]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save_result(result, args.out)
     return result
 
 

@@ -20,15 +20,14 @@ output. Printed and saved as JSON (--out).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from model.decoder import Attention, Decoder, rotate_half
 from model.prompts import is_dual
+from tasks.assets import save_result
 from tasks.assets.heldout_loss import lower_start
 
 
@@ -85,11 +84,14 @@ def panel_attention(model: Decoder, rows: list[tuple[list[int], int, int, int]])
         return [{"layer": li, "head": int(mean[li].argmax()), "attention": round(float(mean[li].max()), 4)}
                 for li in range(n_layers)]
 
-    mean = lambda v: round(sum(v) / len(v), 4) if v else None  # noqa: E731
     return {"rows": len(rows), "codes": n_q,
             "upper_same_place": best(same_place, n_q), "row_above": best(above, n_above),
             "codes_equal_to_upper": round(len(loss_equal) / max(n_q, 1), 4),
-            "loss_where_equal": mean(loss_equal), "loss_where_different": mean(loss_other)}
+            "loss_where_equal": _mean(loss_equal), "loss_where_different": _mean(loss_other)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = (f"python -m tasks.assets.panel_attention --tokens {args.tokens} --decoder {args.decoder} "
                          f"--rows {args.rows}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"saved {args.out}")
+    save_result(result, args.out)
     return result
 
 

@@ -70,7 +70,7 @@ def _context_batch(pool: np.ndarray, rng: np.random.Generator, batch: int) -> tu
     """[2 * batch] whole pool images: `batch` of them, then the same with one half (the upper or the
     lower, the same for all) taken from other images; and which half was kept (0 upper, 1 lower).
     A dual panel is two pictures in one image: each panel's codes should not depend on the other."""
-    n, h, w, _ = pool.shape
+    n, h = pool.shape[:2]
     idx, other = rng.integers(0, n, batch), rng.integers(0, n, batch)
     keep = int(rng.integers(0, 2))
     x = pool[idx]
