@@ -24,7 +24,10 @@ leave the blur.
 --init-from without --freeze-codes goes on training all of a trained MoVQGAN (crops, flips, dead-code
 restarts, as from scratch), with --edge-weight: sharper codes, not only sharper pictures of the old
 ones. Its codes differ from --init-from's, so a transformer decoder trained on those must be trained
-on the new ones (the images re-tokenized) before the pair ships.
+on the new ones (the images re-tokenized) before the pair ships. --context-weight (with it or from
+scratch) trains on whole pictures beside copies with one half swapped and pulls the kept half's
+latents together: codes that stay local, the same whatever panel stands beside them (docs/assets.md,
+"Local codes").
 """
 from __future__ import annotations
 
@@ -235,9 +238,9 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
     (as finetune_decoder); dead codes are restarted over the first 80% of the run.
     context_weight: train on whole pool images instead of crops, each beside a copy with one half
     from other images, with this weight on the squared difference of the kept half's latents
-    (before quantization, relative to their variance): a panel's codes then depend less on the panel beside it. `batch` is then
-    halved (each image is encoded twice); the global GroupNorm statistics and attention of the
-    encoder otherwise let every code depend on the whole picture."""
+    (before quantization, relative to their variance), so that a panel's codes depend less on the
+    panel beside it (the encoder's GroupNorm statistics and attention span the whole picture).
+    `batch` then counts both copies: batch // 2 pictures, each encoded twice."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
