@@ -133,6 +133,16 @@ def _code_windows(pool: np.ndarray, codes: torch.Tensor, rng: np.random.Generato
     return c, torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _progress(step: int, steps: int, t0: float, budget_seconds: float | None) -> float:
+    """How far a run is (1.0: done), by steps or by wall time, whichever is further."""
+    return max(step / steps, (time.perf_counter() - t0) / budget_seconds if budget_seconds else 0.0)
+
+
+def _warmup_cosine(peak: float, done: float) -> float:
+    """The learning rate at progress `done`: 5% linear warmup, then cosine to 1% of the peak."""
+    return peak * (done / 0.05 if done < 0.05 else 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+
+
 def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, batch: int = 8, window: int = 8,
                      lr: float = 5e-4, edge_weight: float = 1.0, pool_size: int = 768, seed: int = 1,
                      threads: int = 1, log_every: int = 50,
@@ -158,12 +168,12 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
     opt = torch.optim.Adam(trainable, lr=lr, betas=(0.5, 0.9), foreach=True)
     curve, acc, t0, reached = [], {"rec": 0.0, "edge": 0.0}, time.perf_counter(), 0
     for step in range(1, steps + 1):
-        done = max(step / steps, (time.perf_counter() - t0) / budget_seconds if budget_seconds else 0.0)
+        done = _progress(step, steps, t0, budget_seconds)
         if done > 1.0:
             break
         reached = step
-        for g in opt.param_groups:  # 5% linear warmup, then cosine to 1% of the peak
-            g["lr"] = lr * (done / 0.05 if done < 0.05 else 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+        for g in opt.param_groups:
+            g["lr"] = _warmup_cosine(lr, done)
         c, x = _code_windows(pools[step % 2], codes[step % 2], rng, batch, window)
         zq = model.quantize.lookup(c)
         recon = model.decoder(model.post_quant_conv(zq), zq)
@@ -267,14 +277,13 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
         acc["context"] = 0.0
     reached = 0
     for step in range(1, steps + 1):
-        done = max(step / steps, (time.perf_counter() - t0) / budget_seconds if budget_seconds else 0.0)
+        done = _progress(step, steps, t0, budget_seconds)
         if done > 1.0:
             break
         reached = step
-        if sched is None:  # 5% linear warmup, then cosine to 1% of the peak
+        if sched is None:
             for g in opt.param_groups:
-                g["lr"] = lr * (done / 0.05 if done < 0.05 else
-                                0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95)))
+                g["lr"] = _warmup_cosine(lr, done)
         if context_weight:
             x, keep = _context_batch(pools[step % 2], rng, max(1, batch // 2))
         else:
