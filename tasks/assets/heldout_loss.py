@@ -53,6 +53,14 @@ def lower_start(loss_start: int, grid_h: int, grid_w: int) -> int:
     return loss_start + 3 + (grid_h // 2) * (grid_w + 1)
 
 
+def token_rows(tokens: str, limit: int | None = None) -> list[tuple[list[int], int, str, int, int]]:
+    """(tokens, loss_start, task, grid_h, grid_w) of a tokens dataset's rows, the first `limit` or all."""
+    ds = open_dataset(tokens)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    table = ds.take(list(range(n)), columns=["tokens", "loss_start", "task", "grid_h", "grid_w"])
+    return list(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+
+
 def panel_split(model, samples: list[tuple[list[int], int]], lowers: list[int], total: tuple[float, int],
                 batch_size: int = 8) -> dict:
     """{"upper": {loss, supervised_tokens}, "lower": {...}} from the whole rows' (mean CE, tokens)."""
@@ -76,12 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ds = open_dataset(args.tokens)
-    n = len(ds) if args.rows is None else min(args.rows, len(ds))
-    table = ds.take(list(range(n)), columns=["tokens", "loss_start", "task", "grid_h", "grid_w"])
+    rows = token_rows(args.tokens, args.rows)
+    n = len(rows)
     by_task: dict[str, list[tuple[list[int], int]]] = {}
     lowers: dict[str, list[int]] = {}
-    for tokens, start, task, gh, gw in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+    for tokens, start, task, gh, gw in rows:
         by_task.setdefault(task, []).append((tokens, start))
         if is_dual(task):
             lowers.setdefault(task, []).append(lower_start(start, gh, gw))

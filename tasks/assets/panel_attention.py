@@ -28,7 +28,7 @@ import torch
 from model.decoder import Attention, Decoder, rotate_half
 from model.prompts import is_dual
 from tasks.assets import save_result
-from tasks.assets.heldout_loss import lower_start
+from tasks.assets.heldout_loss import lower_start, token_rows
 
 
 def attention_weights(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,22 +59,20 @@ def panel_attention(model: Decoder, rows: list[tuple[list[int], int, int, int]])
     try:
         for tokens, start, gh, gw in rows:
             inputs.clear()
-            ids = torch.tensor(tokens)[None]
+            ids = torch.tensor(tokens)
             with torch.inference_mode():
-                logp = model(ids)[0].float().log_softmax(-1)
-                probs = [attention_weights(m, x, c, s)[0] for m, x, c, s in inputs]  # [H, T, T] per layer
-            lo, offset = lower_start(start, gh, gw), (gh // 2) * (gw + 1)
-            for r in range(gh // 2):
-                for c in range(gw):
-                    j = lo + r * (gw + 1) + c  # the lower panel's code (r, c); query j - 1 predicts it
-                    u = j - offset
-                    (loss_equal if tokens[j] == tokens[u] else loss_other).append(-float(logp[j - 1, tokens[j]]))
-                    for li, p in enumerate(probs):
-                        same_place[li] += p[:, j - 1, u].double()
-                        if r:
-                            above[li] += p[:, j - 1, j - (gw + 1)].double()
-                    n_q += 1
-                    n_above += r > 0
+                logp = model(ids[None])[0].float().log_softmax(-1)
+                probs = torch.stack([attention_weights(m, x, c, s)[0] for m, x, c, s in inputs])  # [L, H, T, T]
+            r = torch.arange(gh // 2).repeat_interleave(gw)  # the lower panel's codes (r, c), raster order
+            j = lower_start(start, gh, gw) + r * (gw + 1) + torch.arange(gw).repeat(gh // 2)
+            u = j - (gh // 2) * (gw + 1)  # the upper panel's code at the same place
+            q = j - 1  # the query that predicts code j
+            same_place += probs[:, :, q, u].double().sum(-1)
+            above += probs[:, :, q[r > 0], (j - (gw + 1))[r > 0]].double().sum(-1)
+            n_q, n_above = n_q + len(j), n_above + int((r > 0).sum())
+            nll = (-logp[q, ids[j]]).tolist()
+            for equal, v in zip((ids[j] == ids[u]).tolist(), nll):
+                (loss_equal if equal else loss_other).append(v)
     finally:
         for h in hooks:
             h.remove()
@@ -96,7 +94,6 @@ def _mean(values: list[float]) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     from model.hf_checkpoint import load_decoder
-    from storage import open_dataset
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", required=True, help="a tokens dataset (folder or URI)")
@@ -108,10 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    ds = open_dataset(args.tokens)
-    table = ds.take(list(range(len(ds))), columns=["tokens", "loss_start", "task", "grid_h", "grid_w"])
     by_task: dict[str, list] = {}
-    for tokens, start, task, gh, gw in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+    for tokens, start, task, gh, gw in token_rows(args.tokens):
         if is_dual(task) and len(by_task.setdefault(task, [])) < args.rows:
             by_task[task].append((tokens, start, gh, gw))
     model, _ = load_decoder(args.decoder, dtype=torch.float32)
