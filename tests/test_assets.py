@@ -122,3 +122,18 @@ def test_context_batches_keep_one_half_and_train_the_latents_to_match():
     torch.manual_seed(0)
     _, curve = train(steps=2, batch=4, pool_size=4, log_every=1, context_weight=5.0)
     assert [r["step"] for r in curve] == [1, 2] and all(r["context"] > 0 for r in curve)
+
+
+def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys):
+    import pytest
+
+    from tasks.assets.train_movqgan import main
+
+    out = tmp_path / "m.safetensors"
+    for argv, says in ((["--context-weight", "-1"], "--context-weight -1.0: a loss weight is 0 or more"),
+                       (["--edge-weight", "-0.5"], "--edge-weight -0.5: a loss weight is 0 or more"),
+                       (["--budget-seconds", "0"], "--budget-seconds 0.0: give a positive wall time")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(out)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench/results/decoder-panel-attention.json")
     args = ap.parse_args(argv)
+    if args.rows < 1:
+        ap.error(f"--rows {args.rows}: measure at least one row of each task")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -341,7 +341,7 @@ def save_preview(originals: np.ndarray, recon: np.ndarray, path: str | Path, cou
     Image.fromarray(np.concatenate([top, bottom], axis=0)).save(str(path))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=800)
@@ -368,7 +368,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored weights")
     ap.add_argument("--preview", default=None, help="PNG: held-out originals over reconstructions")
     ap.add_argument("--curve", default=None, help="JSON: the loss curve and the evaluation")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for flag, value in (("--edge-weight", a.edge_weight), ("--context-weight", a.context_weight)):
+        if value < 0:
+            ap.error(f"{flag} {value}: a loss weight is 0 or more")
+    if a.budget_seconds is not None and a.budget_seconds <= 0:
+        ap.error(f"--budget-seconds {a.budget_seconds}: give a positive wall time, or leave it out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
     meta = {}

@@ -61,3 +61,13 @@ def test_codes_equal_to_the_upper_panel_are_counted_at_the_same_place(tmp_path):
     assert len(edit["upper_same_place"]) == len(edit["row_above"]) == len(load_decoder(dec)[0].layers)
     assert all(0 <= d["attention"] <= 1 for d in edit["upper_same_place"] + edit["row_above"])
     assert json.loads(out.read_text())["tasks"]["edit"]["codes"] == 4
+
+
+def test_no_rows_is_refused(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "attn.json"
+    with pytest.raises(SystemExit) as e:
+        main(["--tokens", str(tmp_path / "none"), "--decoder", str(tmp_path / "none"), "--rows", "0", "--out", str(out)])
+    assert e.value.code == 2 and "--rows 0: measure at least one row" in capsys.readouterr().err
+    assert not out.exists()
