@@ -19,7 +19,6 @@ Prints the figures and writes bench/results/bulk-<device>.json. Goal: overhead u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench import save_result
 
 
 def write_models(folder: Path, preset: str) -> tuple[str, str]:
@@ -134,9 +135,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out or f"bench/results/bulk-{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out}")
+    save_result(result, out)
 
 
 if __name__ == "__main__":

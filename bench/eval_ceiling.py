@@ -23,12 +23,12 @@ of what a transformer decoder learned on OTHER's codes still applies.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import save_result
 from tasks.panels.annotators import canny
 from tasks.config import EvaluateConfig
 from tasks.evaluate.figures import shapes_depth
@@ -102,9 +102,7 @@ def main() -> None:
     if "codes_same_as" in result:
         print(f"codes the same as {Path(args.codes_vs).name}'s at the same place: "
               f"{result['codes_same_as']['fraction']:.1%}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"saved {args.out}")
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import save_result
 from model import sampling as S
 from model.decoder import Decoder, ModelArgs
 from model.engine import DEFAULT_PREFILL_TOKENS, Engine, Request, _Job, advance, window_probs
@@ -673,9 +674,7 @@ def main(argv=None):
         except LookupError as e:  # no measured acceptance to read
             sys.exit(f"bench.generate: {e}")
         out = RESULTS / f"generate-{opts.preset}-{torch.device(opts.device).type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out}")
+    save_result(res, out)
 
 
 if __name__ == "__main__":

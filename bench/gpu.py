@@ -23,7 +23,6 @@ bench/results/gpu-<device>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import platform
 import sys
@@ -32,6 +31,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from bench import save_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -367,12 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(parts))
     device_tag = torch.device(a.device).type
     out = Path(a.out) if a.out else RESULTS / f"gpu-{device_tag}{'-quick' if a.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"bench": "gpu", "device": a.device, "device_name": name, "torch": torch.__version__,
               "python": platform.python_version(), "plan": plan.__dict__, "seconds": round(wall, 1),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parts": parts}
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    save_result(result, out)
     return 0
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bench import save_result
 from storage import open_dataset
 from tasks.panels.job import run_build
 from tasks.config import load_config
@@ -132,9 +133,7 @@ def main() -> None:
         "load_avg_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save_result(result, args.out)
 
 
 if __name__ == "__main__":

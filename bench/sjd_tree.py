@@ -35,12 +35,12 @@ import argparse
 import itertools
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import save_result
 from bench.generate import RESULTS, acceptance_requests, fingerprint
 from storage.manifest import code_version
 from model import sampling as S
@@ -436,9 +436,7 @@ def main(argv=None):
     rng = torch.Generator().manual_seed(20)
     for tree in opts.tree:
         out["runs"][tree] = run_tree(model, layout, base, opts, tree, rng)
-    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {opts.out}")
+    save_result(out, opts.out)
 
 
 if __name__ == "__main__":

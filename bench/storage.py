@@ -20,7 +20,6 @@ bench/results/storage-commits.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from bench import save_result
 from storage import DatasetWriter, open_dataset
 from storage.dataset import _VERIFIED, _compact, _fsync
 from storage.uri import resolve
@@ -179,9 +179,7 @@ def main() -> dict:
         print(f"largest / smallest median commit: {result['spread']:.2f}x (goal: within 2x)")
         out = Path(args.out).with_name("storage-commits.json") if args.out == "bench/results/storage.json" else Path(args.out)
         result["command"] = f"python -m bench.storage --commit-scaling --commits {args.commits}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved {out}")
+        save_result(result, out)
         return result
 
     tables = make_tables(args.rows, args.per_shard, args.tokens)
@@ -247,9 +245,7 @@ def main() -> dict:
           f"ratio {result['read_ratio']:.2f} ({result['read_ratio_median']:.2f}); "
           f"without the hash check {result['read_ratio_unchecked']:.2f} ({result['read_ratio_unchecked_median']:.2f})")
     print(f"load average at the end: {result['load']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save_result(result, args.out)
     return result
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import save_result
 from model.movqgan import MoVQGAN, encoder_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -169,9 +170,7 @@ def main(argv: list[str]) -> None:
         result = {"bench": "tokenize-encoder", **env, "preset": a.preset, "compile": a.compile, "rows": rows}
         name = f"tokenize-{kind}{'-compiled' if a.compile else ''}.json"
     out = Path(a.out) if a.out else RESULTS / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    save_result(result, out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench import save_result
 from model.decoder import Decoder, ModelArgs
 from model.training import (
     build_optimizer,
@@ -169,8 +170,7 @@ def main() -> None:
     result = run(a.preset, a.px, a.tokens_per_step, a.steps, a.warmup, not a.no_compile, setups)
     suffix = "-levers" if a.levers else ""
     out = Path(__file__).parent / "results" / f"train-{'cuda' if cuda else 'cpu'}-{a.preset}{suffix}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save_result(result, out)
     print(f"{'px':>5} {'setup':>9} {'AC':>9} {'seq':>6} {'batch':>5} {'rows':>10} {'tok/s':>10} {'MFU':>7} {'peak GiB':>9}")
     for r in result["rows"]:
         print(f"{r['px']:>5} {r['setup']:>9} {r['activation_checkpointing']:>9} {r['seq_len']:>6} {r['batch']:>5} "
