@@ -301,3 +301,22 @@ def test_compare_refuses_bad_inputs_with_the_reason(tmp_path, capsys):
     assert saved["rows"][0]["verdict"] == "same" and saved["rows"][0]["paired"] == 2
     with pytest.raises(ValueError, match="sigmas"):
         compare([a], [a], sigmas=0)
+
+
+def test_edge_precision_and_recall_split_canny_f1(tmp_path):
+    """tasks.evaluate.edges: a perfect generator's edges are the map's, exactly; another scene's
+    are mostly not, even within a pixel; a negative tolerance is refused with the reason."""
+    from tasks.evaluate.edges import edge_agreement, main
+
+    cfg = _config(tmp_path)
+    perfect = edge_agreement(write_generated(tmp_path, cfg, "oracle"))
+    assert perfect["rows"] == 4
+    assert perfect["exact"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert perfect["within_tolerance"]["f1"] == 1.0 and perfect["edge_pixels_generated_per_map_pixel"] == 1.0
+    other = edge_agreement(write_generated(tmp_path, cfg, "unconditioned", seed_shift=1000))
+    assert other["exact"]["f1"] <= other["within_tolerance"]["f1"] < 0.15
+    with pytest.raises(ValueError, match="tolerance must be 0 or more"):
+        edge_agreement(str(tmp_path / "oracle"), tolerance=-1)
+    out = tmp_path / "edges.json"
+    assert main([str(tmp_path / "oracle"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["exact"]["f1"] == 1.0
