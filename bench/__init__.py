@@ -1,7 +1,8 @@
 """Benchmarks: each prints its figures and saves them as JSON under bench/results/.
 
-bench/ imports model/ only (a GPU machine has torch and little else), so its one helper for
-writing a result lives here rather than in tasks/.
+The GPU benchmarks import model/ only (a GPU machine has torch and little else; .importlinter),
+and tasks/ sits below bench/ in the layers, so neither can share tasks.assets.save_result, the
+recipes' twin of the helper below: it lives here, with the standard library only.
 """
 
 from __future__ import annotations

@@ -17,9 +17,12 @@ import sys
 import cv2
 import numpy as np
 
+from tasks.config import EvaluateConfig
 from tasks.evaluate.figures import generated_picture
 from tasks.generate.verify import binary_map, canny_edges
 from tasks.panels.compose import decode_panel
+
+CANNY_LOW, CANNY_HIGH = EvaluateConfig().canny_low, EvaluateConfig().canny_high  # the maps' thresholds
 
 
 def _prf(hits_pred: int, hits_map: int, n_pred: int, n_map: int) -> dict:
@@ -28,16 +31,20 @@ def _prf(hits_pred: int, hits_map: int, n_pred: int, n_map: int) -> dict:
     return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
 
 
-def edge_agreement(uri: str, low: int = 100, high: int = 200, tolerance: int = 1) -> dict:
+def edge_agreement(uri: str, low: int = CANNY_LOW, high: int = CANNY_HIGH, tolerance: int = 1) -> dict:
     """Pooled edge precision/recall of a GENERATED dataset's control:canny rows (see the module)."""
     from storage import open_dataset
 
     if tolerance < 0:
         raise ValueError(f"tolerance must be 0 or more pixels, got {tolerance}")
     ds = open_dataset(uri)
-    rows = [r for r in ds.take(list(range(len(ds)))).to_pylist() if r["task"] == "control:canny"]
-    if not rows:
+    if ds.kind != "generated":
+        raise ValueError(f"{uri}: a {ds.kind} dataset; edges needs a generated dataset (the generate step's output)")
+    tasks = ds.table(columns=["task"]).column("task").to_pylist()
+    wanted = [i for i, task in enumerate(tasks) if task == "control:canny"]
+    if not wanted:
         raise ValueError(f"{uri} has no control:canny rows to measure")
+    rows = ds.take(wanted, columns=["upper", "lower"]).to_pylist()  # only the canny rows' pictures are read
     kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
     n = {"pred": 0, "map": 0, "exact": 0, "pred_near": 0, "map_near": 0}
     for row in rows:
@@ -60,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("datasets", nargs="+", help="evaluated or not: GENERATED datasets (folders or URIs)")
     ap.add_argument("--tolerance", type=int, default=1, help="pixels an edge may be off and still count (default 1)")
-    ap.add_argument("--low", type=int, default=100, help="canny low threshold (evaluate.canny_low)")
-    ap.add_argument("--high", type=int, default=200, help="canny high threshold (evaluate.canny_high)")
+    ap.add_argument("--low", type=int, default=CANNY_LOW, help="canny low threshold (evaluate.canny_low)")
+    ap.add_argument("--high", type=int, default=CANNY_HIGH, help="canny high threshold (evaluate.canny_high)")
     ap.add_argument("--json", help="also save the results here")
     a = ap.parse_args(argv)
     results = []

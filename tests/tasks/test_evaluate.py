@@ -305,7 +305,8 @@ def test_compare_refuses_bad_inputs_with_the_reason(tmp_path, capsys):
 
 def test_edge_precision_and_recall_split_canny_f1(tmp_path):
     """tasks.evaluate.edges: a perfect generator's edges are the map's, exactly; another scene's
-    are mostly not, even within a pixel; a negative tolerance is refused with the reason."""
+    are mostly not, even within a pixel; a negative tolerance or a panels dataset is refused with
+    the reason."""
     from tasks.evaluate.edges import edge_agreement, main
 
     cfg = _config(tmp_path)
@@ -317,6 +318,11 @@ def test_edge_precision_and_recall_split_canny_f1(tmp_path):
     assert other["exact"]["f1"] <= other["within_tolerance"]["f1"] < 0.15
     with pytest.raises(ValueError, match="tolerance must be 0 or more"):
         edge_agreement(str(tmp_path / "oracle"), tolerance=-1)
+    w = DatasetWriter(str(tmp_path / "panels"), kind="panels", config={}, inputs=[], meta={})
+    w.finalize()
+    with pytest.raises(ValueError, match="edges needs a generated dataset"):
+        edge_agreement(str(tmp_path / "panels"))
+    assert main([str(tmp_path / "panels")]) == 2  # one line on stderr, no traceback
     out = tmp_path / "edges.json"
     assert main([str(tmp_path / "oracle"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["exact"]["f1"] == 1.0
