@@ -19,10 +19,12 @@ import numpy as np
 
 from tasks.config import EvaluateConfig
 from tasks.evaluate.figures import generated_picture
+from tasks.evaluate.job import open_generated
 from tasks.generate.verify import binary_map, canny_edges
 from tasks.panels.compose import decode_panel
 
-CANNY_LOW, CANNY_HIGH = EvaluateConfig().canny_low, EvaluateConfig().canny_high  # the maps' thresholds
+_DEFAULTS = EvaluateConfig()
+CANNY_LOW, CANNY_HIGH = _DEFAULTS.canny_low, _DEFAULTS.canny_high  # the maps' thresholds
 
 
 def _prf(hits_pred: int, hits_map: int, n_pred: int, n_map: int) -> dict:
@@ -33,13 +35,9 @@ def _prf(hits_pred: int, hits_map: int, n_pred: int, n_map: int) -> dict:
 
 def edge_agreement(uri: str, low: int = CANNY_LOW, high: int = CANNY_HIGH, tolerance: int = 1) -> dict:
     """Pooled edge precision/recall of a GENERATED dataset's control:canny rows (see the module)."""
-    from storage import open_dataset
-
     if tolerance < 0:
         raise ValueError(f"tolerance must be 0 or more pixels, got {tolerance}")
-    ds = open_dataset(uri)
-    if ds.kind != "generated":
-        raise ValueError(f"{uri}: a {ds.kind} dataset; edges needs a generated dataset (the generate step's output)")
+    ds = open_generated(uri, "edges")
     tasks = ds.table(columns=["task"]).column("task").to_pylist()
     wanted = [i for i, task in enumerate(tasks) if task == "control:canny"]
     if not wanted:

@@ -46,6 +46,17 @@ def output_uri(cfg) -> str:
     return generated_uri(cfg)
 
 
+def open_generated(uri: str, step: str = "evaluate"):
+    """Open a GENERATED dataset (the generate step's output); any other kind is refused with the
+    reason, naming the `step` that needs it."""
+    from storage import open_dataset
+
+    ds = open_dataset(uri)
+    if ds.kind != "generated":
+        raise ValueError(f"{uri}: a {ds.kind} dataset; {step} needs a generated dataset (the generate step's output)")
+    return ds
+
+
 # ---------------------------------------------------------------------------------------------
 # The job
 
@@ -146,13 +157,9 @@ def run_evaluate(cfg, uri: str | None = None, use_ray: bool = True,
     Returns a small summary: the table, the paths of report.md, the contact sheet and the
     evaluation sheets. use_ray=False runs the same units in this process, one after another.
     """
-    from storage import open_dataset
-
     t0 = time.perf_counter()
     uri = uri or output_uri(cfg)
-    ds = open_dataset(uri)
-    if ds.kind != "generated":
-        raise ValueError(f"{uri}: a {ds.kind} dataset; evaluate needs a generated dataset (the generate step's output)")
+    ds = open_generated(uri)
     index = ds.table(columns=["id", "task"])
     ids, tasks = index.column("id").to_pylist(), index.column("task").to_pylist()
     partner = partners(ids, tasks)
