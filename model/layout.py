@@ -42,6 +42,15 @@ def image_span_length(height_px: int, width_px: int, patch: int = 8) -> int:
     return 4 + (height_px // patch) * (width_px // patch + 1)
 
 
+def lower_panel_start(loss_start: int, grid_h: int, grid_w: int) -> int:
+    """Index of the lower panel's first token in a dual-panel row whose image span begins at
+    loss_start: after the image start, the two size tokens and the upper half's rows of grid_w
+    codes and a row end (grid_h is the whole span's code rows, both panels)."""
+    if grid_h % 2:
+        raise ValueError(f"a dual-panel row with {grid_h} code rows: expected an even number (two equal panels)")
+    return loss_start + 3 + (grid_h // 2) * (grid_w + 1)
+
+
 class LayoutError(ValueError):
     """A malformed token sequence, a bad image size, or a tokenizer lacking the layout's tokens."""
 

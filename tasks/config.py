@@ -252,6 +252,10 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     z_loss: float = Field(1e-5, ge=0)
     cfg_drop: float = Field(0.1, ge=0, le=1)  # share of samples that keep only their image part (CFG)
+    # Which image tokens the loss covers: "image" all of them (the release), "lower" only the lower
+    # panel of dual-panel rows (the picture under a map, the map under a picture: what a
+    # conditional task generates), t2i rows whole. A fine-tuning choice (docs/train.md).
+    supervise: Literal["image", "lower"] = "image"
     loss_chunk: int = Field(2048, ge=1)  # supervised positions per chunk of the output head
     pad_multiple: int = Field(8, ge=1)
     # Static shapes (GPUs: one compiled graph per stage): each step's samples packed into rows of

@@ -26,6 +26,7 @@ import time
 import torch
 
 from model.hf_checkpoint import load_decoder
+from model.layout import lower_panel_start
 from model.prompts import is_dual
 from model.training import chunked_loss, make_batch
 from storage import open_dataset
@@ -43,14 +44,6 @@ def heldout_loss(model, samples: list[tuple[list[int], int]], batch_size: int = 
             ce_sum += float(ce)
             n_sum += n
     return ce_sum / n_sum, n_sum
-
-
-def lower_start(loss_start: int, grid_h: int, grid_w: int) -> int:
-    """Index of the lower panel's first token in a dual-panel row: after the image prefix
-    (image_start, two size tokens) and the upper half's rows of grid_w codes and a row end."""
-    if grid_h % 2:
-        raise ValueError(f"a dual-panel row with {grid_h} code rows: expected an even number (two equal panels)")
-    return loss_start + 3 + (grid_h // 2) * (grid_w + 1)
 
 
 def token_rows(tokens: str, limit: int | None = None) -> list[tuple[list[int], int, str, int, int]]:
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     for tokens, start, task, gh, gw in rows:
         by_task.setdefault(task, []).append((tokens, start))
         if is_dual(task):
-            lowers.setdefault(task, []).append(lower_start(start, gh, gw))
+            lowers.setdefault(task, []).append(lower_panel_start(start, gh, gw))
     print(f"{args.tokens}: {n} rows, " + ", ".join(f"{t} {len(s)}" for t, s in sorted(by_task.items())))
     result = {"tokens": args.tokens, "rows": n, "decoders": {}}
     for folder in args.decoder:

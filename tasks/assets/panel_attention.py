@@ -26,9 +26,10 @@ import time
 import torch
 
 from model.decoder import Attention, Decoder, rotate_half
+from model.layout import lower_panel_start
 from model.prompts import is_dual
 from tasks.assets import save_result
-from tasks.assets.heldout_loss import lower_start, token_rows
+from tasks.assets.heldout_loss import token_rows
 
 
 def attention_weights(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def panel_attention(model: Decoder, rows: list[tuple[list[int], int, int, int]])
                 logp = model(ids[None])[0].float().log_softmax(-1)
                 probs = torch.stack([attention_weights(m, x, c, s)[0] for m, x, c, s in inputs])  # [L, H, T, T]
             r = torch.arange(gh // 2).repeat_interleave(gw)  # the lower panel's codes (r, c), raster order
-            j = lower_start(start, gh, gw) + r * (gw + 1) + torch.arange(gw).repeat(gh // 2)
+            j = lower_panel_start(start, gh, gw) + r * (gw + 1) + torch.arange(gw).repeat(gh // 2)
             u = j - (gh // 2) * (gw + 1)  # the upper panel's code at the same place
             q = j - 1  # the query that predicts code j
             same_place += probs[:, :, q, u].double().sum(-1)

@@ -473,13 +473,19 @@ class Worker:
 
     # -- data ----------------------------------------------------------------------------------
     def _fetch(self, sched: StageSchedule, stage: StagePlan, step: int):
+        from model.layout import lower_panel_start
+        from model.prompts import is_dual
         from model.training import cfg_dropped, drop_context, make_batch, make_packed_batches
 
         b, rows = sched.rows_for(step, self.rank)
-        table = self.ds.take(rows, columns=["id", "tokens", "loss_start"])
+        lower = self.tc.supervise == "lower"
+        table = self.ds.take(rows, columns=["id", "tokens", "loss_start"] + (["task", "grid_h", "grid_w"] if lower else []))
+        starts = table.column("loss_start").to_pylist()
+        if lower:  # the lower panel of dual-panel rows only (train.supervise)
+            starts = [lower_panel_start(s, gh, gw) if is_dual(task) else s
+                      for s, task, gh, gw in zip(starts, *(table.column(c).to_pylist() for c in ("task", "grid_h", "grid_w")))]
         samples = []
-        for rid, ids, start in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist(),
-                                   table.column("loss_start").to_pylist()):
+        for rid, ids, start in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist(), starts):
             if cfg_dropped(self.tc.seed, stage.index, step, rid, p=self.tc.cfg_drop):
                 ids, start = drop_context(ids, start, self.plan.image_start)
             samples.append((ids, start))

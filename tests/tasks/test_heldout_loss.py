@@ -67,7 +67,7 @@ def test_heldout_loss_is_the_cross_entropy_of_the_supervised_tokens(tmp_path):
 
 
 def test_an_odd_dual_grid_is_refused():
-    from tasks.assets.heldout_loss import lower_start
+    from model.layout import lower_panel_start as lower_start
 
     assert lower_start(10, 16, 16) == 10 + 3 + 8 * 17
     with pytest.raises(ValueError, match="even number"):

@@ -35,10 +35,10 @@ def layout():
     return Layout.shapes()
 
 
-def make(tmp_path, layout, sizes=None, meta=None, **train_kw):
+def make(tmp_path, layout, sizes=None, meta=None, task="t2i", **train_kw):
     cfg = load_config(tiny_config(tmp_path, **train_kw))
     kw = {} if sizes is None else {"sizes": sizes}
-    write_tokens(tmp_path / "tokens", layout, meta=meta, **kw)
+    write_tokens(tmp_path / "tokens", layout, meta=meta, task=task, **kw)
     return cfg
 
 
@@ -338,3 +338,23 @@ def test_packed_stage_learns_as_the_padded_one(tmp_path, layout):
     assert ckpt["history"][0]["seq_tokens"] == json.loads(
         (tmp_path / "a" / "runs" / "t" / "stage-1" / "ckpt" / "step-0000002" / "trainer.json").read_text()
     )["history"][0]["seq_tokens"]
+
+
+@pytest.mark.parametrize("task", ["edit", "t2i"])
+def test_supervise_lower_leaves_out_the_upper_panel_of_dual_rows(tmp_path, layout, task):
+    """train.supervise lower: a dual-panel row's loss starts at its lower panel (64x64 rows: 8 code
+    rows, so the image start, two size tokens and 4 rows of 8 codes and a row end = 39 tokens fewer
+    per row); a t2i row keeps all its image tokens. cfg_drop 0 keeps every row's context."""
+    stages = one_stage(1, buckets=["64x64"])
+    whole = train(make(tmp_path / "a", layout, task=task, workers=0, stages=stages, cfg_drop=0.0))
+    lower = train(make(tmp_path / "b", layout, task=task, workers=0, stages=stages, cfg_drop=0.0,
+                       supervise="lower"))
+
+    def tokens(root):
+        ckpt = root / "runs" / "t" / "stage-1" / "ckpt" / "step-0000001" / "trainer.json"
+        return json.loads(ckpt.read_text())["history"][0]["tokens"]
+
+    fewer = tokens(tmp_path / "a") - tokens(tmp_path / "b")
+    assert fewer == (39 * 8 if task == "edit" else 0)
+    a, b = whole["stages"][0]["losses"][0], lower["stages"][0]["losses"][0]
+    assert (a != b) if task == "edit" else (a == b)

@@ -17,7 +17,9 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128, 
 SIZES = {"64x64": 24, "96x96": 24, "128x128": 16, "160x64": 8}  # bucket -> rows
 
 
-def tokens_table(layout, bucket: str, n: int, seed: int, prefix: str = "") -> pa.Table:
+def tokens_table(layout, bucket: str, n: int, seed: int, prefix: str = "", task: str = "t2i") -> pa.Table:
+    """n rows of one bucket: a coloured square on a grey grid. task only labels the rows (the prompt is
+    t2i's): a dual-panel task makes the trainer read the grid as two panels (train.supervise)."""
     from model.prompts import render_prompt
     from storage import TOKENS
 
@@ -31,7 +33,7 @@ def tokens_table(layout, bucket: str, n: int, seed: int, prefix: str = "") -> pa
         r0, c0 = int(rng.integers(rows // 2)), int(rng.integers(cols // 2))
         grid[r0:r0 + rows // 2, c0:c0 + cols // 2] = 100 + 10 * c
         ids, loss_start = layout.encode_sample(render_prompt("t2i", w, h, f"a {COLORS[c]} square"), grid)
-        for k, v in (("id", f"{prefix}{bucket}-{i}"), ("task", "t2i"), ("bucket", bucket), ("grid_h", rows),
+        for k, v in (("id", f"{prefix}{bucket}-{i}"), ("task", task), ("bucket", bucket), ("grid_h", rows),
                      ("grid_w", cols), ("tokens", ids), ("loss_start", loss_start)):
             out[k].append(v)
     return pa.table(out, schema=TOKENS)
@@ -40,14 +42,14 @@ def tokens_table(layout, bucket: str, n: int, seed: int, prefix: str = "") -> pa
 MOVQGAN_RECORD = {"preset": "tiny", "weights": "movqgan-tiny.safetensors", "sha256": "ab" * 32}
 
 
-def write_tokens(uri: Path, layout, sizes: dict[str, int] = SIZES, meta: dict | None = None) -> str:
+def write_tokens(uri: Path, layout, sizes: dict[str, int] = SIZES, meta: dict | None = None, task: str = "t2i") -> str:
     from storage import DatasetWriter
 
     # What tasks/tokenize/job.py records: the layout and the MoVQGAN whose codes the rows hold.
     meta = meta if meta is not None else {**layout.meta(), "movqgan": MOVQGAN_RECORD}
     w = DatasetWriter(uri, kind="tokens", config={"test": True}, meta=meta)
     for k, (bucket, n) in enumerate(sizes.items()):
-        w.write_unit(f"u{k}", tokens_table(layout, bucket, n, seed=k))
+        w.write_unit(f"u{k}", tokens_table(layout, bucket, n, seed=k, task=task))
     w.finalize()
     return str(uri)
 
