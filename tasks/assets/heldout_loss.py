@@ -15,7 +15,10 @@ the upper panel's rows: the control map of control:*, the picture of dense:*) an
 lower panel's rows, then image_end and turn_end). The lower panel of a control row, given its map,
 costs what the picture costs once the map is known: beside t2i's loss it says how much the
 decoder takes from the map. The split is exact (cross-entropy sums add up): `lower` is the loss
-with supervision starting at the lower panel's first row, `upper` the rest.
+with supervision starting at the lower panel's first row, `upper` the rest. With --swap-maps,
+`lower_other_map` is the lower panel's loss when each row's upper panel is another row's (same
+task, same length) and `map_worth` what the row's own upper panel saves a code: near 0, the
+decoder draws the lower panel without reading the map.
 """
 from __future__ import annotations
 
@@ -63,6 +66,25 @@ def panel_split(model, samples: list[tuple[list[int], int]], lowers: list[int], 
             "lower": {"loss": round(ce_low, 4), "supervised_tokens": n_low}}
 
 
+def swap_upper(samples: list[tuple[list[int], int]], lowers: list[int]) -> list[tuple[list[int], int]]:
+    """Each dual-panel row with the upper panel of another row of the same task (the next one with
+    an upper span of the same length, in turn): its own prompt and lower panel, someone else's map.
+    Supervision starts at the lower panel; a row alone in its length is left out."""
+    groups: dict[int, list[int]] = {}
+    for i, ((_, start), lo) in enumerate(zip(samples, lowers)):
+        groups.setdefault(lo - start, []).append(i)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for k, i in enumerate(members):
+            j = members[(k + 1) % len(members)]
+            (ids, start), lo = samples[i], lowers[i]
+            (other, o_start), o_lo = samples[j], lowers[j]
+            out.append((ids[:start] + other[o_start:o_lo] + ids[lo:], lo))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", required=True, help="a tokens dataset (folder or URI) the decoders did not train on")
@@ -71,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-panels", dest="panels", action="store_false",
                     help="skip the split of dual-panel rows into upper and lower panel (a second pass over them)")
+    ap.add_argument("--swap-maps", action="store_true",
+                    help="also the lower panel's loss under another row's upper panel (map): what the right one is worth")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench/results/decoder-heldout-loss.json")
     args = ap.parse_args(argv)
@@ -95,6 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
         loss = sum(ce * k for ce, k in tasks.values()) / tokens
         panels = {task: panel_split(model, by_task[task], lowers[task], tasks[task], args.batch_size)
                   for task in lowers} if args.panels else {}
+        if args.panels and args.swap_maps:
+            for task in lowers:
+                swapped = swap_upper(by_task[task], lowers[task])
+                if swapped:
+                    ce, k = heldout_loss(model, swapped, args.batch_size)
+                    panels[task]["lower_other_map"] = {"loss": round(ce, 4), "supervised_tokens": k}
+                    panels[task]["map_worth"] = round(ce - panels[task]["lower"]["loss"], 4)
         result["decoders"][folder] = {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3),
                                       "supervised_tokens": tokens, "seconds": round(time.perf_counter() - t, 1),
                                       "by_task": {task: {"loss": round(ce, 4), "supervised_tokens": k,
@@ -102,12 +133,16 @@ def main(argv: list[str] | None = None) -> dict:
                                                   for task, (ce, k) in tasks.items()}}
         print(f"{folder}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {tokens:,} tokens; "
               + ", ".join(f"{task} {ce:.3f}" + (f" (upper {panels[task]['upper']['loss']:.3f}, lower "
-                                               f"{panels[task]['lower']['loss']:.3f})" if task in panels else "")
+                                               f"{panels[task]['lower']['loss']:.3f}"
+                                               + (f", lower under another map {panels[task]['lower_other_map']['loss']:.3f}"
+                                                  if "lower_other_map" in panels.get(task, {}) else "")
+                                               + ")" if task in panels else "")
                           for task, (ce, _) in tasks.items()))
         del model
     result["command"] = "python -m tasks.assets.heldout_loss " + " ".join(
         [f"--tokens {args.tokens}"] + [f"--decoder {d}" for d in args.decoder]
-        + ([f"--rows {args.rows}"] if args.rows else []) + ([] if args.panels else ["--no-panels"]))
+        + ([f"--rows {args.rows}"] if args.rows else []) + ([] if args.panels else ["--no-panels"])
+        + (["--swap-maps"] if args.swap_maps else []))
     save_result(result, args.out)
     return result
 

@@ -72,3 +72,43 @@ def test_an_odd_dual_grid_is_refused():
     assert lower_start(10, 16, 16) == 10 + 3 + 8 * 17
     with pytest.raises(ValueError, match="even number"):
         lower_start(10, 15, 16)
+
+
+def test_swap_upper_gives_each_row_the_next_rows_map():
+    from tasks.assets.heldout_loss import swap_upper
+
+    # prompt | upper span (start..lower) | lower panel; rows 0-2 share an upper length, row 3 is alone
+    rows = [([1, 2, 10, 11, 12, 20, 21], 2), ([3, 4, 13, 14, 15, 22, 23], 2), ([5, 6, 16, 17, 18, 24], 2),
+            ([7, 19, 19, 25], 1)]
+    lowers = [5, 5, 5, 3]
+    got = swap_upper(rows, lowers)
+    assert got == [([1, 2, 13, 14, 15, 20, 21], 5), ([3, 4, 16, 17, 18, 22, 23], 5),
+                   ([5, 6, 10, 11, 12, 24], 5)]
+
+
+def test_swap_maps_measures_the_lower_panel_under_another_map(tmp_path):
+    """--swap-maps: lower_other_map is the held-out loss of exactly swap_upper's rows, and map_worth
+    its excess over the row's own map."""
+    from tasks.assets.heldout_loss import heldout_loss, swap_upper
+
+    dec, _, _ = write_tiny_models(tmp_path / "models")
+    model, _ = load_decoder(dec, dtype=torch.float32)
+    rng = np.random.default_rng(1)
+    vocab = model.output.out_features
+    n_rows, start, lower = 4, 5, 5 + 3 + 2 * 5  # grid 4x4: two upper rows of 4 codes + row end
+    rows = [rng.integers(0, vocab, 30).tolist() for _ in range(n_rows)]
+    w = DatasetWriter(tmp_path / "tokens", "tokens", meta={"layout_fingerprint": "test"})
+    w.write_unit("00000", pa.table({
+        "id": [f"r{i}" for i in range(n_rows)], "task": ["edit"] * n_rows, "bucket": ["64x64"] * n_rows,
+        "grid_h": [4] * n_rows, "grid_w": [4] * n_rows, "tokens": rows, "loss_start": [start] * n_rows}))
+    w.finalize()
+
+    result = main(["--tokens", str(tmp_path / "tokens"), "--decoder", dec, "--swap-maps",
+                   "--out", str(tmp_path / "loss.json")])
+    edit = result["decoders"][dec]["by_task"]["edit"]
+    want, k = heldout_loss(model, swap_upper([(r, start) for r in rows], [lower] * n_rows))
+    assert edit["lower_other_map"]["supervised_tokens"] == k == edit["lower"]["supervised_tokens"] == n_rows * (30 - lower)
+    assert abs(edit["lower_other_map"]["loss"] - want) < 1e-3
+    assert edit["map_worth"] == pytest.approx(edit["lower_other_map"]["loss"] - edit["lower"]["loss"], abs=1e-3)
+    assert edit["lower_other_map"]["loss"] != edit["lower"]["loss"]  # the rows' own maps differ from the others'
+    assert "--swap-maps" in result["command"]
