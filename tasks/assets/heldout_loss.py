@@ -85,6 +85,14 @@ def swap_upper(samples: list[tuple[list[int], int]], lowers: list[int]) -> list[
     return out
 
 
+def panel_text(panel: dict | None) -> str:
+    """' (upper U, lower L[, lower under another map O])' of a task's panel figures; '' for none."""
+    if not panel:
+        return ""
+    other = f", lower under another map {panel['lower_other_map']['loss']:.3f}" if "lower_other_map" in panel else ""
+    return f" (upper {panel['upper']['loss']:.3f}, lower {panel['lower']['loss']:.3f}{other})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", required=True, help="a tokens dataset (folder or URI) the decoders did not train on")
@@ -98,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench/results/decoder-heldout-loss.json")
     args = ap.parse_args(argv)
+    if args.swap_maps and not args.panels:
+        ap.error("--swap-maps measures the lower panel: it cannot go with --no-panels")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -132,12 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          **panels.get(task, {})}
                                                   for task, (ce, k) in tasks.items()}}
         print(f"{folder}: held-out loss {loss:.4f} (perplexity {math.exp(loss):.2f}) over {tokens:,} tokens; "
-              + ", ".join(f"{task} {ce:.3f}" + (f" (upper {panels[task]['upper']['loss']:.3f}, lower "
-                                               f"{panels[task]['lower']['loss']:.3f}"
-                                               + (f", lower under another map {panels[task]['lower_other_map']['loss']:.3f}"
-                                                  if "lower_other_map" in panels.get(task, {}) else "")
-                                               + ")" if task in panels else "")
-                          for task, (ce, _) in tasks.items()))
+              + ", ".join(f"{task} {ce:.3f}" + panel_text(panels.get(task)) for task, (ce, _) in tasks.items()))
         del model
     result["command"] = "python -m tasks.assets.heldout_loss " + " ".join(
         [f"--tokens {args.tokens}"] + [f"--decoder {d}" for d in args.decoder]

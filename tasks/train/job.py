@@ -39,7 +39,8 @@ import pyarrow.compute as pc
 
 from model.buckets import buckets_for
 from model.decoder import ModelArgs
-from model.layout import Layout
+from model.layout import Layout, lower_panel_start
+from model.prompts import is_dual
 from storage import StorageError, open_dataset
 from tasks.train import checkpoints
 from tasks.train.checkpoints import Folder
@@ -213,6 +214,28 @@ class TrainPlan:
     threads: int | None = None  # torch threads per CPU worker (Ray)
 
 
+SUPERVISE_COLUMNS = {"image": [], "lower": ["task", "grid_h", "grid_w"]}  # what supervised_starts reads beside id, loss_start
+
+
+def supervised_starts(table, supervise: str) -> list[int]:
+    """Each row's first supervised token: its loss_start, or with train.supervise lower the lower
+    panel's first token for a dual-panel row (t2i rows keep theirs). The table holds id, loss_start
+    and SUPERVISE_COLUMNS[supervise]."""
+    starts = table.column("loss_start").to_pylist()
+    if supervise == "image":
+        return starts
+    out = []
+    for start, rid, task, gh, gw in zip(starts, *(table.column(c).to_pylist() for c in ("id", *SUPERVISE_COLUMNS[supervise]))):
+        if not is_dual(task):
+            out.append(start)
+            continue
+        try:
+            out.append(lower_panel_start(start, gh, gw))
+        except ValueError as e:
+            raise TrainError(f"row {rid!r} ({task}): {e}; train.supervise lower cannot find its lower panel") from None
+    return out
+
+
 def plan_training(cfg: PipelineConfig) -> TrainPlan:
     """Check the config, the dataset and the run folder; return the plan the workers run.
 
@@ -239,7 +262,7 @@ def plan_training(cfg: PipelineConfig) -> TrainPlan:
                          f"is {layout.fingerprint}; pretokenize again with this config or point models at the "
                          "tokenizer the dataset was made with")
     world = max(1, tc.workers)
-    table = ds.table(columns=["id", "bucket", "loss_start"])
+    table = ds.table(columns=["id", "bucket", "loss_start", *SUPERVISE_COLUMNS[tc.supervise]])
     lengths = np.concatenate([pc.list_value_length(b.column(0)).to_numpy(zero_copy_only=False)
                               for b in ds.iter_batches(columns=["tokens"])] or [np.zeros(0, np.int64)])
     max_id = max((pc.max(pc.list_flatten(b.column(0))).as_py() or 0 for b in ds.iter_batches(columns=["tokens"])),
@@ -248,7 +271,7 @@ def plan_training(cfg: PipelineConfig) -> TrainPlan:
         raise TrainError(f"{uri}: token id {max_id} does not fit the model's vocabulary of {args.vocab_size}")
     ids = table.column("id").to_pylist()
     row_buckets = table.column("bucket").to_pylist()
-    loss_start = table.column("loss_start").to_numpy()
+    loss_start = np.asarray(supervised_starts(table, tc.supervise), dtype=np.int64)
     rank_of = rank_index(ds, world)
     found = {b: row_buckets.count(b) for b in sorted(set(row_buckets))}
     stages = []
@@ -270,7 +293,8 @@ def plan_training(cfg: PipelineConfig) -> TrainPlan:
         bad = mine[(loss_start[mine] < 1) | (loss_start[mine] >= lengths[mine])]
         if bad.size:
             i = int(bad[0])
-            raise TrainError(f"{uri}: row {ids[i]!r} has loss_start {int(loss_start[i])} outside 1..{int(lengths[i]) - 1}")
+            what = "its lower panel (train.supervise lower) starts at" if tc.supervise == "lower" else "has loss_start"
+            raise TrainError(f"{uri}: row {ids[i]!r} {what} {int(loss_start[i])}, outside 1..{int(lengths[i]) - 1}")
         if st.global_batch % (st.micro_batch * world):
             raise TrainError(f"{where}: global_batch {st.global_batch} is not a multiple of micro_batch "
                              f"{st.micro_batch} x {world} workers")
@@ -473,19 +497,13 @@ class Worker:
 
     # -- data ----------------------------------------------------------------------------------
     def _fetch(self, sched: StageSchedule, stage: StagePlan, step: int):
-        from model.layout import lower_panel_start
-        from model.prompts import is_dual
         from model.training import cfg_dropped, drop_context, make_batch, make_packed_batches
 
         b, rows = sched.rows_for(step, self.rank)
-        lower = self.tc.supervise == "lower"
-        table = self.ds.take(rows, columns=["id", "tokens", "loss_start"] + (["task", "grid_h", "grid_w"] if lower else []))
-        starts = table.column("loss_start").to_pylist()
-        if lower:  # the lower panel of dual-panel rows only (train.supervise)
-            starts = [lower_panel_start(s, gh, gw) if is_dual(task) else s
-                      for s, task, gh, gw in zip(starts, *(table.column(c).to_pylist() for c in ("task", "grid_h", "grid_w")))]
+        table = self.ds.take(rows, columns=["id", "tokens", "loss_start", *SUPERVISE_COLUMNS[self.tc.supervise]])
         samples = []
-        for rid, ids, start in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist(), starts):
+        for rid, ids, start in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist(),
+                                   supervised_starts(table, self.tc.supervise)):
             if cfg_dropped(self.tc.seed, stage.index, step, rid, p=self.tc.cfg_drop):
                 ids, start = drop_context(ids, start, self.plan.image_start)
             samples.append((ids, start))

@@ -112,3 +112,12 @@ def test_swap_maps_measures_the_lower_panel_under_another_map(tmp_path):
     assert edit["map_worth"] == pytest.approx(edit["lower_other_map"]["loss"] - edit["lower"]["loss"], abs=1e-3)
     assert edit["lower_other_map"]["loss"] != edit["lower"]["loss"]  # the rows' own maps differ from the others'
     assert "--swap-maps" in result["command"]
+
+
+def test_swap_maps_without_panels_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--tokens", str(tmp_path / "tokens"), "--decoder", str(tmp_path / "dec"), "--swap-maps",
+              "--no-panels", "--out", str(tmp_path / "loss.json")])
+    assert e.value.code == 2
+    assert "--swap-maps measures the lower panel: it cannot go with --no-panels" in capsys.readouterr().err
+    assert not (tmp_path / "loss.json").exists()

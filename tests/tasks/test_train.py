@@ -358,3 +358,33 @@ def test_supervise_lower_leaves_out_the_upper_panel_of_dual_rows(tmp_path, layou
     assert fewer == (39 * 8 if task == "edit" else 0)
     a, b = whole["stages"][0]["losses"][0], lower["stages"][0]["losses"][0]
     assert (a != b) if task == "edit" else (a == b)
+
+
+@pytest.mark.parametrize("grid_h, match", [(9, r"row 'u0-64x64-0' \(edit\): a dual-panel row with 9 code rows: expected an "
+                                                r"even number.*train.supervise lower cannot find its lower panel"),
+                                            (40, r"row 'u0-64x64-0' its lower panel \(train.supervise lower\) starts at \d+, "
+                                                 r"outside 1\.\.\d+")])
+def test_supervise_lower_refuses_a_row_without_a_lower_panel_before_any_compute(tmp_path, layout, grid_h, match):
+    """A dual-panel row whose grid cannot be two panels (odd), or whose lower panel would start past
+    its end: a TrainError naming the row at planning; with supervise image the same rows plan."""
+    import pyarrow as pa
+
+    from storage import DatasetWriter
+    from train_fixtures import tokens_table
+
+    table = tokens_table(layout, "64x64", 24, seed=0, prefix="u0-", task="edit")
+    grid = table.column("grid_h").to_pylist()
+    table = table.set_column(table.schema.get_field_index("grid_h"), "grid_h",
+                             pa.array([grid_h] + grid[1:], type=table.schema.field("grid_h").type))
+    for sub, supervise in (("a", "lower"), ("b", "image")):
+        cfg = load_config(tiny_config(tmp_path / sub, workers=0, stages=one_stage(1, buckets=["64x64"]),
+                                      supervise=supervise))
+        w = DatasetWriter(tmp_path / sub / "tokens", kind="tokens", config={"test": True},
+                          meta={**layout.meta(), "movqgan": MOVQGAN_RECORD})
+        w.write_unit("u0", table)
+        w.finalize()
+        if supervise == "lower":
+            with pytest.raises(TrainError, match=match):
+                plan_training(cfg)
+        else:
+            assert plan_training(cfg).stages[0].steps == 1
