@@ -124,6 +124,32 @@ def test_context_batches_keep_one_half_and_train_the_latents_to_match():
     assert [r["step"] for r in curve] == [1, 2] and all(r["context"] > 0 for r in curve)
 
 
+def test_a_grown_codebook_keeps_every_code_until_training_restarts_the_new_entries(tmp_path):
+    import pytest
+    import torch
+
+    from model.movqgan import MoVQGAN, save_movqgan
+    from tasks.assets.train_movqgan import grow_codebook, image_pool, train
+
+    torch.manual_seed(0)
+    small = MoVQGAN("tiny", n_embed=16)
+    images = image_pool(4, 32, first_seed=700)
+    grown = grow_codebook(small, 40)
+    assert grown.n_embed == 40 and torch.equal(grown.quantize.embedding.weight[:16], small.quantize.embedding.weight)
+    assert torch.equal(grown.encode(images), small.encode(images))  # the new entries are never the nearest
+    with pytest.raises(ValueError, match="can grow, not shrink"):
+        grow_codebook(small, 8)
+
+    old = tmp_path / "old.safetensors"
+    save_movqgan(small, old)
+    model, curve = train(steps=2, batch=2, crop=16, pool_size=4, log_every=1, init_from=str(old), codes=40)
+    assert model.n_embed == 40 and len(curve) == 2
+    far = grown.quantize.embedding.weight[16:]
+    # every new entry was restarted on an encoder output before the first step: none is left far away
+    assert (model.quantize.embedding.weight[16:] - far).abs().min() > 1.0
+    assert model.quantize.embedding.weight[16:].abs().max() < far.abs().min() / 10
+
+
 def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys):
     import pytest
 
@@ -132,7 +158,9 @@ def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     for argv, says in ((["--context-weight", "-1"], "--context-weight -1.0: a loss weight is 0 or more"),
                        (["--edge-weight", "-0.5"], "--edge-weight -0.5: a loss weight is 0 or more"),
-                       (["--budget-seconds", "0"], "--budget-seconds 0.0: give a positive wall time")):
+                       (["--budget-seconds", "0"], "--budget-seconds 0.0: give a positive wall time"),
+                       (["--codes", "2048"], "--codes grows a trained MoVQGAN's codebook: give --init-from"),
+                       (["--codes", "1", "--init-from", "x.safetensors"], "--codes 1: a codebook has 2 entries")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--out", str(out)])
         assert e.value.code == 2 and says in capsys.readouterr().err

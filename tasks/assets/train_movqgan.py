@@ -104,6 +104,24 @@ def _restart_dead_codes(model: MoVQGAN, z: torch.Tensor, usage: torch.Tensor, rn
     return int(dead.numel())
 
 
+def grow_codebook(model: MoVQGAN, n_embed: int) -> MoVQGAN:
+    """The same MoVQGAN with a codebook of `n_embed` entries: every weight and the first entries
+    copied, so each image keeps its codes until training moves them; the new entries start far from
+    every latent, never the nearest (train() restarts them on encoder outputs before its first step)."""
+    old = model.n_embed
+    if n_embed < old:
+        raise ValueError(f"--codes {n_embed}: the codebook has {old} entries; it can grow, not shrink")
+    if n_embed == old:
+        return model
+    grown = MoVQGAN(config=model.config, n_embed=n_embed)
+    sd = model.state_dict()
+    w = sd["quantize.embedding.weight"]
+    far = torch.full((n_embed - old, w.shape[1]), 1e3 * (1.0 + float(w.abs().max())), dtype=w.dtype)
+    sd["quantize.embedding.weight"] = torch.cat([w, far])
+    grown.load_state_dict(sd, strict=True)
+    return grown.train(model.training)
+
+
 def gradient_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 between the horizontal and vertical finite differences: penalises soft edges directly."""
     return (F.l1_loss(recon[..., :, 1:] - recon[..., :, :-1], x[..., :, 1:] - x[..., :, :-1])
@@ -238,7 +256,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32, lr: float = 2e-3,
           pool_size: int = 384, seed: int = 0, threads: int = 1, restart_every: int = 50,
           log_every: int = 50, init_from: str | None = None, edge_weight: float = 0.0,
-          budget_seconds: float | None = None, context_weight: float = 0.0) -> tuple[MoVQGAN, list[dict]]:
+          budget_seconds: float | None = None, context_weight: float = 0.0,
+          codes: int | None = None) -> tuple[MoVQGAN, list[dict]]:
     """Returns the trained model (eval mode) and the loss curve (one dict per log_every steps).
 
     From scratch by default. init_from: go on training a trained MoVQGAN, every part of it (so
@@ -250,7 +269,9 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
     from other images, with this weight on the squared difference of the kept half's latents
     (before quantization, relative to their variance), so that a panel's codes depend less on the
     panel beside it (the encoder's GroupNorm statistics and attention span the whole picture).
-    `batch` then counts both copies: batch // 2 pictures, each encoded twice."""
+    `batch` then counts both copies: batch // 2 pictures, each encoded twice.
+    codes: with init_from, grow the codebook to this many entries (grow_codebook); the new ones are
+    restarted on encoder outputs before the first step and whenever unused, like any dead code."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -260,6 +281,11 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
     pools = [image_pool(pool_size // 2, 64, first_seed=seed * 100_000),
              image_pool(pool_size // 2, 128, first_seed=seed * 100_000 + pool_size)]
     model = (load_movqgan(init_from, preset) if init_from else MoVQGAN(preset)).train()
+    grown_from = model.n_embed
+    if codes is not None:
+        if not init_from:
+            raise ValueError("codes: give --init-from (from scratch, choose the preset's codebook)")
+        model = grow_codebook(model, codes)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9), foreach=True)  # MoVQGAN's betas
     # OneCycle as the first trainings; a time budget (or a run too short for OneCycle's phases, which
     # divides by zero at 10 steps) anneals by hand below
@@ -269,6 +295,12 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
         with torch.no_grad():  # codebook from data: the uniform(+-1/n) init sits far from the encoder outputs
             z = model.quant_conv(model.encoder(torch.cat([_batch(p, rng, batch * 2, crop) for p in pools])))
             _restart_dead_codes(model, z, torch.zeros(model.n_embed), trng)
+    elif model.n_embed > grown_from:
+        with torch.no_grad():  # the grown entries, on encoder outputs of images like the first step's
+            z = model.quant_conv(model.encoder(torch.cat([_batch(p, rng, batch * 2, 32) for p in pools])))
+            usage = torch.ones(model.n_embed)
+            usage[grown_from:] = 0
+            _restart_dead_codes(model, z, usage, trng)
     usage = torch.zeros(model.n_embed)
     curve, acc, t0 = [], {"rec": 0.0, "codebook": 0.0, "commit": 0.0}, time.perf_counter()
     if edge_weight:
@@ -359,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context-weight", type=float, default=0.0,
                     help="train on whole images, each beside a copy with one half from other images, with this "
                          "weight on the latents' difference in the kept half (codes that depend less on context)")
+    ap.add_argument("--codes", type=int, default=None,
+                    help="with --init-from (all of it training): grow the codebook to this many entries")
     ap.add_argument("--window", type=int, default=8, help="code windows the decoder trains on (--freeze-codes)")
     ap.add_argument("--budget-seconds", type=float, default=None,
                     help="end after this wall time (learning rate annealed over it) or --steps")
@@ -372,6 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag, value in (("--edge-weight", a.edge_weight), ("--context-weight", a.context_weight)):
         if value < 0:
             ap.error(f"{flag} {value}: a loss weight is 0 or more")
+    if a.codes is not None and (a.freeze_codes or not a.init_from):
+        ap.error("--codes grows a trained MoVQGAN's codebook: give --init-from, without --freeze-codes")
+    if a.codes is not None and a.codes < 2:
+        ap.error(f"--codes {a.codes}: a codebook has 2 entries or more")
     if a.budget_seconds is not None and a.budget_seconds <= 0:
         ap.error(f"--budget-seconds {a.budget_seconds}: give a positive wall time, or leave it out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -389,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads,
                              init_from=a.init_from, edge_weight=a.edge_weight if a.init_from else 0.0,
-                             budget_seconds=a.budget_seconds, context_weight=a.context_weight)
+                             budget_seconds=a.budget_seconds, context_weight=a.context_weight, codes=a.codes)
         if a.budget_seconds:
             meta["steps_reached"] = curve[-1]["step"] if curve else 0
             meta["budget_seconds"] = a.budget_seconds
@@ -399,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             "seed": a.seed, "psnr_heldout_128px": metrics["psnr"], "train_seconds": round(seconds)}
     if a.init_from and not a.freeze_codes:
         meta.update(finetuned_from=Path(a.init_from).name, edge_weight=a.edge_weight, lr=a.lr,
-                    context_weight=a.context_weight)
+                    context_weight=a.context_weight, **({"codes_grown_to": a.codes} if a.codes else {}))
     if a.freeze_codes:
         meta.update(decoder_finetuned_from=Path(a.init_from).name, window=a.window, edge_weight=a.edge_weight)
         meta.pop("crop")
