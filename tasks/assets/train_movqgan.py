@@ -291,16 +291,14 @@ def train(preset: str = "tiny", steps: int = 800, batch: int = 8, crop: int = 32
     # divides by zero at 10 steps) anneals by hand below
     sched = None if budget_seconds or steps < 20 else torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    if not init_from:
-        with torch.no_grad():  # codebook from data: the uniform(+-1/n) init sits far from the encoder outputs
+    # Entries far from every encoder output (usage 0) start on one: all of a new model's (the
+    # uniform(+-1/n) init), a grown codebook's new ones.
+    placed = torch.ones(model.n_embed)
+    placed[grown_from if init_from else 0:] = 0
+    if not placed.all():
+        with torch.no_grad():
             z = model.quant_conv(model.encoder(torch.cat([_batch(p, rng, batch * 2, crop) for p in pools])))
-            _restart_dead_codes(model, z, torch.zeros(model.n_embed), trng)
-    elif model.n_embed > grown_from:
-        with torch.no_grad():  # the grown entries, on encoder outputs of images like the first step's
-            z = model.quant_conv(model.encoder(torch.cat([_batch(p, rng, batch * 2, 32) for p in pools])))
-            usage = torch.ones(model.n_embed)
-            usage[grown_from:] = 0
-            _restart_dead_codes(model, z, usage, trng)
+            _restart_dead_codes(model, z, placed, trng)
     usage = torch.zeros(model.n_embed)
     curve, acc, t0 = [], {"rec": 0.0, "codebook": 0.0, "commit": 0.0}, time.perf_counter()
     if edge_weight:

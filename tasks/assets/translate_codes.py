@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.decoder import Decoder
 from model.hf_checkpoint import load_decoder, save_decoder
 from model.layout import Layout
 from model.movqgan import MoVQGAN, load_movqgan
@@ -83,19 +84,16 @@ def translate_decoder(decoder: str | Path, old_path: str | Path, new_path: str |
     old_m, new_m = load_movqgan(old_path, preset), load_movqgan(new_path, preset)
     if lay.get("codebook_size") != old_m.n_embed:
         raise ValueError(f"{decoder}: learned {lay.get('codebook_size')} codes, {old_path} has {old_m.n_embed}")
-    counts = code_counts(old_m, new_m, images)
     layout = Layout.shapes(codebook_size=new_m.n_embed)
     if layout.code_offset != lay.get("code_offset"):
         raise ValueError(f"{decoder}: codes at {lay.get('code_offset')}, the shapes layout has them at "
                          f"{layout.code_offset}")
+    counts = code_counts(old_m, new_m, images)  # the one costly step, after every check
     sd = model.state_dict()
     for key in CODE_ROWS:
         sd[key] = translate_rows(sd[key], layout.code_offset, counts)
-    args = replace(model.args, vocab_size=layout.vocab_size)
-    from model.decoder import Decoder
-
     with torch.device("meta"):
-        grown = Decoder(args)
+        grown = Decoder(replace(model.args, vocab_size=layout.vocab_size))
     grown.load_state_dict(sd, assign=True)
     positions = counts.sum().item()
     n = min(counts.shape)
