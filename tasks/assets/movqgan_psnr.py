@@ -22,10 +22,11 @@ from tasks.assets.train_movqgan import evaluate
 
 def measure(paths: list[str], images: int = 64, first_seed: int = 20_000_000, sizes: tuple[int, ...] = (128, 64)) -> dict:
     """{file: {psnr_<size>: dB, codes_used_<size>: n}} for each MoVQGAN file, on the same pictures."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:  # before any file is measured: a typo in the last path costs nothing
+        raise FileNotFoundError(f"no MoVQGAN file at {', '.join(missing)}")
     out = {}
     for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"no MoVQGAN file at {p}")
         model = load_movqgan(p, preset="tiny").float().eval()
         row = {}
         with torch.no_grad():

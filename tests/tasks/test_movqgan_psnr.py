@@ -22,8 +22,11 @@ def test_a_worse_movqgan_scores_lower_on_the_same_pictures(tmp_path):
     assert shipped["psnr_128"] > 20 and noisy["psnr_128"] < shipped["psnr_128"] - 1
 
 
-def test_a_missing_file_is_refused_with_nothing_written(tmp_path):
+def test_a_missing_file_is_refused_before_any_is_measured(tmp_path, monkeypatch):
+    import tasks.assets.movqgan_psnr as tool
+
+    monkeypatch.setattr(tool, "evaluate", lambda *a, **k: pytest.fail("a file was measured before the check"))
     out = tmp_path / "psnr.json"
-    with pytest.raises(FileNotFoundError, match="no MoVQGAN file"):
-        main([str(tmp_path / "absent.safetensors"), "--out", str(out)])
+    with pytest.raises(FileNotFoundError, match="no MoVQGAN file at .*absent.safetensors"):
+        main([str(TINY_ASSET), str(tmp_path / "absent.safetensors"), "--out", str(out)])
     assert not out.exists()
