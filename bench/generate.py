@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import itertools
 import json
 import platform
 import sys
@@ -334,7 +335,7 @@ TASKS = ("t2i", "pair", "control:canny", "control:depth", "control:hed", "dense:
 def acceptance(opts) -> dict:
     """SJD tokens per step of the shipped tiny decoder on the job's own requests: the shapes
     source's prompts of every task, upper panels MoVQGAN-encoded, sampling as configured (cfg,
-    temperature, top-k), for from-text (t2i, pair) and image-to-image tasks, at each window and
+    temperature, top-k, min-p), for from-text (t2i, pair) and image-to-image tasks, at each window and
     draft kind. The job's request path lives in tasks/ (CPU only: the GPU bench reads the result)."""
     import dataclasses
 
@@ -342,20 +343,23 @@ def acceptance(opts) -> dict:
     kinds = opts.drafts or list(DRAFT_KINDS)
     trees = [parse_tree(t) for t in (getattr(opts, "tree", None) or ["0x0"])]
     out = {"model": str(opts.checkpoint), "model_sha256": fingerprint(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
-           "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "draft_kinds": kinds,
+           "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "min_p": gen.min_p, "draft_kinds": kinds,
            "default_draft": DEFAULT_DRAFTS if DEFAULT_DRAFTS in kinds else kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads(),
            "trees": [f"{a}x{b}" for a, b in trees]}
-    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}",
+    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}, min-p {gen.min_p}",
           flush=True)
     taus = getattr(opts, "carry_tau", None) or [CARRY_TAU]
+    min_ps = getattr(opts, "min_p", None) or [gen.min_p]  # side by side: the config's and others'
+    out["min_p_runs"] = min_ps
     plan = [(w, k, t, tau) for w, t in tree_plan(opts.window, trees, getattr(opts, "equal_nodes", False))
             for k in kinds for tau in (taus if t[0] else [CARRY_TAU])] + [(1, None, (0, 0), CARRY_TAU)]
     for group, requests in base.items():
-        for window, kind, tree, tau in plan:
+        for (window, kind, tree, tau), min_p in itertools.product(plan, min_ps):
             sjd = kind is not None
-            reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts) for r in requests]
+            reqs = [dataclasses.replace(r, sjd=sjd, window=window, drafts=kind or r.drafts, min_p=min_p)
+                    for r in requests]
             model.clear_cache()
             engine = Engine(model, layout, max_batch=opts.max_batch, window=window, kv_bucket=64,
                             tree_siblings=tree[0], tree_branch=tree[1], tree_carry_tau=tau)
@@ -369,6 +373,7 @@ def acceptance(opts) -> dict:
             steps, tokens = sum(r.steps for r in results), sum(r.tokens for r in results)
             n_steps = sum(gains.values())
             row = {"group": group, "sjd": sjd, "window": window, "drafts": kind, "tree": f"{tree[0]}x{tree[1]}",
+                   "min_p": min_p,
                    "nodes": engine.nodes, "images": len(results),
                    "tokens_per_step": round(tokens / steps, 3), "steps_per_image": round(steps / len(results), 2),
                    "one_token_steps": round(gains[1] / n_steps, 3),
@@ -579,13 +584,15 @@ def measured_acceptance(window: int = 16, group: str = "t2i", drafts: str | None
                           "or pass --acceptance")
     res = json.loads(path.read_text())
     drafts = drafts or res.get("default_draft")
+    min_p = res.get("min_p", 0.0)  # the config's sampling (files before min-p: 0); other values ran beside it
     rows = [row for row in res.get("runs", []) if row["sjd"] and row["group"] == group and row["window"] == window
-            and row["drafts"] == drafts and row.get("tree", "0x0") == tree]
+            and row["drafts"] == drafts and row.get("tree", "0x0") == tree and row.get("min_p", 0.0) == min_p]
     # a tree run with the engine's carry-over if there is one (rows before carry_tau had the plain mean)
     rows.sort(key=lambda row: row.get("carry_tau", CARRY_TAU) != CARRY_TAU)
     if rows:
         return float(rows[0]["tokens_per_step"])
-    raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts and tree {tree}; rerun "
+    at_min_p = f" at min-p {min_p}" if min_p else ""
+    raise LookupError(f"{path}: no {group} run at window {window} with {drafts} drafts and tree {tree}{at_min_p}; rerun "
                       f"`python -m bench.generate acceptance --window {window} --tree {tree} --out {path}` or pass "
                       f"--acceptance")
 
@@ -658,6 +665,9 @@ def main(argv=None):
         p.add_argument("--tree-cost-window", type=int, nargs="+", default=[16, 32],
                        help="the plain windows the trees' step cost is timed against (each tree at that window "
                             "and at the window of equal node count)")
+        p.add_argument("--min-p", type=float, nargs="+",
+                       help="min-p values each run is repeated at, side by side (default: the config's "
+                            "generate.min_p); the per-image figures read the config's")
         p.add_argument("--out", default=str(ACCEPTANCE))
         p.add_argument("--threads", type=int, default=1, help="torch threads (the figure is tokens per step; on "
                                                               "a shared CPU, more threads only contend)")

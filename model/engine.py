@@ -65,6 +65,7 @@ class Request:
     cfg: float = 4.0
     temperature: float = 1.0
     top_k: int = 4096
+    min_p: float = 0.0  # keep ids with at least min_p x the largest probability (0: all; model/sampling.py)
     sjd: bool = True
     window: int = 16  # SJD window; at most the engine's
     task: str | None = None  # optional check: t2i / pair need no upper panel, the others need one
@@ -103,6 +104,7 @@ class Slots(NamedTuple):
     seed: torch.Tensor  # the request's seed (the key of its counter-based draws)
     nstep: torch.Tensor  # the request's steps so far
     top_k: torch.Tensor
+    min_p: torch.Tensor  # float
     limit: torch.Tensor  # the request's window (at most the engine's)
     draft_kind: torch.Tensor  # index into model.sjd.DRAFT_KINDS
     last_tok: torch.Tensor  # global id of the last accepted token (the next window's first input)
@@ -116,7 +118,7 @@ class Slots(NamedTuple):
     def empty(cls, max_batch: int, window: int, n_local: int, body_len: int, device) -> "Slots":
         z = lambda dtype=torch.long: torch.zeros(max_batch, dtype=dtype, device=device)
         return cls(active=z(torch.bool), speculative=z(torch.bool), pos=z(), uoff=z(), body0=z(), rows=z(), cols=z(),
-                   seed=z(), nstep=z(), top_k=z(), limit=z(), draft_kind=z(), last_tok=z(), cfg=z(torch.float),
+                   seed=z(), nstep=z(), top_k=z(), min_p=z(torch.float), limit=z(), draft_kind=z(), last_tok=z(), cfg=z(torch.float),
                    temperature=z(torch.float), drafts=torch.zeros(max_batch, window, dtype=torch.long, device=device),
                    q=torch.zeros(max_batch, window, n_local, device=device),
                    gen=torch.zeros(max_batch, body_len, dtype=torch.long, device=device))
@@ -308,6 +310,8 @@ class Engine:
                 raise ValueError(f"{where}: {what} {px!r} px is not a positive multiple of 32")
         if not (isinstance(r.top_k, (int, np.integer)) and r.top_k >= 1):
             raise ValueError(f"{where}: top_k {r.top_k!r} must be an integer >= 1 (the release uses 4096)")
+        if not 0.0 <= r.min_p < 1.0:
+            raise ValueError(f"{where}: min_p {r.min_p!r} must be in [0, 1) (0 keeps every id)")
         if not r.temperature > 0:
             raise ValueError(f"{where}: temperature {r.temperature!r} must be > 0 (use a small value for greedy)")
         if not r.cfg >= 1.0:
@@ -389,7 +393,7 @@ class Engine:
             s.gen[b, :done_body] = body
         s.pos[b], s.uoff[b], s.body0[b] = len(ctx) - 1, n_prompt, n_prompt + 3
         s.rows[b], s.cols[b], s.last_tok[b] = job.rows, job.cols, ctx[-1]
-        s.seed[b], s.nstep[b], s.top_k[b] = r.seed, 0, min(r.top_k, self.n_codes)
+        s.seed[b], s.nstep[b], s.top_k[b], s.min_p[b] = r.seed, 0, min(r.top_k, self.n_codes), r.min_p
         s.cfg[b], s.temperature[b], s.draft_kind[b] = r.cfg, r.temperature, DRAFT_KINDS.index(r.drafts)
         s.speculative[b], s.limit[b], s.active[b] = bool(r.sjd), min(r.window, self.window), True
         one = torch.tensor([b], device=dev)
@@ -619,7 +623,7 @@ def _commit(s: Slots, c: Consts, p: torch.Tensor, tokens: torch.Tensor, gained: 
 
 def window_probs(logits: torch.Tensor, s: Slots, depth: torch.Tensor | None = None) -> torch.Tensor:
     """The target distribution p [B, N, C+2] of each slot's window positions: CFG, the layout's
-    constraints, top-k, temperature. depth [N]: each node's depth in the window (default: the
+    constraints, top-k, temperature, min-p. depth [N]: each node's depth in the window (default: the
     window's 0..L-1; a draft tree's nodes, model/sjd.py tree_layout)."""
     b, length = s.drafts.shape
     if depth is None:
@@ -627,7 +631,7 @@ def window_probs(logits: torch.Tensor, s: Slots, depth: torch.Tensor | None = No
     body_next = (s.pos - s.body0)[:, None] + depth + 1
     kind = S.position_kinds(body_next, s.rows, s.cols)
     guided = S.cfg_mix(logits[:b], logits[b:], s.cfg)
-    return S.probs_from_logits(guided, S.allowed_local(kind, s.q.shape[-1] - 2), s.temperature, s.top_k)
+    return S.probs_from_logits(guided, S.allowed_local(kind, s.q.shape[-1] - 2), s.temperature, s.top_k, s.min_p)
 
 
 def window_drafts(s: Slots, step: torch.Tensor, carried: torch.Tensor, carried_q: torch.Tensor,

@@ -122,15 +122,23 @@ def top_k_filter(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def probs_from_logits(logits: torch.Tensor, allowed: torch.Tensor, temperature: torch.Tensor,
-                      top_k: torch.Tensor) -> torch.Tensor:
-    """The distribution sampled at each position: constraints, then top-k, then softmax(logits / T).
+                      top_k: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution sampled at each position: constraints, top-k, softmax(logits / T), then min-p.
 
-    logits [B, L, V] (fp32), allowed [B, L, V] bool, temperature and top_k [B].
+    logits [B, L, V] (fp32), allowed [B, L, V] bool, temperature, top_k and min_p [B]. min-p keeps
+    the ids whose probability is at least min_p times the position's largest (0 keeps all): where
+    the model is sure (a plain background) it drops the tail a stray code comes from, and where it
+    hesitates it keeps every plausible id. Both halves of SJD sample from this same distribution.
     """
     x = logits.float().masked_fill(~allowed, float("-inf"))
     x = top_k_filter(x, top_k)
     t = temperature.float().clamp_min(1e-6).view(-1, *([1] * (x.dim() - 1)))
-    return torch.softmax(x / t, dim=-1)
+    x = x / t
+    if min_p is not None:
+        # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p); log(0) = -inf keeps every id
+        floor = x.amax(-1, keepdim=True) + torch.log(min_p.float()).view(-1, *([1] * (x.dim() - 1)))
+        x = x.masked_fill(x < floor, float("-inf"))
+    return torch.softmax(x, dim=-1)
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

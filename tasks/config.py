@@ -308,6 +308,11 @@ class GenerateConfig(Section):
     cfg_by_task: dict[str, float] = Field(default_factory=dict)
     temperature: float = 1.0
     top_k: int = 4096
+    # min-p: keep the ids whose probability is at least min_p x the position's largest, after the
+    # temperature (0 keeps all, as the release samples). It cuts the tail a stray code is drawn from
+    # where the model is sure, and nothing where it hesitates; lossless SJD samples the same
+    # distribution (model/sampling.py; docs/evaluate.md "min-p" has what it did on the tiny model).
+    min_p: float = 0.0
     sjd: bool = True
     sjd_window: int = 16
     # How SJD's drafts start (model.sjd.DRAFT_KINDS, docs/generate.md "Draft initialisations"):
@@ -412,6 +417,8 @@ class GenerateConfig(Section):
         for name, low in (("top_k", 1), ("sjd_window", 1), ("kv_bucket", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"generate.{name}: must be >= {low} (got {getattr(self, name)})")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"generate.min_p: must be in [0, 1), 0 keeps every code (got {self.min_p})")
         if self.temperature < 0:
             raise ValueError(f"generate.temperature: must be >= 0 (got {self.temperature})")
         if not self.cfg >= 1:  # the engine's own bound (model/engine.py)

@@ -107,11 +107,13 @@ def job_config(cfg, settings: EngineSettings) -> dict:
     gen = cfg.generate.model_dump(exclude={"workers", "contact_sheet_pairs", "max_batch", "prefill_tokens"})
     gen["rewrite"] = {k: gen["rewrite"][k] for k in ("endpoint", "model", "system_prompt")}
     gen.update(quantize=settings.quantize, compile=settings.compile)
+    if not gen["min_p"]:  # off: the rows are those of the versions before min-p, which can resume them
+        del gen["min_p"]
     return {"models": cfg.models.model_dump(), "generate": gen, "evaluate": cfg.evaluate.model_dump()}
 
 
 def sampling_of(gen, task: str) -> dict:
-    return {"cfg": gen.cfg_for(task), "temperature": gen.temperature, "top_k": gen.top_k, "sjd": gen.sjd, "window": gen.sjd_window,
+    return {"cfg": gen.cfg_for(task), "temperature": gen.temperature, "top_k": gen.top_k, "min_p": gen.min_p, "sjd": gen.sjd, "window": gen.sjd_window,
             "drafts": gen.sjd_drafts, "tree": gen.sjd_tree}
 
 
@@ -405,7 +407,7 @@ def pair_requests(p: PairSpec, layout, movqgan, gen, n: int = 1) -> list:
     ids = layout.encode_prompt(p.prompt)
     return [Request(id=f"{p.id}|{j}", prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
                     seed=sample_seed(p.seed, j), cfg=gen.cfg_for(p.task), temperature=gen.temperature, top_k=gen.top_k,
-                    sjd=gen.sjd, window=gen.sjd_window, drafts=gen.sjd_drafts, task=p.task) for j in range(n)]
+                    min_p=gen.min_p, sjd=gen.sjd, window=gen.sjd_window, drafts=gen.sjd_drafts, task=p.task) for j in range(n)]
 
 
 def _open_rgb(data: bytes):

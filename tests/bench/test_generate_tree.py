@@ -48,3 +48,20 @@ def test_a_tree_figure_is_the_engines_carry_over(tmp_path):
     path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, tokens_per_step=2.34)]}))
     assert measured_acceptance(16, path=path, tree="3x2") == 2.34
     assert carry_tau("none") is None and carry_tau("None") is None and carry_tau("0.05") == 0.05
+
+
+def test_the_measured_figure_is_the_configs_min_p(tmp_path):
+    """`acceptance --min-p 0 0.3` runs each value side by side; the figure other benches read is
+    the run at the config's min-p (the file's "min_p"), and files before min-p (no such keys) are 0."""
+    row = {"sjd": True, "group": "t2i", "window": 16, "drafts": "pac", "tree": "0x0"}
+    path = tmp_path / "acc.json"
+    runs = [dict(row, min_p=0.0, tokens_per_step=2.54), dict(row, min_p=0.3, tokens_per_step=3.10)]
+    path.write_text(json.dumps({"default_draft": "pac", "min_p": 0.3, "runs": runs}))
+    assert measured_acceptance(16, path=path) == 3.10
+    path.write_text(json.dumps({"default_draft": "pac", "min_p": 0.0, "runs": runs[::-1]}))
+    assert measured_acceptance(16, path=path) == 2.54
+    path.write_text(json.dumps({"default_draft": "pac", "runs": [dict(row, tokens_per_step=2.33)]}))
+    assert measured_acceptance(16, path=path) == 2.33
+    path.write_text(json.dumps({"default_draft": "pac", "min_p": 0.1, "runs": runs}))
+    with pytest.raises(LookupError, match="no t2i run at window 16 with pac drafts and tree 0x0 at min-p 0.1"):
+        measured_acceptance(16, path=path)

@@ -26,7 +26,7 @@ def mixed_requests(lay):
         Request("plain-32x64", lay.encode_prompt("a wide one"), 32, 64, seed=4, sjd=False, top_k=5),
         Request("depth-64x32", lay.encode_prompt("depth"), 64, 32, upper_codes=upper[:, :4], seed=5,
                 task="dense:depth", temperature=0.7, window=3),
-        Request("t2i-32x32-b", lay.encode_prompt("a red circle"), 32, 32, seed=6),
+        Request("t2i-32x32-b", lay.encode_prompt("a red circle"), 32, 32, seed=6, min_p=0.05),
     ], upper
 
 
@@ -66,6 +66,18 @@ def test_top_k_limits_the_codes(model, small_layout):
         np.testing.assert_array_equal(c, codes[0])
 
 
+def test_min_p_near_one_is_greedy_with_and_without_sjd(model, small_layout):
+    def codes(**sampling):
+        reqs = [Request(f"p{s}", small_layout.encode_prompt("x"), 32, 32, seed=s, sjd=s % 2 == 0, **sampling)
+                for s in range(4)]
+        return [r.codes for r in Engine(model, small_layout, max_batch=4, window=4, kv_bucket=64).generate(reqs)]
+
+    greedy = codes(top_k=1)[0]
+    for c in codes(min_p=0.999):  # only ids within 0.1% of the best survive: the argmax, every seed
+        np.testing.assert_array_equal(c, greedy)
+    assert any(not np.array_equal(c, greedy) for c in codes(min_p=0.0))  # and 0 samples
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(height=40), "height 40 px is not a positive multiple of 32"),
     (dict(width=256, height=256), "needs 1065 positions .* the context holds 256"),
@@ -73,6 +85,7 @@ def test_top_k_limits_the_codes(model, small_layout):
     (dict(task="edit"), "is image-to-image; give upper_codes"),
     (dict(top_k=0), "top_k 0 must be an integer >= 1"),
     (dict(cfg=0.5), "cfg 0.5 is below 1"),
+    (dict(min_p=1.0), r"min_p 1.0 must be in \[0, 1\)"),
     (dict(temperature=0.0), "temperature 0.0 must be > 0"),
     (dict(upper_codes=np.zeros((4, 4), dtype=np.int64)), r"upper_codes of shape \(4, 4\)"),
     (dict(upper_codes=np.full((2, 4), 99)), "upper_codes must be integer codes in 0..15"),

@@ -56,6 +56,24 @@ def test_top_k_and_temperature():
     assert cold[0, 0].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
 
 
+def test_min_p_keeps_ids_near_the_largest_after_temperature():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.12, 0.05, 0.03]]] * 3))
+    allowed = torch.ones(3, 1, 5, dtype=torch.bool)
+    allowed[2, :, 0] = False  # the best id is not allowed here: min-p is relative to the best allowed
+    p = S.probs_from_logits(logits, allowed, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([5, 5, 5]),
+                            torch.tensor([0.0, 0.2, 0.2]))
+    torch.testing.assert_close(p[0, 0], torch.tensor([0.5, 0.3, 0.12, 0.05, 0.03]))  # 0 keeps all
+    assert (p[1, 0] > 0).tolist() == [True, True, True, False, False]  # >= 0.2 x 0.5 = 0.1
+    torch.testing.assert_close(p[1, 0, :3], torch.tensor([0.5, 0.3, 0.12]) / 0.92)  # renormalised, ratios kept
+    assert (p[2, 0] > 0).tolist() == [False, True, True, False, False]  # >= 0.2 x 0.3 = 0.06
+    # after the temperature: at T 2 the ratios are square roots, so 0.05 / 0.5 -> 0.316 passes 0.2
+    hot = S.probs_from_logits(logits[:1], allowed[:1], torch.tensor([2.0]), torch.tensor([5]), torch.tensor([0.2]))
+    assert (hot[0, 0] > 0).tolist() == [True, True, True, True, True]
+    # and after top-k
+    cut = S.probs_from_logits(logits[:1], allowed[:1], torch.tensor([1.0]), torch.tensor([2]), torch.tensor([0.01]))
+    assert (cut[0, 0] > 0).tolist() == [True, True, False, False, False]
+
+
 def test_sample_draws_from_the_distribution():
     p = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0]).expand(40000, 5)
     u = S.counter_uniform(torch.arange(40000), torch.zeros(40000, dtype=torch.long), torch.arange(1), 0)[:, 0]

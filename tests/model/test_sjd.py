@@ -301,12 +301,14 @@ def reference_logits(model, layout, prompt, prefix, body):
     return c, u
 
 
-def guided_probs(c, u, layout, cfg, top_k, temperature):
+def guided_probs(c, u, layout, cfg, top_k, temperature, min_p=0.0):
     lo = layout.code_offset
     g = u[lo:lo + layout.codebook_size] + cfg * (c[lo:lo + layout.codebook_size] - u[lo:lo + layout.codebook_size])
     kth = torch.topk(g, top_k).values[-1]
     g = torch.where(g >= kth, g, torch.tensor(float("-inf")))
-    return torch.softmax(g / temperature, -1)
+    p = torch.softmax(g / temperature, -1)
+    p = torch.where(p >= min_p * p.max(), p, 0.0)  # min-p, written the plain way
+    return p / p.sum()
 
 
 @pytest.fixture
@@ -359,30 +361,34 @@ def count_sibling_steps(engine: Engine) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tree", [(0, 0), (2, 3)], ids=["no-tree", "tree2x3"])
-def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square, tree):
+@pytest.mark.parametrize("tree, min_p", [((0, 0), 0.0), ((2, 3), 0.0), ((0, 0), 0.02)],
+                         ids=["no-tree", "tree2x3", "min-p-0.02"])
+def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_layout, chi_square, tree, min_p):
     """The first three codes over many seeds, SJD and plain, against the exact marginals; with and
-    without a draft tree (2 siblings of 3 nodes: its branches reach all three codes)."""
+    without a draft tree (2 siblings of 3 nodes: its branches reach all three codes), and with
+    min-p (the reference applies it after top-k and the temperature, as model/sampling.py says)."""
     lay = small_layout
     prompt, h, w, cfg, top_k = lay.encode_prompt("a circle"), 32, 32, 2.0, 10
     prefix = lay.image_prefix(h, w)
     c0, u0 = reference_logits(peaky_model, lay, prompt, prefix, [])
-    p0 = guided_probs(c0, u0, lay, cfg, top_k, 1.0)
+    p0 = guided_probs(c0, u0, lay, cfg, top_k, 1.0, min_p)
+    if min_p:  # it cuts about 2% of the first code's mass here: the support check below sees min-p
+        assert (p0 > 0).sum() < (guided_probs(c0, u0, lay, cfg, top_k, 1.0) > 0).sum()
     p1_given = torch.stack([guided_probs(*reference_logits(peaky_model, lay, prompt, prefix, [lay.code_offset + a]),
-                                         lay, cfg, top_k, 1.0) for a in range(lay.codebook_size)])
+                                         lay, cfg, top_k, 1.0, min_p) for a in range(lay.codebook_size)])
     pairs = list(itertools.product(range(lay.codebook_size), repeat=2))
     with torch.no_grad():
         cond = torch.tensor([prompt + prefix + [lay.code_offset + a, lay.code_offset + b] for a, b in pairs])
         unc = torch.tensor([prefix + [lay.code_offset + a, lay.code_offset + b] for a, b in pairs])
         c2, u2 = peaky_model(cond)[:, -1], peaky_model(unc)[:, -1]
-    p2_given = torch.stack([guided_probs(c2[i], u2[i], lay, cfg, top_k, 1.0) for i in range(len(pairs))])
+    p2_given = torch.stack([guided_probs(c2[i], u2[i], lay, cfg, top_k, 1.0, min_p) for i in range(len(pairs))])
     joint01 = p0[:, None] * p1_given
     marg = [p0, joint01.sum(0), (joint01.reshape(-1, 1) * p2_given).sum(0)]
 
     n = 768
     for sjd in (True, False) if not tree[0] else (True,):
         reqs = [Request(id=str(i), prompt_ids=prompt, height=h, width=w, seed=1000 * sjd + i, cfg=cfg, top_k=top_k,
-                        sjd=sjd) for i in range(n)]
+                        min_p=min_p, sjd=sjd) for i in range(n)]
         engine = Engine(peaky_model, lay, max_batch=64, window=8, kv_bucket=64, tree_siblings=tree[0],
                         tree_branch=tree[1])
         sibling_steps = count_sibling_steps(engine)
@@ -390,7 +396,7 @@ def test_sjd_and_plain_sampling_match_the_model_distribution(peaky_model, small_
         assert (sibling_steps[0] > 100) == bool(tree[0])  # the branches' path did run
         for k in range(3):
             counts = torch.bincount(codes[:, k], minlength=lay.codebook_size)
-            assert counts[marg[k] == 0].sum() == 0  # never outside the top-k support
+            assert counts[marg[k] == 0].sum() == 0  # never outside the top-k (and min-p) support
             assert chi_square(counts, marg[k]) > 1e-3, (sjd, k)
 
 

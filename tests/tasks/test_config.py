@@ -183,6 +183,8 @@ def test_cfg_by_task_resolves_task_then_kind_then_cfg_and_refuses_bad_entries():
         ("generate.cfg_by_task={t2i: 0.5}", r"generate.cfg_by_task.t2i: must be >= 1, 1 turns guidance off \(got 0.5\)"),
         ("generate.cfg=0.5", r"generate.cfg: must be >= 1"),
         ("generate.temperature=-1", r"generate.temperature: must be >= 0"),
+        ("generate.min_p=1", r"generate.min_p: must be in \[0, 1\), 0 keeps every code \(got 1.0\)"),
+        ("generate.min_p=-0.1", r"generate.min_p: must be in \[0, 1\)"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(ROOT / "configs/tiny.yaml", [override])

@@ -143,3 +143,19 @@ def test_cfg_by_task_sets_each_rows_guidance_and_is_recorded(tmp_path, models):
         assert json.loads(row["sampling"])["cfg"] == want[row["task"]]
     asked = {r.task: r.cfg for r in worker.parts.engine.seen}
     assert asked == want
+
+
+def test_min_p_reaches_the_engine_and_the_rows_and_off_keeps_older_manifests(tmp_path, models):
+    from tasks.generate.job import EngineSettings, job_config
+
+    shapes = {"kind": "shapes", "count": 2, "seed": 1, "tasks": ["t2i", "control:canny"], "size": "64x64"}
+    cfg, worker = _worker(tmp_path, models, {"inputs": shapes, "min_p": 0.1})
+    rows, rejects, _ = worker.run_pairs(expand_inputs(cfg).pairs)
+    assert not rejects and {json.loads(r["sampling"])["min_p"] for r in rows} == {0.1}
+    assert {r.min_p for r in worker.parts.engine.seen} == {0.1}
+    settings = EngineSettings("cpu", "none", "eager")
+    assert job_config(cfg, settings)["generate"]["min_p"] == 0.1  # a rerun with another min-p is refused
+    (tmp_path / "off").mkdir()
+    off = load_config(write_config(tmp_path / "off", models, {"inputs": shapes}))
+    # min-p off: the manifest's generate section is what versions before min-p wrote, so they resume
+    assert "min_p" not in job_config(off, settings)["generate"]
