@@ -416,7 +416,7 @@ def acceptance_requests(opts):
     """The shipped decoder and the job's own requests that `acceptance` runs (opts: checkpoint, config,
     n pairs per task, size) -> (model, layout, the config's generate section, {group: pairs},
     {group: requests}), groups "t2i" (from text) and "i2i" (image to image)."""
-    from model.hf_checkpoint import load_decoder
+    from model.hf_checkpoint import generation_dtype, load_decoder
     from model.layout import Layout
     from model.movqgan import load_movqgan
     from tasks.config import load_config
@@ -428,7 +428,7 @@ def acceptance_requests(opts):
                                     f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
     gen, m = cfg.generate, cfg.models
     layout = Layout.from_config(m)
-    model, _ = load_decoder(m.decoder_path)
+    model, _ = load_decoder(m.decoder_path, dtype=generation_dtype("cpu"))  # as the job loads it here
     movq = load_movqgan(m.movqgan_path, m.movqgan_preset)
     pairs = expand_inputs(cfg).pairs
     groups = {"t2i": [p for p in pairs if p.task in FROM_TEXT], "i2i": [p for p in pairs if p.task not in FROM_TEXT]}

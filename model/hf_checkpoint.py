@@ -203,6 +203,25 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (is this a transformers model folder?)")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU's oneDNN has bf16 kernels (AVX-512 BF16 / AMX, or AVX-512 emulation). Without
+    them (AVX2 machines: most laptops and many cloud VMs) a bf16 matmul is emulated element by element,
+    about 10x slower than float32 (`python -m bench.cpu_dtype`)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: assume the slow case
+        return False
+
+
+def generation_dtype(device: str | torch.device) -> torch.dtype | None:
+    """The dtype to load a decoder in for generating on `device`: None (the checkpoint's own, bf16
+    for the release and the shipped tiny one) on a GPU and on a CPU with bf16 kernels; float32 on a
+    CPU without them, where it is several times faster and twice the weights' memory."""
+    if torch.device(device).type != "cpu" or cpu_has_fast_bf16():
+        return None
+    return torch.float32
+
+
 def load_decoder(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  expect: ModelArgs | None = None) -> tuple[Decoder, dict]:
     """Load a transformers-format folder into a Decoder -> (model in eval mode, meta).

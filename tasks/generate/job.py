@@ -179,7 +179,7 @@ def check_models(cfg) -> str:
 def load_parts(cfg, fingerprint: str | None = None, settings: EngineSettings | None = None) -> Parts:
     """Load the decoder named by the config (transformers-format folder), quantize it, wrap it in
     the engine. `fingerprint`, `settings`: the driver's answers (None: computed here)."""
-    from model.hf_checkpoint import load_decoder
+    from model.hf_checkpoint import generation_dtype, load_decoder
     from model.layout import Layout
     from model.movqgan import load_movqgan
 
@@ -193,7 +193,8 @@ def load_parts(cfg, fingerprint: str | None = None, settings: EngineSettings | N
     if settings.device != device:  # the driver counted GPUs this actor does not see
         raise RequestError(f"generate: the job was set up for {settings.device} engines, this actor has {device}")
     layout = Layout.from_config(m)
-    model, meta = load_decoder(m.decoder_path, device=device)
+    # float32 on a CPU without bf16 kernels (several times faster there), else the checkpoint's dtype
+    model, meta = load_decoder(m.decoder_path, device=device, dtype=generation_dtype(device))
     fp = checkpoint_layout_fingerprint(meta)
     if fp and fp != layout.fingerprint:
         raise RequestError(

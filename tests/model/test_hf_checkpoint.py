@@ -80,3 +80,21 @@ def test_bad_folders_fail_clearly(tiny_model, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_decoder(tmp_path)
+
+
+def test_generation_dtype_upcasts_only_on_a_cpu_without_bf16_kernels(monkeypatch):
+    import model.hf_checkpoint as hf
+
+    assert isinstance(hf.cpu_has_fast_bf16(), bool)
+    monkeypatch.setattr(hf, "cpu_has_fast_bf16", lambda: False)
+    assert hf.generation_dtype("cpu") == torch.float32
+    assert hf.generation_dtype(torch.device("cuda", 0)) is None  # a GPU keeps the checkpoint's dtype
+    monkeypatch.setattr(hf, "cpu_has_fast_bf16", lambda: True)
+    assert hf.generation_dtype("cpu") is None
+
+
+def test_cpu_has_fast_bf16_is_false_when_torch_has_no_probe(monkeypatch):
+    import model.hf_checkpoint as hf
+
+    monkeypatch.setattr(torch.ops, "mkldnn", object())
+    assert hf.cpu_has_fast_bf16() is False

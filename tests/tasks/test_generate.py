@@ -159,3 +159,23 @@ def test_min_p_reaches_the_engine_and_the_rows_and_off_keeps_older_manifests(tmp
     off = load_config(write_config(tmp_path / "off", models, {"inputs": shapes}))
     # min-p off: the manifest's generate section is what versions before min-p wrote, so they resume
     assert "min_p" not in job_config(off, settings)["generate"]
+
+
+@pytest.mark.parametrize("bf16_kernels", [False, True])
+def test_a_bf16_decoder_generates_in_float32_on_a_cpu_without_bf16_kernels(tmp_path, models, monkeypatch, bf16_kernels):
+    """On a CPU whose oneDNN emulates bf16 (AVX2) the engine runs the decoder in float32, several
+    times faster there (bench/cpu_dtype.py); with bf16 kernels it keeps the checkpoint's bf16."""
+    import torch
+
+    import model.hf_checkpoint as hf
+    from model.hf_checkpoint import load_decoder, save_decoder
+    from tasks.generate.job import load_parts
+
+    decoder, meta = load_decoder(models[0])
+    save_decoder(decoder, tmp_path / "bf16", meta=meta, dtype=torch.bfloat16)
+    monkeypatch.setattr(hf, "cpu_has_fast_bf16", lambda: bf16_kernels)
+    cfg = load_config(write_config(tmp_path, (str(tmp_path / "bf16"), *models[1:]), {}))
+    parts = load_parts(cfg, fingerprint="fp-test")
+    want = torch.bfloat16 if bf16_kernels else torch.float32
+    assert {p.dtype for p in parts.engine.model.parameters()} == {want}
+    assert parts.engine.cache_dtype == want
