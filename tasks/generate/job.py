@@ -133,9 +133,14 @@ class Parts:
     quantize: str = "none"
 
     def engine_params(self) -> dict:
-        """What a row records of the engine that made it: the quantization, and the compile mode
-        that ran (after any fallback: model/engine.py)."""
-        return {"quantize": self.quantize, "compile": getattr(self.engine, "compile_mode", "eager")}
+        """What a row records of the engine that made it: the quantization, the compile mode that
+        ran (after any fallback: model/engine.py) and the dtype it computed in (bf16 as stored, or
+        float32 on a CPU without bf16 kernels: the draws differ between the two)."""
+        params = {"quantize": self.quantize, "compile": getattr(self.engine, "compile_mode", "eager")}
+        dtype = getattr(self.engine, "cache_dtype", None)
+        if dtype is not None:
+            params["dtype"] = str(dtype).removeprefix("torch.")
+        return params
 
 
 def checkpoint_layout_fingerprint(meta: dict | None) -> str | None:

@@ -179,3 +179,4 @@ def test_a_bf16_decoder_generates_in_float32_on_a_cpu_without_bf16_kernels(tmp_p
     want = torch.bfloat16 if bf16_kernels else torch.float32
     assert {p.dtype for p in parts.engine.model.parameters()} == {want}
     assert parts.engine.cache_dtype == want
+    assert parts.engine_params()["dtype"] == str(want).removeprefix("torch.")  # each row records it
