@@ -61,6 +61,9 @@ class Request:
     height: int  # pixels of the whole image (both panels of a dual panel)
     width: int
     upper_codes: np.ndarray | None = None  # [rows / 2, cols] codes of the given upper panel
+    # The upper panel the unconditional (CFG) row sees; None: upper_codes, so guidance amplifies
+    # the text alone. A neutral panel (an empty map) makes guidance amplify the map as well.
+    uncond_upper_codes: np.ndarray | None = None
     seed: int = 0
     cfg: float = 4.0
     temperature: float = 1.0
@@ -338,17 +341,35 @@ class Engine:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         context = [int(i) for i in ids] + prefix
+        if r.uncond_upper_codes is not None and r.upper_codes is None:
+            raise ValueError(f"{where}: uncond_upper_codes without upper_codes; a panel for the unconditional "
+                             f"row needs a given upper panel")
         if r.upper_codes is not None:
-            up = np.asarray(r.upper_codes)
-            if up.shape != (rows // 2, cols):
-                raise ValueError(f"{where}: upper_codes of shape {up.shape}; a {r.width}x{r.height} image's "
-                                 f"upper panel is ({rows // 2}, {cols}) codes")
-            if not np.issubdtype(up.dtype, np.integer) or up.min() < 0 or up.max() >= self.n_codes:
-                raise ValueError(f"{where}: upper_codes must be integer codes in 0..{self.n_codes - 1}")
-            grid = np.concatenate([up.astype(np.int64) + self.layout.code_offset,
-                                   np.full((rows // 2, 1), self.layout.row_end)], axis=1)
-            context += grid.reshape(-1).tolist()
+            context += self._panel_tokens(r.upper_codes, "upper_codes", where, rows, cols)
+            if r.uncond_upper_codes is not None:
+                self._panel_tokens(r.uncond_upper_codes, "uncond_upper_codes", where, rows, cols)
         return context, rows, cols
+
+    def _panel_tokens(self, codes, what: str, where: str, rows: int, cols: int) -> list[int]:
+        """An upper panel's codes -> its tokens (codes and row ends); ValueError if they do not fit."""
+        up = np.asarray(codes)
+        if up.shape != (rows // 2, cols):
+            raise ValueError(f"{where}: {what} of shape {up.shape}; a {cols * self.layout.patch}x"
+                             f"{rows * self.layout.patch} image's upper panel is ({rows // 2}, {cols}) codes")
+        if not np.issubdtype(up.dtype, np.integer) or up.min() < 0 or up.max() >= self.n_codes:
+            raise ValueError(f"{where}: {what} must be integer codes in 0..{self.n_codes - 1}")
+        grid = np.concatenate([up.astype(np.int64) + self.layout.code_offset,
+                               np.full((rows // 2, 1), self.layout.row_end)], axis=1)
+        return grid.reshape(-1).tolist()
+
+    def _uncond_context(self, job: _Job) -> list[int]:
+        """The unconditional row's context: the conditional one from the image-start token on, with
+        the request's uncond_upper_codes in place of its upper panel when it gives them."""
+        r = job.request
+        ctx = job.context[len(r.prompt_ids):]
+        if r.uncond_upper_codes is None:
+            return ctx
+        return ctx[:3] + self._panel_tokens(r.uncond_upper_codes, "uncond_upper_codes", repr(r.id), job.rows, job.cols)
 
     def _prefill(self, new: list[tuple[int, _Job]]) -> None:
         """Forwards over the new requests' contexts (cond and uncond rows, right-padded), at most
@@ -360,8 +381,7 @@ class Engine:
         """
         seqs, rows = [], []
         for b, job in new:
-            n_prompt = len(job.request.prompt_ids)
-            seqs += [job.context[:-1], job.context[n_prompt:-1]]
+            seqs += [job.context[:-1], self._uncond_context(job)[:-1]]
             rows += [b, self.max_batch + b]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths share a forward
         budget = self.prefill_tokens

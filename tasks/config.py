@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from model.prompts import TASK_KINDS, PromptError, split_task
+from model.prompts import CONTROL_NAMES, TASK_KINDS, PromptError, split_task
 from storage.uri import has_credentials, redact
 
 
@@ -306,6 +306,10 @@ class GenerateConfig(Section):
     # sees the image from its start token on, upper panel included). On the shipped tiny model 8
     # follows control maps worse than 4 and 2 no better (docs/evaluate.md, "Guidance and top-k").
     cfg_by_task: dict[str, float] = Field(default_factory=dict)
+    # Map guidance: control tasks ("control:canny") or the kind ("control") whose unconditional branch
+    # sees an empty map (a black upper panel, MoVQGAN-encoded) in place of the row's own, so that the
+    # guidance scale amplifies the map as well as the text (docs/evaluate.md, "Map guidance").
+    map_guidance: list[str] = Field(default_factory=list)
     temperature: float = 1.0
     top_k: int = 4096
     # min-p: keep the ids whose probability is at least min_p x the position's largest, after the
@@ -431,7 +435,16 @@ class GenerateConfig(Section):
                 raise ValueError(f"generate.cfg_by_task: {e} (or a kind: {', '.join(TASK_KINDS)})") from None
             if not scale >= 1:
                 raise ValueError(f"generate.cfg_by_task.{task}: must be >= 1, 1 turns guidance off (got {scale})")
+        for task in self.map_guidance:
+            if task != "control" and not (task.startswith("control:") and task[8:] in CONTROL_NAMES):
+                raise ValueError(f"generate.map_guidance: {task!r} is not a control task; the upper panel of "
+                                 f"another task is a picture, not a map (use 'control' or one of "
+                                 f"{', '.join('control:' + c for c in CONTROL_NAMES)})")
         return self
+
+    def guides_map(self, task: str) -> bool:
+        """Whether a task's rows are guided by their map too (map_guidance names it or its kind)."""
+        return task in self.map_guidance or task.partition(":")[0] in self.map_guidance
 
     def cfg_for(self, task: str) -> float:
         """The guidance scale of a task's rows: cfg_by_task's entry for the task, else for its kind,

@@ -107,14 +107,18 @@ def job_config(cfg, settings: EngineSettings) -> dict:
     gen = cfg.generate.model_dump(exclude={"workers", "contact_sheet_pairs", "max_batch", "prefill_tokens"})
     gen["rewrite"] = {k: gen["rewrite"][k] for k in ("endpoint", "model", "system_prompt")}
     gen.update(quantize=settings.quantize, compile=settings.compile)
-    if not gen["min_p"]:  # off: the rows are those of the versions before min-p, which can resume them
-        del gen["min_p"]
+    for key in ("min_p", "map_guidance"):  # off: the rows are those of the versions before it, which can resume them
+        if not gen[key]:
+            del gen[key]
     return {"models": cfg.models.model_dump(), "generate": gen, "evaluate": cfg.evaluate.model_dump()}
 
 
 def sampling_of(gen, task: str) -> dict:
-    return {"cfg": gen.cfg_for(task), "temperature": gen.temperature, "top_k": gen.top_k, "min_p": gen.min_p, "sjd": gen.sjd, "window": gen.sjd_window,
-            "drafts": gen.sjd_drafts, "tree": gen.sjd_tree}
+    out = {"cfg": gen.cfg_for(task), "temperature": gen.temperature, "top_k": gen.top_k, "min_p": gen.min_p, "sjd": gen.sjd, "window": gen.sjd_window,
+           "drafts": gen.sjd_drafts, "tree": gen.sjd_tree}
+    if gen.guides_map(task):  # only where it applies: rows without it read as they always have
+        out["map_guidance"] = "empty"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,12 +410,16 @@ def pair_requests(p: PairSpec, layout, movqgan, gen, n: int = 1) -> list:
 
     from model.engine import Request
 
-    upper_codes = None
+    upper_codes = uncond_upper = None
     if p.upper is not None:
         with torch.inference_mode():
-            upper_codes = movqgan.encode(np.array(_open_rgb(p.upper))[None])[0].cpu().numpy()
+            upper = np.array(_open_rgb(p.upper))
+            upper_codes = movqgan.encode(upper[None])[0].cpu().numpy()
+            if gen.guides_map(p.task):  # the unconditional branch sees an empty map (docs/evaluate.md)
+                uncond_upper = movqgan.encode(np.zeros_like(upper)[None])[0].cpu().numpy()
     ids = layout.encode_prompt(p.prompt)
     return [Request(id=f"{p.id}|{j}", prompt_ids=ids, height=p.height, width=p.width, upper_codes=upper_codes,
+                    uncond_upper_codes=uncond_upper,
                     seed=sample_seed(p.seed, j), cfg=gen.cfg_for(p.task), temperature=gen.temperature, top_k=gen.top_k,
                     min_p=gen.min_p, sjd=gen.sjd, window=gen.sjd_window, drafts=gen.sjd_drafts, task=p.task) for j in range(n)]
 

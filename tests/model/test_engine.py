@@ -90,6 +90,11 @@ def test_min_p_near_one_is_greedy_with_and_without_sjd(model, small_layout):
     (dict(upper_codes=np.zeros((4, 4), dtype=np.int64)), r"upper_codes of shape \(4, 4\)"),
     (dict(upper_codes=np.full((2, 4), 99)), "upper_codes must be integer codes in 0..15"),
     (dict(prompt_ids=[]), "prompt_ids must be a non-empty"),
+    (dict(uncond_upper_codes=np.zeros((2, 4), dtype=np.int64)), "uncond_upper_codes without upper_codes"),
+    (dict(upper_codes=np.zeros((2, 4), dtype=np.int64), uncond_upper_codes=np.zeros((2, 3), dtype=np.int64)),
+     r"uncond_upper_codes of shape \(2, 3\)"),
+    (dict(upper_codes=np.zeros((2, 4), dtype=np.int64), uncond_upper_codes=np.full((2, 4), -1)),
+     "uncond_upper_codes must be integer codes in 0..15"),
 ])
 def test_bad_requests_fail_alone_before_any_work(model, small_layout, change, message):
     good = [Request(f"good{i}", small_layout.encode_prompt("ok"), 32, 32, seed=i) for i in range(2)]
@@ -231,3 +236,44 @@ def test_fit_batch_is_the_engines_own_rule(model, small_layout):
     with pytest.raises(ValueError, match=r"Engine: max_batch 3 needs [0-9.]+ MiB .* MiB are free: use max_batch 2"):
         Tight(model, small_layout, max_batch=3, window=16, max_seq=256, kv_bucket=64)
     assert len(calls) == 2
+
+
+def test_the_unconditional_row_sees_its_own_upper_panel(model, small_layout):
+    """uncond_upper_codes replaces the upper panel in the CFG row only: its cache is the one a request
+    with that panel as its own upper panel leaves in its unconditional row; at cfg 1 (no guidance)
+    the image does not depend on it; guided, it does; and giving upper_codes again changes nothing."""
+    import torch
+
+    lay = small_layout
+    rng = np.random.default_rng(3)
+    upper, empty = rng.integers(0, lay.codebook_size, (4, 8)), np.zeros((4, 8), dtype=np.int64)
+    ids = lay.encode_prompt("a canny map of a star")
+
+    def req(rid, **kw):
+        return Request(rid, ids, 64, 64, seed=7, task="control:canny", sjd=False, top_k=1, **kw)
+
+    engine = Engine(model, lay, max_batch=2, window=4, kv_bucket=64)
+    guided = _job(engine, req("guided", upper_codes=upper, uncond_upper_codes=empty))
+    plain = _job(engine, req("plain", upper_codes=empty))
+    engine._prefill([(0, guided), (1, plain)])
+    m = len(guided.context) - len(ids) - 1  # the unconditional rows' prefilled slots
+    assert m == 3 + 4 * 9 - 1
+    for layer in model.layers:
+        c = layer.attention.kv_cache
+        torch.testing.assert_close(c.k[2, :, :m], c.k[3, :, :m], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c.v[2, :, :m], c.v[3, :, :m], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(c.k[0, :, len(ids):len(ids) + m], c.k[2, :, :m])  # the cond row has its own map
+    model.clear_cache()
+
+    def codes(*reqs):
+        out = {r.id: r for r in Engine(model, lay, max_batch=2, window=4, kv_bucket=64).generate(reqs)}
+        assert all(r.error is None for r in out.values()), [r.error for r in out.values()]
+        return {k: r.codes for k, r in out.items()}
+
+    off = codes(req("a", upper_codes=upper, cfg=1.0), req("b", upper_codes=upper, uncond_upper_codes=empty, cfg=1.0))
+    np.testing.assert_array_equal(off["a"], off["b"])
+    on = codes(req("a", upper_codes=upper), req("b", upper_codes=upper, uncond_upper_codes=empty),
+               req("c", upper_codes=upper, uncond_upper_codes=upper))
+    np.testing.assert_array_equal(on["a"], on["c"])
+    assert not np.array_equal(on["a"][4:], on["b"][4:])  # greedy, so any difference is the guidance's
+    np.testing.assert_array_equal(on["b"][:4], upper)  # the conditional upper panel is the one kept

@@ -166,6 +166,14 @@ def test_sjd_tree_is_checked_and_reaches_the_engine_and_the_rows_params():
         params["tree_siblings"].default, params["tree_branch"].default)
 
 
+def test_map_guidance_names_control_tasks_or_the_kind():
+    gen = load_config(None, ["generate.map_guidance=[control:canny]"]).generate
+    assert gen.guides_map("control:canny") and not gen.guides_map("control:depth") and not gen.guides_map("t2i")
+    gen = load_config(None, ["generate.map_guidance=[control]"]).generate
+    assert gen.guides_map("control:depth") and gen.guides_map("control:hed") and not gen.guides_map("dense:depth")
+    assert not load_config(None, []).generate.guides_map("control:canny")  # off unless asked
+
+
 def test_sjd_drafts_default_is_the_engines():
     from model.engine import Request
     from model.sjd import DEFAULT_DRAFTS
@@ -185,6 +193,9 @@ def test_cfg_by_task_resolves_task_then_kind_then_cfg_and_refuses_bad_entries():
         ("generate.temperature=-1", r"generate.temperature: must be >= 0"),
         ("generate.min_p=1", r"generate.min_p: must be in \[0, 1\), 0 keeps every code \(got 1.0\)"),
         ("generate.min_p=-0.1", r"generate.min_p: must be in \[0, 1\)"),
+        ("generate.map_guidance=[edit]", r"generate.map_guidance: 'edit' is not a control task"),
+        ("generate.map_guidance=[canny]", r"generate.map_guidance: 'canny' is not a control task"),
+        ("generate.map_guidance=[control:sketch]", r"'control:sketch' is not a control task.*control:canny"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(ROOT / "configs/tiny.yaml", [override])

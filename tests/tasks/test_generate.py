@@ -161,6 +161,33 @@ def test_min_p_reaches_the_engine_and_the_rows_and_off_keeps_older_manifests(tmp
     assert "min_p" not in job_config(off, settings)["generate"]
 
 
+def test_map_guidance_gives_control_rows_an_empty_map_in_the_unconditional_branch(tmp_path, models):
+    """generate.map_guidance: the named control tasks' requests carry the MoVQGAN codes of a black
+    upper panel for the unconditional branch (the row's own map stays the conditional one's); other
+    tasks carry none; the rows' sampling and the manifest record it, and off leaves both as before."""
+    from model.movqgan import load_movqgan
+    from tasks.generate.job import EngineSettings, job_config
+
+    tasks = ["t2i", "control:canny", "control:depth", "dense:depth", "edit"]
+    shapes = {"kind": "shapes", "count": 5, "seed": 1, "tasks": tasks, "size": "64x64"}
+    cfg, worker = _worker(tmp_path, models, {"inputs": shapes, "map_guidance": ["control:canny"]})
+    rows, rejects, _ = worker.run_pairs(expand_inputs(cfg).pairs)
+    assert not rejects and sorted(r["task"] for r in rows) == sorted(tasks)
+    movq = load_movqgan(models[1], "tiny")
+    empty = movq.encode(np.zeros((1, 32, 64, 3), np.uint8))[0].cpu().numpy()
+    seen = {r.task: r for r in worker.parts.engine.seen}
+    np.testing.assert_array_equal(seen["control:canny"].uncond_upper_codes, empty)
+    assert not np.array_equal(seen["control:canny"].upper_codes, empty)  # its own map stays the cond one
+    assert all(seen[t].uncond_upper_codes is None for t in tasks if t != "control:canny")
+    for row in rows:
+        assert json.loads(row["sampling"]).get("map_guidance") == ("empty" if row["task"] == "control:canny" else None)
+    settings = EngineSettings("cpu", "none", "eager")
+    assert job_config(cfg, settings)["generate"]["map_guidance"] == ["control:canny"]  # a rerun without is refused
+    (tmp_path / "off").mkdir()
+    off = load_config(write_config(tmp_path / "off", models, {"inputs": shapes}))
+    assert "map_guidance" not in job_config(off, settings)["generate"]  # older manifests resume
+
+
 @pytest.mark.parametrize("bf16_kernels", [False, True])
 def test_a_bf16_decoder_generates_in_float32_on_a_cpu_without_bf16_kernels(tmp_path, models, monkeypatch, bf16_kernels):
     """On a CPU whose oneDNN emulates bf16 (AVX2) the engine runs the decoder in float32, several
