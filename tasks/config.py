@@ -304,8 +304,8 @@ class GenerateConfig(Section):
     # Per task: a task ("control:canny") or a kind ("control") -> its own cfg scale; the exact task
     # first, then its kind, else `cfg`. Guidance amplifies the text only (the unconditional branch
     # sees the image from its start token on, upper panel included). On the shipped tiny pair control
-    # rows follow their maps best at 1.5-2 (configs/tiny.yaml: 2; docs/evaluate.md, "Guidance 2 for
-    # control rows"); t2i draws alike at 2, 4 and 6.
+    # and dense rows follow their maps best at 1.5-2 (configs/tiny.yaml: 2; docs/evaluate.md, "Guidance
+    # 2 for control and dense rows"); t2i draws alike at 2, 4 and 6.
     cfg_by_task: dict[str, float] = Field(default_factory=dict)
     # Map guidance: control tasks ("control:canny") or the kind ("control") whose unconditional branch
     # sees an empty map (a black upper panel, MoVQGAN-encoded) in place of the row's own, so that the
