@@ -342,14 +342,16 @@ def acceptance(opts) -> dict:
     model, layout, gen, groups, base = acceptance_requests(opts)
     kinds = opts.drafts or list(DRAFT_KINDS)
     trees = [parse_tree(t) for t in (getattr(opts, "tree", None) or ["0x0"])]
-    out = {"model": str(opts.checkpoint), "model_sha256": fingerprint(opts.checkpoint), "config": opts.config, "size": opts.size, "cfg": gen.cfg,
+    out = {"model": str(opts.checkpoint), "model_sha256": fingerprint(opts.checkpoint), "config": opts.config,
+           "overrides": list(getattr(opts, "set", [])), "size": opts.size, "cfg": gen.cfg,
+           "cfg_by_task": dict(gen.cfg_by_task), "map_guidance": list(gen.map_guidance),
            "temperature": gen.temperature, "top_k": min(gen.top_k, layout.codebook_size), "min_p": gen.min_p, "draft_kinds": kinds,
            "default_draft": DEFAULT_DRAFTS if DEFAULT_DRAFTS in kinds else kinds[0], "tasks": {g: sorted({p.task for p in ps}) for g, ps in groups.items()},
            "requests": {g: len(r) for g, r in base.items()}, "runs": [],
            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch_threads": torch.get_num_threads(),
            "trees": [f"{a}x{b}" for a, b in trees]}
-    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg}, top-k {out['top_k']}, min-p {gen.min_p}",
-          flush=True)
+    print(f"# {opts.checkpoint}: {out['requests']} requests of {opts.size} px, cfg {gen.cfg} (by task: {out['cfg_by_task']}), "
+          f"top-k {out['top_k']}, min-p {gen.min_p}", flush=True)
     taus = getattr(opts, "carry_tau", None) or [CARRY_TAU]
     min_ps = getattr(opts, "min_p", None) or [gen.min_p]  # side by side: the config's and others'
     out["min_p_runs"] = min_ps
@@ -423,7 +425,7 @@ def acceptance_requests(opts):
     from tasks.generate.job import pair_requests
     from tasks.generate.requests import expand_inputs
 
-    cfg = load_config(opts.config, [f"models.decoder_path={opts.checkpoint}",
+    cfg = load_config(opts.config, [*getattr(opts, "set", []), f"models.decoder_path={opts.checkpoint}",
                                     f"generate.inputs={{kind: shapes, count: {opts.n * len(TASKS)}, seed: 4242, "
                                     f"size: {opts.size}, tasks: [{', '.join(TASKS)}]}}"])
     gen, m = cfg.generate, cfg.models
@@ -646,6 +648,8 @@ def main(argv=None):
         p.add_argument("--checkpoint", default="assets/decoder-tiny",
                        help="a trained decoder folder (model/hf_checkpoint.py format) of the shapes layout")
         p.add_argument("--config", default="configs/tiny.yaml", help="models, sampling (cfg, top-k) and prompts")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a config override, as the CLI takes them (e.g. 'generate.cfg_by_task={}'); repeatable")
         p.add_argument("--n", type=int, default=8, help="pairs per task (every task of the shapes source)")
         p.add_argument("--size", default="64x64")
         p.add_argument("--window", type=int, nargs="+", default=[8, 16, 32])
