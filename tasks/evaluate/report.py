@@ -143,6 +143,25 @@ def captions_sheet(rows: list[dict], by_id: dict[str, dict], cfg, count: int) ->
     return _stack(blocks)
 
 
+def sampling_lines(ds) -> list[str]:
+    """A table of how the rows were drawn: each task's distinct `sampling` records (guidance scale,
+    min-p, ...) with their row counts, so a report says which settings its figures belong to."""
+    seen: dict[tuple[str, str], int] = {}
+    t = ds.table(columns=["task", "sampling"])
+    for task, sampling in zip(t.column("task").to_pylist(), t.column("sampling").to_pylist()):
+        seen[(task, sampling or "{}")] = seen.get((task, sampling or "{}"), 0) + 1
+    out = ["", "How the rows were drawn (each row's `sampling`):", "", "| task | rows | sampling |", "|---|---:|---|"]
+    for (task, sampling), n in sorted(seen.items()):
+        try:
+            fields = json.loads(sampling)
+        except ValueError:
+            fields = None
+        text = (", ".join(f"{k} {v}" for k, v in sorted(fields.items())) or "not recorded") if isinstance(
+            fields, dict) else "unreadable"
+        out.append(f"| {task} | {n} | {text} |")
+    return out
+
+
 def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str]) -> str:
     fingerprints = sorted({m for m in ds.table(columns=["model_fingerprint"]).column(0).to_pylist() if m})
     lines = [
@@ -157,6 +176,7 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
     for r in table:
         lines.append(f"| {r['figure']} | {r['task']} | {r['rows']} | {_fmt(r['generated'])} | {_fmt(r.get('se'))} "
                      f"| {_fmt(r['floor'])} | {_fmt(r.get('floor_se'))} | {r['better']} | {r['paper']} |")
+    lines += sampling_lines(ds)
     lines += [
         "",
         "How each figure is measured (tasks/evaluate/job.py):",

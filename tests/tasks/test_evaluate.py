@@ -127,12 +127,32 @@ def test_perfect_generator_beats_the_floor_and_report_is_written(tmp_path):
     assert report.parent == Path(uri) and report.name == "report.md"
     text = report.read_text()
     assert "| canny_f1 | control:canny | 4 | 1.000 |" in text and "0.49 (7B, real photos)" in text
+    assert "| control:canny | 4 | not recorded |" in text  # these stand-in rows record no sampling
     for name in ("contact_sheet.png", "eval_control.png", "eval_captions.png"):
         assert f"]({name})" in text
         img = cv2.imread(str(Path(uri) / name))
         assert img is not None and img.shape[0] >= 160 and img.shape[1] >= 320
     assert summary["contact_sheet"] == str(Path(uri) / "contact_sheet.png")
     open_dataset(uri, verify=True)  # the report files beside the shards leave the dataset intact
+
+
+def test_the_report_says_how_each_tasks_rows_were_drawn():
+    """report.md's sampling table: each task's distinct `sampling` records with their row counts."""
+    import pyarrow as pa
+
+    from tasks.evaluate.report import sampling_lines
+
+    class Rows:
+        def table(self, columns):
+            four = json.dumps({"cfg": 4.0, "min_p": 0.3})
+            two = json.dumps({"cfg": 2.0, "min_p": 0.3, "map_guidance": "empty"})
+            return pa.table({"task": ["t2i", "control:canny", "t2i", "control:canny", "edit", "dense:depth"],
+                             "sampling": [four, two, four, four, "{}", "not json"]}).select(columns)
+
+    lines = sampling_lines(Rows())
+    assert "| control:canny | 1 | cfg 2.0, map_guidance empty, min_p 0.3 |" in lines
+    assert "| control:canny | 1 | cfg 4.0, min_p 0.3 |" in lines and "| t2i | 2 | cfg 4.0, min_p 0.3 |" in lines
+    assert "| edit | 1 | not recorded |" in lines and "| dense:depth | 1 | unreadable |" in lines
 
 
 def test_unconditioned_generator_scores_at_the_floor(tmp_path):
