@@ -369,7 +369,8 @@ class Engine:
         ctx = job.context[len(r.prompt_ids):]
         if r.uncond_upper_codes is None:
             return ctx
-        return ctx[:3] + self._panel_tokens(r.uncond_upper_codes, "uncond_upper_codes", repr(r.id), job.rows, job.cols)
+        return ctx[:3] + self._panel_tokens(r.uncond_upper_codes, "uncond_upper_codes", f"request {r.id!r}",
+                                            job.rows, job.cols)  # checked in check(): it fits
 
     def _prefill(self, new: list[tuple[int, _Job]]) -> None:
         """Forwards over the new requests' contexts (cond and uncond rows, right-padded), at most

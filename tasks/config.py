@@ -437,7 +437,8 @@ class GenerateConfig(Section):
             if not scale >= 1:
                 raise ValueError(f"generate.cfg_by_task.{task}: must be >= 1, 1 turns guidance off (got {scale})")
         for task in self.map_guidance:
-            if task != "control" and not (task.startswith("control:") and task[8:] in CONTROL_NAMES):
+            kind, _, name = task.partition(":")
+            if task != "control" and not (kind == "control" and name in CONTROL_NAMES):
                 raise ValueError(f"generate.map_guidance: {task!r} is not a control task; the upper panel of "
                                  f"another task is a picture, not a map (use 'control' or one of "
                                  f"{', '.join('control:' + c for c in CONTROL_NAMES)})")

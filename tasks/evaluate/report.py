@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -146,20 +147,22 @@ def captions_sheet(rows: list[dict], by_id: dict[str, dict], cfg, count: int) ->
 def sampling_lines(ds) -> list[str]:
     """A table of how the rows were drawn: each task's distinct `sampling` records (guidance scale,
     min-p, ...) with their row counts, so a report says which settings its figures belong to."""
-    seen: dict[tuple[str, str], int] = {}
     t = ds.table(columns=["task", "sampling"])
-    for task, sampling in zip(t.column("task").to_pylist(), t.column("sampling").to_pylist()):
-        seen[(task, sampling or "{}")] = seen.get((task, sampling or "{}"), 0) + 1
+    seen = Counter(zip(t.column("task").to_pylist(), (s or "{}" for s in t.column("sampling").to_pylist())))
     out = ["", "How the rows were drawn (each row's `sampling`):", "", "| task | rows | sampling |", "|---|---:|---|"]
-    for (task, sampling), n in sorted(seen.items()):
-        try:
-            fields = json.loads(sampling)
-        except ValueError:
-            fields = None
-        text = (", ".join(f"{k} {v}" for k, v in sorted(fields.items())) or "not recorded") if isinstance(
-            fields, dict) else "unreadable"
-        out.append(f"| {task} | {n} | {text} |")
+    out += [f"| {task} | {n} | {_sampling_text(sampling)} |" for (task, sampling), n in sorted(seen.items())]
     return out
+
+
+def _sampling_text(sampling: str) -> str:
+    """One `sampling` record as "key value, ..." ("not recorded" if empty, "unreadable" if not a JSON object)."""
+    try:
+        fields = json.loads(sampling)
+    except ValueError:
+        return "unreadable"
+    if not isinstance(fields, dict):
+        return "unreadable"
+    return ", ".join(f"{k} {v}" for k, v in sorted(fields.items())) or "not recorded"
 
 
 def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str]) -> str:
