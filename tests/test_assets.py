@@ -165,3 +165,55 @@ def test_bad_training_options_are_refused_before_any_work(tmp_path, capsys):
             main(argv + ["--out", str(out)])
         assert e.value.code == 2 and says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_keep_codes_hold_the_reference_drawing_of_generated_codes(tmp_path, capsys):
+    """--keep-codes: the decoder half also learns to draw generated code grids as the reference's
+    decoder half does; after the same steps it draws them closer to the reference than a run without."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from model.movqgan import MoVQGAN, save_movqgan
+    from tasks.assets.train_movqgan import _render, finetune_decoder, load_keep_codes, main
+
+    torch.manual_seed(0)
+    init = MoVQGAN("tiny")
+    reference = MoVQGAN("tiny")
+    reference.load_state_dict({**reference.state_dict(), **{k: v for k, v in init.state_dict().items()
+                                                             if not k.startswith(("decoder.", "post_quant_conv."))}})
+    old, ref = tmp_path / "old.safetensors", tmp_path / "ref.safetensors"
+    save_movqgan(init, old)
+    save_movqgan(reference, ref)
+    pool = tmp_path / "pool.safetensors"
+    save_file({"codes_4x4": torch.randint(0, init.n_embed, (6, 4, 4), dtype=torch.int32),
+               "codes_2x4": torch.zeros(1, 2, 4, dtype=torch.int32)}, str(pool))
+    grids = load_keep_codes(pool)
+    assert grids.shape == (6, 4, 4) and grids.dtype == torch.long  # the largest group of one shape
+
+    def distance(model):
+        with torch.no_grad():
+            return (_render(model, grids) - _render(reference.eval(), grids)).abs().mean().item()
+
+    runs = {}
+    for weight in (0.0, 20.0):
+        model, curve = finetune_decoder(str(old), steps=6, batch=2, window=4, lr=2e-3, pool_size=4, log_every=3,
+                                        keep_codes=grids, keep_weight=weight, keep_reference=str(ref))
+        runs[weight] = (distance(model), curve)
+    assert "keep" not in runs[0.0][1][0] and all(r["keep"] > 0 for r in runs[20.0][1])
+    assert runs[20.0][0] < 0.8 * runs[0.0][0] and runs[20.0][0] < distance(init.eval())
+
+    out = tmp_path / "m.safetensors"
+    other = tmp_path / "other.safetensors"
+    save_movqgan(MoVQGAN("tiny"), other)  # another codebook: the codes would mean other pictures
+    for argv, says in ((["--keep-codes", str(pool), "--init-from", str(old)], "give --freeze-codes"),
+                       (["--freeze-codes", "--init-from", str(old), "--keep-reference", str(ref)], "needs --keep-codes"),
+                       (["--freeze-codes", "--init-from", str(old), "--keep-codes", str(pool),
+                         "--keep-reference", str(other)], "its codebook is not --init-from's"),
+                       (["--freeze-codes", "--init-from", str(old), "--keep-codes", str(tmp_path / "none.safetensors")],
+                        "--keep-codes"),
+                       (["--keep-weight", "-1"], "--keep-weight -1.0: a loss weight is 0 or more")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(out)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()

@@ -139,16 +139,41 @@ def pool_codes(model: MoVQGAN, pool: np.ndarray, batch: int = 32) -> torch.Tenso
         for i in range(0, len(pool), batch)])
 
 
-def _code_windows(pool: np.ndarray, codes: torch.Tensor, rng: np.random.Generator, batch: int,
-                  window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of `window` x `window` codes and the pixels they stand for."""
-    idx = rng.integers(0, len(pool), batch)
+def _windows(codes: torch.Tensor, rng: np.random.Generator, batch: int, window: int) -> tuple[torch.Tensor, list]:
+    """Random windows of `window` x `window` codes from the grids `codes` [n, rows, cols], and where
+    each was taken (grid, row, column)."""
+    idx = rng.integers(0, len(codes), batch)
     _, ch, cw = codes.shape
     k = min(window, ch, cw)
     ys, xs = rng.integers(0, ch - k + 1, batch), rng.integers(0, cw - k + 1, batch)
-    c = torch.stack([codes[i, y:y + k, x_:x_ + k] for i, y, x_ in zip(idx, ys, xs)])
-    px = np.stack([pool[i, 8 * y:8 * (y + k), 8 * x_:8 * (x_ + k)] for i, y, x_ in zip(idx, ys, xs)])
+    at = list(zip(idx, ys, xs))
+    return torch.stack([codes[i, y:y + k, x_:x_ + k] for i, y, x_ in at]), at
+
+
+def _code_windows(pool: np.ndarray, codes: torch.Tensor, rng: np.random.Generator, batch: int,
+                  window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of `window` x `window` codes of the pool's pictures and the pixels they stand for."""
+    c, at = _windows(codes, rng, batch, window)
+    k = c.shape[1]
+    px = np.stack([pool[i, 8 * y:8 * (y + k), 8 * x_:8 * (x_ + k)] for i, y, x_ in at])
     return c, torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def load_keep_codes(path: str | Path) -> torch.Tensor:
+    """The generated code grids of tasks.assets.generated_codes' file, LongTensor [n, rows, cols]
+    (the largest group of one shape: windows are cut from grids of one size)."""
+    from safetensors.torch import load_file
+
+    groups = load_file(str(path))
+    if not groups:
+        raise ValueError(f"{path}: holds no code grids")
+    return max(groups.values(), key=len).long()
+
+
+def _render(model: MoVQGAN, codes: torch.Tensor) -> torch.Tensor:
+    """The decoder half's picture of a code grid, in [-1, 1]."""
+    zq = model.quantize.lookup(codes)
+    return model.decoder(model.post_quant_conv(zq), zq)
 
 
 def _progress(step: int, steps: int, t0: float, budget_seconds: float | None) -> float:
@@ -164,12 +189,20 @@ def _warmup_cosine(peak: float, done: float) -> float:
 def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, batch: int = 8, window: int = 8,
                      lr: float = 5e-4, edge_weight: float = 1.0, pool_size: int = 768, seed: int = 1,
                      threads: int = 1, log_every: int = 50,
-                     budget_seconds: float | None = None) -> tuple[MoVQGAN, list[dict]]:
+                     budget_seconds: float | None = None, keep_codes: torch.Tensor | None = None,
+                     keep_weight: float = 0.0, keep_reference: str | None = None) -> tuple[MoVQGAN, list[dict]]:
     """Train only the decoder half of a trained MoVQGAN on its own (frozen) codes.
 
     budget_seconds: a wall-clock budget on a shared machine, where steps/s is unknown in advance:
     the learning rate follows its warmup + cosine over whichever of steps or time runs out first,
-    so the run ends on time with the rate annealed (the curve records the steps reached)."""
+    so the run ends on time with the rate annealed (the curve records the steps reached).
+
+    keep_codes, keep_weight: code grids a transformer decoder generated (generated_codes.py). Each
+    step also decodes `batch` windows of them and adds keep_weight x the same loss (L1 + MSE +
+    edge_weight x gradient L1) against the picture `keep_reference`'s decoder half (default:
+    init_from's) draws of them: sharper pictures of real codes, without drawing the generated ones
+    differently (docs/assets.md step 30: a sharper decoder half drew their backgrounds with edges
+    the maps do not have). keep_reference must hold the same codebook (same_codes)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -183,8 +216,15 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
     pools = [image_pool(pool_size // 2, 64, first_seed=1_000_000 + seed * 100_000),
              image_pool(pool_size // 2, 128, first_seed=1_000_000 + seed * 100_000 + pool_size)]
     codes = [pool_codes(model, p) for p in pools]  # no dropout or batch norm: train mode encodes alike
+    reference = None
+    if keep_weight:
+        if keep_codes is None:
+            raise ValueError("keep_weight needs keep_codes: the generated code grids to keep drawn alike")
+        reference = load_movqgan(keep_reference or init_from, preset).eval().requires_grad_(False)
     opt = torch.optim.Adam(trainable, lr=lr, betas=(0.5, 0.9), foreach=True)
     curve, acc, t0, reached = [], {"rec": 0.0, "edge": 0.0}, time.perf_counter(), 0
+    if reference is not None:
+        acc["keep"] = 0.0
     for step in range(1, steps + 1):
         done = _progress(step, steps, t0, budget_seconds)
         if done > 1.0:
@@ -193,11 +233,18 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
         for g in opt.param_groups:
             g["lr"] = _warmup_cosine(lr, done)
         c, x = _code_windows(pools[step % 2], codes[step % 2], rng, batch, window)
-        zq = model.quantize.lookup(c)
-        recon = model.decoder(model.post_quant_conv(zq), zq)
+        recon = _render(model, c)
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         edge = gradient_l1(recon, x)
         loss = rec + edge_weight * edge
+        if reference is not None:
+            g, _ = _windows(keep_codes, rng, batch, window)
+            with torch.no_grad():
+                target = _render(reference, g)
+            drawn = _render(model, g)
+            keep = F.l1_loss(drawn, target) + F.mse_loss(drawn, target) + edge_weight * gradient_l1(drawn, target)
+            loss = loss + keep_weight * keep
+            acc["keep"] += keep.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -392,6 +439,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--codes", type=int, default=None,
                     help="with --init-from (all of it training): grow the codebook to this many entries")
     ap.add_argument("--window", type=int, default=8, help="code windows the decoder trains on (--freeze-codes)")
+    ap.add_argument("--keep-codes", default=None, metavar="FILE",
+                    help="with --freeze-codes: generated code grids (tasks.assets.generated_codes) to keep drawn "
+                         "as --keep-reference draws them")
+    ap.add_argument("--keep-weight", type=float, default=1.0, help="weight of the --keep-codes loss")
+    ap.add_argument("--keep-reference", default=None, metavar="MOVQGAN",
+                    help="whose drawing of --keep-codes to keep (default --init-from); same codebook")
     ap.add_argument("--budget-seconds", type=float, default=None,
                     help="end after this wall time (learning rate annealed over it) or --steps")
     ap.add_argument("--repoint-decoder", default=None, metavar="FOLDER",
@@ -401,9 +454,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preview", default=None, help="PNG: held-out originals over reconstructions")
     ap.add_argument("--curve", default=None, help="JSON: the loss curve and the evaluation")
     a = ap.parse_args(argv)
-    for flag, value in (("--edge-weight", a.edge_weight), ("--context-weight", a.context_weight)):
+    for flag, value in (("--edge-weight", a.edge_weight), ("--context-weight", a.context_weight),
+                        ("--keep-weight", a.keep_weight)):
         if value < 0:
             ap.error(f"{flag} {value}: a loss weight is 0 or more")
+    if a.keep_codes and not a.freeze_codes:
+        ap.error("--keep-codes trains the decoder half on generated codes: give --freeze-codes")
     if a.codes is not None and (a.freeze_codes or not a.init_from):
         ap.error("--codes grows a trained MoVQGAN's codebook: give --init-from, without --freeze-codes")
     if a.codes is not None and a.codes < 2:
@@ -418,10 +474,26 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--freeze-codes needs --init-from: the MoVQGAN whose codes to keep")
         if Path(a.out).resolve() == Path(a.init_from).resolve():
             ap.error("--out is --init-from: write elsewhere (the codes are checked against --init-from), then move")
+        keep_codes = None
+        if a.keep_codes:
+            if a.keep_reference and not same_codes(a.init_from, a.keep_reference):
+                ap.error(f"--keep-reference {a.keep_reference}: its codebook is not --init-from's, so the "
+                         "generated codes would mean other pictures to it")
+            try:
+                keep_codes = load_keep_codes(a.keep_codes)
+            except (OSError, ValueError) as e:
+                ap.error(f"--keep-codes {a.keep_codes}: {e}")
+        elif a.keep_reference:
+            ap.error("--keep-reference needs --keep-codes: the generated code grids to keep drawn alike")
         model, curve = finetune_decoder(a.init_from, a.preset, a.steps, a.batch, a.window, a.lr, a.edge_weight,
-                                        a.pool, a.seed, a.threads, budget_seconds=a.budget_seconds)
+                                        a.pool, a.seed, a.threads, budget_seconds=a.budget_seconds,
+                                        keep_codes=keep_codes, keep_weight=a.keep_weight if a.keep_codes else 0.0,
+                                        keep_reference=a.keep_reference)
         meta["steps_reached"] = curve[-1]["step"] if curve else 0
         meta["budget_seconds"] = a.budget_seconds
+        if a.keep_codes:
+            meta.update(keep_codes=Path(a.keep_codes).name, keep_grids=len(keep_codes), keep_weight=a.keep_weight,
+                        keep_reference=Path(a.keep_reference or a.init_from).name)
     else:
         model, curve = train(a.preset, a.steps, a.batch, a.crop, a.lr, a.pool, a.seed, a.threads,
                              init_from=a.init_from, edge_weight=a.edge_weight if a.init_from else 0.0,
