@@ -19,7 +19,10 @@ transformer decoder trained on the old codes stays valid and only the pictures i
 sharper. Codes are taken from whole images, the way the pipeline encodes them, and the decoder
 learns on windows of that code grid (no flips: a flipped image has other codes). --edge-weight
 adds an L1 loss on the image gradients, which for flat-coloured shapes is where the pixel losses
-leave the blur.
+leave the blur. --keep-codes FILE (code grids a transformer decoder generated:
+tasks/assets/generated_codes.py) adds a second loss on windows of those grids, against the picture
+--keep-reference's decoder half (default --init-from's) draws of them: a decoder half judged on real
+pictures' codes alone can draw generated codes worse (docs/assets.md, steps 30 and 31).
 
 --init-from without --freeze-codes goes on training all of a trained MoVQGAN (crops, flips, dead-code
 restarts, as from scratch), with --edge-weight: sharper codes, not only sharper pictures of the old
