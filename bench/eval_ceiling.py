@@ -34,7 +34,8 @@ from tasks.config import EvaluateConfig
 from tasks.evaluate.figures import shapes_depth
 from tasks.shapes.detector import agreement, asked_shapes, detect_shapes
 from tasks.shapes.scenes import render_scene
-from tasks.generate.verify import canny_f1, depth_rmse
+from tasks.evaluate.edges import add_counts, new_counts, pooled
+from tasks.generate.verify import binary_map, canny_edges, canny_f1, depth_rmse
 
 
 def codes_kept(movq, images: list[np.ndarray], codes: list | None = None) -> list[float]:
@@ -78,12 +79,14 @@ def main() -> None:
     wholes = [render_scene(s, args.size, args.size) for s in seeds]
     # each picture encoded once: its codes give the reconstruction and the code comparisons below
     panel_codes = [movq.encode(p.image[None]) for p in panels]
+    edge_counts = new_counts()  # where the movqgan side's canny F1 is lost (tasks.evaluate.edges)
     whole_codes = [movq.encode(w.image[None]) for w in wholes]
     for i, (p, w) in enumerate(zip(panels, wholes)):
         other_p, other_w = panels[(i + 1) % len(panels)], wholes[(i + 1) % len(wholes)]
         edges = canny(p.image)
         asked = asked_shapes(w.caption)
         through_p, through_w = (to_uint8(movq.decode(c))[0] for c in (panel_codes[i], whole_codes[i]))
+        add_counts(edge_counts, canny_edges(through_p), binary_map(edges))
         for side, pic, whole in (("scene", p.image, w.image), ("movqgan", through_p, through_w),
                                  ("other scene", other_p.image, other_w.image)):
             add("canny_f1 (control:canny)", side, canny_f1(edges, pic))
@@ -96,7 +99,8 @@ def main() -> None:
     kept = codes_kept(movq, [w.image for w in wholes], whole_codes)
     result = {"bench": "eval_ceiling", "movqgan": Path(args.movqgan).name, "preset": args.preset,
               "scenes": args.scenes, "size": args.size, "seeds": [args.seed, args.seed + args.scenes - 1],
-              "figures": table, "codes_kept_when_the_other_panel_changes": round(float(np.mean(kept)), 4)}
+              "figures": table, "codes_kept_when_the_other_panel_changes": round(float(np.mean(kept)), 4),
+              "edges_through_movqgan": {"tolerance_px": 1, **pooled(edge_counts)}}
     if args.codes_vs:
         other = load_movqgan(args.codes_vs, args.preset)
         same = [(c == other.encode(x.image[None])).float().mean().item()
@@ -107,6 +111,10 @@ def main() -> None:
     print(f"{'figure':30s} {'scene':>8s} {'movqgan':>8s} {'other':>8s}")
     for m, sides in table.items():
         print(f"{m:30s} {sides['scene']:8.3f} {sides['movqgan']:8.3f} {sides['other scene']:8.3f}")
+    e = result["edges_through_movqgan"]
+    print(f"canny edges through the MoVQGAN, pooled: {e['edge_pixels_generated_per_map_pixel']:.2f} per edge of the "
+          f"scene; precision {e['exact']['precision']:.3f} exact, {e['within_tolerance']['precision']:.3f} within 1 px; "
+          f"recall {e['exact']['recall']:.3f} exact, {e['within_tolerance']['recall']:.3f} within 1 px")
     print(f"lower-panel codes kept when the upper panel changes: {np.mean(kept):.1%}")
     if "codes_same_as" in result:
         print(f"codes the same as {Path(args.codes_vs).name}'s at the same place: "

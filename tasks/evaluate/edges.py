@@ -33,6 +33,30 @@ def _prf(hits_pred: int, hits_map: int, n_pred: int, n_map: int) -> dict:
     return {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
 
 
+def new_counts() -> dict[str, int]:
+    """Pixel counts to pool over pictures with add_counts, then summarise with pooled()."""
+    return {"pred": 0, "map": 0, "exact": 0, "pred_near": 0, "map_near": 0}
+
+
+def add_counts(n: dict[str, int], edges: np.ndarray, edges_map: np.ndarray, tolerance: int = 1) -> None:
+    """Add one picture's counts: `edges` found in it, `edges_map` the edges it should have (boolean)."""
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    n["pred"] += int(edges.sum())
+    n["map"] += int(edges_map.sum())
+    n["exact"] += int((edges & edges_map).sum())
+    n["pred_near"] += int((edges & (cv2.dilate(edges_map.astype(np.uint8), kernel) > 0)).sum())
+    n["map_near"] += int((edges_map & (cv2.dilate(edges.astype(np.uint8), kernel) > 0)).sum())
+
+
+def pooled(n: dict[str, int]) -> dict:
+    """Precision, recall and F1, exact and within the tolerance, of pooled counts."""
+    return {
+        "exact": _prf(n["exact"], n["exact"], n["pred"], n["map"]),
+        "within_tolerance": _prf(n["pred_near"], n["map_near"], n["pred"], n["map"]),
+        "edge_pixels_generated_per_map_pixel": round(n["pred"] / n["map"], 4) if n["map"] else None,
+    }
+
+
 def edge_agreement(uri: str, low: int = CANNY_LOW, high: int = CANNY_HIGH, tolerance: int = 1) -> dict:
     """Pooled edge precision/recall of a GENERATED dataset's control:canny rows (see the module)."""
     if tolerance < 0:
@@ -43,22 +67,10 @@ def edge_agreement(uri: str, low: int = CANNY_LOW, high: int = CANNY_HIGH, toler
     if not wanted:
         raise ValueError(f"{uri} has no control:canny rows to measure")
     rows = ds.take(wanted, columns=["upper", "lower"]).to_pylist()  # only the canny rows' pictures are read
-    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
-    n = {"pred": 0, "map": 0, "exact": 0, "pred_near": 0, "map_near": 0}
+    n = new_counts()
     for row in rows:
-        edges_map = binary_map(decode_panel(row["upper"]))
-        edges = canny_edges(generated_picture(row), low, high)
-        n["pred"] += int(edges.sum())
-        n["map"] += int(edges_map.sum())
-        n["exact"] += int((edges & edges_map).sum())
-        n["pred_near"] += int((edges & (cv2.dilate(edges_map.astype(np.uint8), kernel) > 0)).sum())
-        n["map_near"] += int((edges_map & (cv2.dilate(edges.astype(np.uint8), kernel) > 0)).sum())
-    return {
-        "dataset": uri, "rows": len(rows), "tolerance_px": tolerance,
-        "exact": _prf(n["exact"], n["exact"], n["pred"], n["map"]),
-        "within_tolerance": _prf(n["pred_near"], n["map_near"], n["pred"], n["map"]),
-        "edge_pixels_generated_per_map_pixel": round(n["pred"] / n["map"], 4) if n["map"] else None,
-    }
+        add_counts(n, canny_edges(generated_picture(row), low, high), binary_map(decode_panel(row["upper"])), tolerance)
+    return {"dataset": uri, "rows": len(rows), "tolerance_px": tolerance, **pooled(n)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,3 +346,23 @@ def test_edge_precision_and_recall_split_canny_f1(tmp_path):
     out = tmp_path / "edges.json"
     assert main([str(tmp_path / "oracle"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["exact"]["f1"] == 1.0
+
+
+def test_edge_counts_pool_pictures_and_count_a_pixel_off_only_within_the_tolerance():
+    """The counts edge_agreement and bench.eval_ceiling pool: an outline drawn one pixel to the right
+    is all missed exactly and all found within a pixel; a picture with no edges adds only to the map's."""
+    from tasks.evaluate.edges import add_counts, new_counts, pooled
+
+    edges_map = np.zeros((16, 16), bool)
+    edges_map[4:12, 5] = True  # a vertical edge, 8 pixels
+    shifted = np.roll(edges_map, 1, axis=1)
+    n = new_counts()
+    add_counts(n, shifted, edges_map)
+    add_counts(n, np.zeros_like(edges_map), edges_map)  # a second picture where nothing is drawn
+    got = pooled(n)
+    assert got["exact"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert got["within_tolerance"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667}
+    assert got["edge_pixels_generated_per_map_pixel"] == 0.5
+    n0 = new_counts()
+    add_counts(n0, shifted, edges_map, tolerance=0)
+    assert pooled(n0)["within_tolerance"]["f1"] == 0.0
