@@ -11,6 +11,9 @@ Control rows are scored at the panel size (size x size/2: a dual panel's lower h
 agreement on whole size x size pictures (t2i). Printed and saved to
 bench/results/eval-ceiling.json.
 
+It splits the MoVQGAN side's canny F1 into edge precision and recall (exact and within a pixel), and
+the recall of the scene's edges on shape outlines and elsewhere (background patterns).
+
 It also measures how local the codes are: the share of a dual image's lower-panel codes that
 stay the same when its upper panel is swapped for another scene's ("codes kept"). A transformer
 decoder learns one code per look of a patch only when that share is high; the encoder's
@@ -52,6 +55,18 @@ def codes_kept(movq, images: list[np.ndarray], codes: list | None = None) -> lis
     return kept
 
 
+def outline_mask(labels: np.ndarray, width: int = 2) -> np.ndarray:
+    """Pixels within `width` of a boundary between two regions of a scene's label map (shape
+    outlines, including where shapes overlap); the rest is inside a shape or plain background."""
+    import cv2
+
+    lab = np.asarray(labels)
+    edge = np.zeros(lab.shape, bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    return cv2.dilate(edge.astype(np.uint8), np.ones((2 * width + 1,) * 2, np.uint8)) > 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--movqgan", default="assets/movqgan-tiny.safetensors")
@@ -80,13 +95,18 @@ def main() -> None:
     # each picture encoded once: its codes give the reconstruction and the code comparisons below
     panel_codes = [movq.encode(p.image[None]) for p in panels]
     edge_counts = new_counts()  # where the movqgan side's canny F1 is lost (tasks.evaluate.edges)
+    region_counts = {"shape_outlines": new_counts(), "elsewhere": new_counts()}  # recall of the scene's edges by where they are
     whole_codes = [movq.encode(w.image[None]) for w in wholes]
     for i, (p, w) in enumerate(zip(panels, wholes)):
         other_p, other_w = panels[(i + 1) % len(panels)], wholes[(i + 1) % len(wholes)]
         edges = canny(p.image)
         asked = asked_shapes(w.caption)
         through_p, through_w = (to_uint8(movq.decode(c))[0] for c in (panel_codes[i], whole_codes[i]))
-        add_counts(edge_counts, canny_edges(through_p), binary_map(edges))
+        found, scene_edges = canny_edges(through_p), binary_map(edges)
+        add_counts(edge_counts, found, scene_edges)
+        outline = outline_mask(p.labels)
+        for region, mask in (("shape_outlines", outline), ("elsewhere", ~outline)):
+            add_counts(region_counts[region], found, scene_edges & mask)
         for side, pic, whole in (("scene", p.image, w.image), ("movqgan", through_p, through_w),
                                  ("other scene", other_p.image, other_w.image)):
             add("canny_f1 (control:canny)", side, canny_f1(edges, pic))
@@ -100,7 +120,11 @@ def main() -> None:
     result = {"bench": "eval_ceiling", "movqgan": Path(args.movqgan).name, "preset": args.preset,
               "scenes": args.scenes, "size": args.size, "seeds": [args.seed, args.seed + args.scenes - 1],
               "figures": table, "codes_kept_when_the_other_panel_changes": round(float(np.mean(kept)), 4),
-              "edges_through_movqgan": {"tolerance_px": 1, **pooled(edge_counts)}}
+              "edges_through_movqgan": {"tolerance_px": 1, **pooled(edge_counts)},
+              "scene_edges_found_through_movqgan": {
+                  region: {"scene_edge_pixels": n["map"], "recall": pooled(n)["exact"]["recall"],
+                           "recall_within_1px": pooled(n)["within_tolerance"]["recall"]}
+                  for region, n in region_counts.items()}}
     if args.codes_vs:
         other = load_movqgan(args.codes_vs, args.preset)
         same = [(c == other.encode(x.image[None])).float().mean().item()
@@ -115,6 +139,9 @@ def main() -> None:
     print(f"canny edges through the MoVQGAN, pooled: {e['edge_pixels_generated_per_map_pixel']:.2f} per edge of the "
           f"scene; precision {e['exact']['precision']:.3f} exact, {e['within_tolerance']['precision']:.3f} within 1 px; "
           f"recall {e['exact']['recall']:.3f} exact, {e['within_tolerance']['recall']:.3f} within 1 px")
+    for region, r in result["scene_edges_found_through_movqgan"].items():
+        print(f"  the scene's edges {region.replace('_', ' ')} ({r['scene_edge_pixels']} pixels): recall "
+              f"{r['recall']:.3f} exact, {r['recall_within_1px']:.3f} within 1 px")
     print(f"lower-panel codes kept when the upper panel changes: {np.mean(kept):.1%}")
     if "codes_same_as" in result:
         print(f"codes the same as {Path(args.codes_vs).name}'s at the same place: "

@@ -366,3 +366,14 @@ def test_edge_counts_pool_pictures_and_count_a_pixel_off_only_within_the_toleran
     n0 = new_counts()
     add_counts(n0, shifted, edges_map, tolerance=0)
     assert pooled(n0)["within_tolerance"]["f1"] == 0.0
+
+
+def test_the_ceilings_outline_mask_holds_the_pixels_near_a_region_boundary():
+    from bench.eval_ceiling import outline_mask
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[5:15, 5:15] = 1  # a square shape on the background
+    mask = outline_mask(labels, width=2)
+    assert mask[5, 10] and mask[3, 10] and mask[10, 16]  # on the outline, and 2 px off it either side
+    assert not mask[10, 10] and not mask[0, 0] and not mask[10, 18]  # inside, in a corner, 3+ px away
+    assert not outline_mask(np.zeros((8, 8), np.int32)).any()  # plain background: no outline
