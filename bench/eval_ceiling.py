@@ -122,9 +122,9 @@ def main() -> None:
               "figures": table, "codes_kept_when_the_other_panel_changes": round(float(np.mean(kept)), 4),
               "edges_through_movqgan": {"tolerance_px": 1, **pooled(edge_counts)},
               "scene_edges_found_through_movqgan": {
-                  region: {"scene_edge_pixels": n["map"], "recall": pooled(n)["exact"]["recall"],
-                           "recall_within_1px": pooled(n)["within_tolerance"]["recall"]}
-                  for region, n in region_counts.items()}}
+                  region: {"scene_edge_pixels": n["map"], "recall": got["exact"]["recall"],
+                           "recall_within_1px": got["within_tolerance"]["recall"]}
+                  for region, n in region_counts.items() for got in [pooled(n)]}}
     if args.codes_vs:
         other = load_movqgan(args.codes_vs, args.preset)
         same = [(c == other.encode(x.image[None])).float().mean().item()

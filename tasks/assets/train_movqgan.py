@@ -173,6 +173,11 @@ def load_keep_codes(path: str | Path) -> torch.Tensor:
     return max(groups.values(), key=len).long()
 
 
+def _pixel_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L1 + MSE, gradient L1) of a decoded picture against the one it should be."""
+    return F.l1_loss(pred, target) + F.mse_loss(pred, target), gradient_l1(pred, target)
+
+
 def _render(model: MoVQGAN, codes: torch.Tensor) -> torch.Tensor:
     """The decoder half's picture of a code grid, in [-1, 1]."""
     zq = model.quantize.lookup(codes)
@@ -236,16 +241,14 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
         for g in opt.param_groups:
             g["lr"] = _warmup_cosine(lr, done)
         c, x = _code_windows(pools[step % 2], codes[step % 2], rng, batch, window)
-        recon = _render(model, c)
-        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        edge = gradient_l1(recon, x)
+        rec, edge = _pixel_losses(_render(model, c), x)
         loss = rec + edge_weight * edge
         if reference is not None:
             g, _ = _windows(keep_codes, rng, batch, window)
             with torch.no_grad():
                 target = _render(reference, g)
-            drawn = _render(model, g)
-            keep = F.l1_loss(drawn, target) + F.mse_loss(drawn, target) + edge_weight * gradient_l1(drawn, target)
+            keep_rec, keep_edge = _pixel_losses(_render(model, g), target)
+            keep = keep_rec + edge_weight * keep_edge
             loss = loss + keep_weight * keep
             acc["keep"] += keep.item()
         opt.zero_grad(set_to_none=True)
