@@ -464,14 +464,24 @@ class MoVQGAN(nn.Module):
             raise MoVQGANError(f"codes of shape {tuple(c.shape)}: expected [B, rows, cols]")
         if c.min() < 0 or c.max() >= self.n_embed:
             raise MoVQGANError(f"codes {int(c.min())}..{int(c.max())} outside the codebook 0..{self.n_embed - 1}")
-        out = []
-        for chunk in c.split(batch_size or len(c)):
-            zq = self.quantize.lookup(chunk).float()
-            if self.channels_last:
-                zq = zq.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                out.append(self.decoder(self.post_quant_conv(zq), zq).float().clamp_(-1, 1))
-        return torch.cat(out)
+        return torch.cat([self.decode_latent(self.quantize.lookup(chunk)) for chunk in c.split(batch_size or len(c))])
+
+    @torch.inference_mode()
+    def latent(self, images) -> torch.Tensor:
+        """Images -> the encoder's latent before quantization, float [B, embed_dim, H/8, W/8]
+        (encode() gives the index of each position's nearest codebook vector)."""
+        return self._encode_latent(self.to_input(images)).float()
+
+    @torch.inference_mode()
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """A latent [B, embed_dim, h, w] -> images float [B, 3, 8h, 8w] clamped to [-1, 1]. decode()
+        passes codebook vectors; an unquantized latent() shows what these weights draw without the
+        codebook's rounding (bench/eval_ceiling.py)."""
+        zq = z.to(self.device).float()
+        if self.channels_last:
+            zq = zq.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return self.decoder(self.post_quant_conv(zq), zq).float().clamp_(-1, 1)
 
     def forward(self, x: torch.Tensor) -> VQOutput:
         """Training pass: straight-through quantization (VQ-VAE, van den Oord et al. 2017, eq. 3)."""

@@ -116,6 +116,20 @@ def test_encode_decode_any_multiple_of_8_batched(tiny, images):
     assert torch.allclose(tiny.decode(codes[1]), out[1:2], atol=1e-5)
 
 
+def test_latent_is_what_encode_rounds_and_decode_latent_draws_it(tiny, images):
+    """latent() is the encoder's output before the codebook: its nearest codebook vectors are
+    encode()'s codes, and decode_latent() of those vectors is decode() of the codes."""
+    z = tiny.latent(images)
+    assert z.shape == (3, 4, 5, 3) and z.dtype == torch.float32
+    codes = tiny.encode(images)
+    assert torch.equal(tiny.quantize.indices(z), codes)
+    with torch.inference_mode():
+        vectors = tiny.quantize.lookup(codes)
+    assert torch.allclose(tiny.decode_latent(vectors), tiny.decode(codes), atol=1e-6)
+    unrounded = tiny.decode_latent(z)
+    assert unrounded.shape == (3, 3, 40, 24) and not torch.allclose(unrounded, tiny.decode(codes))
+
+
 def test_channels_last_same_codes(images):
     torch.manual_seed(0)
     a = MoVQGAN.from_preset("tiny")
