@@ -377,3 +377,68 @@ def test_the_ceilings_outline_mask_holds_the_pixels_near_a_region_boundary():
     assert mask[5, 10] and mask[3, 10] and mask[10, 16]  # on the outline, and 2 px off it either side
     assert not mask[10, 10] and not mask[0, 0] and not mask[10, 18]  # inside, in a corner, 3+ px away
     assert not outline_mask(np.zeros((8, 8), np.int32)).any()  # plain background: no outline
+
+
+def _one_shape(kind: str, colour: str) -> np.ndarray:
+    bg = shapes.sample_background(np.random.default_rng(0), colour="grey", texture="plain")
+    spec = {"seed": 0, "background": bg, "shapes": [
+        {"kind": kind, "colour": colour, "size_word": "large", "r": 0.3, "row": 1, "col": 1,
+         "cx": 0.5, "cy": 0.5, "z": 0.4}]}
+    return shapes.render_spec(spec, 128, 128).image
+
+
+def test_kind_counts_split_an_asked_shape_into_drawn_other_kind_and_missing():
+    """tasks.evaluate.kinds: a red circle asked of a picture of a red circle is drawn; a red star
+    asked of it is there in colour only, drawn as a circle; a blue one's colour is missing."""
+    from tasks.evaluate.kinds import KindCounts
+
+    n = KindCounts()
+    n.add(_one_shape("circle", "red"), [("red", "circle")])
+    n.add(_one_shape("circle", "red"), [("red", "star"), ("blue", "circle")])
+    t = n.table()
+    assert t["circle"] == {"asked": 2, "drawn": 0.5, "colour_only": 0.0, "colour_missing": 0.5, "drawn_as": {}}
+    assert t["star"] == {"asked": 1, "drawn": 0.0, "colour_only": 1.0, "colour_missing": 0.0,
+                         "drawn_as": {"circle": 1}}
+    assert t["all"] == {"asked": 3, "drawn": round(1 / 3, 4)} and "square" not in t
+
+
+def test_kind_agreement_of_a_perfect_and_an_unconditioned_generator(tmp_path, capsys):
+    """A perfect generator's t2i rows draw (almost) every asked shape, one that ignores its captions
+    few; --through judges the rows' scenes through a MoVQGAN as well; a task whose picture does not
+    show the scene, or a dataset without such rows, is refused with the reason."""
+    from tasks.evaluate.kinds import kind_agreement, main
+
+    cfg = _config(tmp_path, count=40)
+    oracle = write_generated(tmp_path, cfg, "oracle")
+    perfect = kind_agreement([oracle], through="assets/movqgan-tiny.safetensors")
+    other = kind_agreement([write_generated(tmp_path, cfg, "unconditioned", seed_shift=1000)])
+    assert perfect["rows"] == other["rows"] == 8  # the t2i rows of 40 over five tasks
+    assert perfect["generated"]["all"]["drawn"] >= 0.95 and other["generated"]["all"]["drawn"] < 0.3
+    assert perfect["through"]["rows"] == 8
+    assert 0.3 < perfect["through"]["kinds"]["all"]["drawn"] <= 1.0
+    both = kind_agreement([oracle], tasks=("t2i", "control:canny"))
+    assert both["rows"] == 16 and both["generated"]["all"]["asked"] > perfect["generated"]["all"]["asked"]
+    with pytest.raises(ValueError, match="do not show the caption's scene"):
+        kind_agreement([oracle], tasks=("dense:depth",))
+    w = DatasetWriter(str(tmp_path / "empty"), kind="generated", config={}, inputs=[], meta={})
+    w.finalize()
+    with pytest.raises(ValueError, match="no t2i rows whose caption asks for shapes"):
+        kind_agreement([str(tmp_path / "empty")])
+    assert main([oracle, "--tasks", "dense:canny"]) == 2
+    assert "do not show" in capsys.readouterr().err
+    out = tmp_path / "kinds.json"
+    assert main([oracle, "--json", str(out)]) == 0
+    assert "asked shapes" in capsys.readouterr().out
+    assert json.loads(out.read_text())["generated"]["all"]["drawn"] == perfect["generated"]["all"]["drawn"]
+
+
+def test_the_ceilings_reference_degradations_lose_more_edges_as_they_lose_more_decibels():
+    """bench.eval_ceiling's yardstick: harsher JPEG or resampling costs both PSNR and canny F1."""
+    from bench.eval_ceiling import psnr, reference_figures
+
+    images = [shapes.render_scene(s, 128, 64).image for s in range(5000, 5008)]
+    assert psnr(images[0], images[0]) == float("inf")
+    ref = reference_figures(images)
+    for better, worse in (("jpeg q90", "jpeg q60"), ("2x down, bicubic up", "4x down, bicubic up")):
+        assert ref[better]["canny_f1"] > ref[worse]["canny_f1"] and ref[better]["panel_psnr_db"] > ref[worse]["panel_psnr_db"]
+    assert all(0 < r["canny_f1"] < 1 and 20 < r["panel_psnr_db"] < 60 for r in ref.values())
