@@ -1,0 +1,157 @@
+"""Which asked shapes the generated pictures draw: caption agreement split by the kind asked.
+
+caption_shape (tasks/evaluate/figures.py) is the share of a caption's (colour, kind) pairs that
+the detector finds in the picture. This splits it by the asked kind (circle, star, ...), pooled
+over the rows of a GENERATED dataset: each asked shape is drawn (its colour and kind found),
+drawn in its colour as another kind (which kind: the largest region of that colour), or its
+colour is missing. With `--through MOVQGAN` the same rows' scenes, encoded and decoded by that
+MoVQGAN at the picture's size, are judged the same way: what a perfect transformer decoder would
+reach with its codes, kind by kind. A kind far below its `through` share is the transformer's to
+draw better; a kind low in both is lost in the codes.
+
+    python -m tasks.evaluate.kinds out/a/generated [out/b/generated ...] [--tasks t2i control:canny]
+        [--through assets/movqgan-tiny.safetensors] [--json kinds.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+import numpy as np
+
+from tasks.config import EvaluateConfig
+from tasks.evaluate.figures import caption_of, generated_picture, scene_of, shows_scene
+from tasks.evaluate.job import open_generated
+from tasks.shapes.detector import asked_shapes, detect_shapes
+from tasks.shapes.scenes import KINDS
+
+MIN_FRAC = EvaluateConfig().min_shape_frac  # the evaluation's smallest shape
+
+
+class KindCounts:
+    """Outcomes of asked shapes, pooled by asked kind."""
+
+    def __init__(self):
+        self.asked: Counter = Counter()
+        self.drawn: Counter = Counter()
+        self.colour_only: Counter = Counter()
+        self.drawn_as: dict[str, Counter] = {k: Counter() for k in KINDS}
+
+    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = MIN_FRAC) -> None:
+        found = detect_shapes(picture, min_frac)
+        pairs = {(d.colour, d.kind) for d in found}
+        for colour, kind in asked:
+            self.asked[kind] += 1
+            if (colour, kind) in pairs:
+                self.drawn[kind] += 1
+                continue
+            same_colour = [d for d in found if d.colour == colour]
+            if same_colour:
+                self.colour_only[kind] += 1
+                self.drawn_as[kind][max(same_colour, key=lambda d: d.area).kind] += 1
+
+    def table(self) -> dict[str, dict]:
+        out = {}
+        for kind in KINDS:
+            n = self.asked[kind]
+            if not n:
+                continue
+            out[kind] = {"asked": n, "drawn": round(self.drawn[kind] / n, 4),
+                         "colour_only": round(self.colour_only[kind] / n, 4),
+                         "colour_missing": round((n - self.drawn[kind] - self.colour_only[kind]) / n, 4),
+                         "drawn_as": dict(self.drawn_as[kind].most_common())}
+        n = sum(self.asked.values())
+        out["all"] = {"asked": n, "drawn": round(sum(self.drawn.values()) / n, 4) if n else 0.0}
+        return out
+
+
+def _through(movq, scene_image: np.ndarray) -> np.ndarray:
+    from model.movqgan import to_uint8
+
+    return to_uint8(movq.decode(movq.encode(scene_image[None])))[0]
+
+
+def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: str | None = None,
+                   preset: str = "tiny") -> dict:
+    """Per asked kind, how the GENERATED datasets' rows of `tasks` draw it (see the module); with
+    `through`, also the rows' shapes scenes through that MoVQGAN."""
+    bad = [t for t in tasks if not shows_scene(t)]
+    if bad:
+        raise ValueError(f"tasks {bad}: their pictures do not show the caption's scene (t2i and control:* do)")
+    movq = None
+    if through:
+        from model.movqgan import load_movqgan
+
+        movq = load_movqgan(through, preset)
+    generated, scenes = KindCounts(), KindCounts()
+    rows_seen, scenes_seen = 0, 0
+    for uri in uris:
+        ds = open_generated(uri, "kinds")
+        task_column = ds.table(columns=["task"]).column("task").to_pylist()
+        wanted = [i for i, task in enumerate(task_column) if task in tasks]
+        if not wanted:
+            continue
+        for row in ds.take(wanted, columns=["task", "upper", "lower", "caption", "params", "source",
+                                            "width", "height"]).to_pylist():
+            asked = asked_shapes(caption_of(row))
+            if not asked:
+                continue
+            rows_seen += 1
+            picture = generated_picture(row)
+            generated.add(picture, asked)
+            scene = scene_of(row) if movq is not None else None
+            if scene is not None:
+                scenes_seen += 1
+                scenes.add(_through(movq, scene.image), asked)
+    if not rows_seen:
+        raise ValueError(f"{', '.join(uris)}: no {' or '.join(tasks)} rows whose caption asks for shapes")
+    result = {"datasets": list(uris), "tasks": list(tasks), "rows": rows_seen, "generated": generated.table()}
+    if movq is not None:
+        result["through"] = {"movqgan": through, "rows": scenes_seen, **({"kinds": scenes.table()} if scenes_seen else {})}
+    return result
+
+
+def format_table(result: dict) -> str:
+    gen = result["generated"]
+    through = result.get("through", {}).get("kinds", {})
+    lines = [f"{result['rows']} rows ({', '.join(result['tasks'])}), {gen['all']['asked']} asked shapes"
+             + (f"; through {result['through']['movqgan']}" if through else ""),
+             f"{'kind':9s} {'asked':>5s} {'drawn':>6s} {'colour only':>11s} {'colour missing':>14s}"
+             + (f" {'through':>8s}" if through else "") + "  drawn as, when not"]
+    for kind, r in gen.items():
+        if kind == "all":
+            continue
+        drawn_as = ", ".join(f"{k} {n}" for k, n in r["drawn_as"].items()) or "-"
+        lines.append(f"{kind:9s} {r['asked']:5d} {r['drawn']:6.2f} {r['colour_only']:11.2f} {r['colour_missing']:14.2f}"
+                     + (f" {through[kind]['drawn']:8.2f}" if kind in through else ("         " if through else ""))
+                     + f"  {drawn_as}")
+    lines.append(f"{'all':9s} {gen['all']['asked']:5d} {gen['all']['drawn']:6.2f}"
+                 + (f" {'':11s} {'':14s} {through['all']['drawn']:8.2f}" if through else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("datasets", nargs="+", help="GENERATED datasets (folders or URIs), pooled")
+    ap.add_argument("--tasks", nargs="+", default=["t2i"], help="the rows to judge (default t2i; control:* too)")
+    ap.add_argument("--through", metavar="MOVQGAN", help="also judge the rows' scenes through this MoVQGAN")
+    ap.add_argument("--preset", default="tiny", help="the MoVQGAN's preset (default tiny)")
+    ap.add_argument("--json", help="also save the result here")
+    a = ap.parse_args(argv)
+    try:
+        result = kind_agreement(a.datasets, tuple(a.tasks), a.through, a.preset)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kinds: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if a.json:
+        from tasks.assets import save_result
+
+        save_result({**result, "command": "python -m tasks.evaluate.kinds " + " ".join(argv or sys.argv[1:])}, a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
