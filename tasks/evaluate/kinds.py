@@ -11,6 +11,7 @@ draw better; a kind low in both is lost in the codes.
 
     python -m tasks.evaluate.kinds out/a/generated [out/b/generated ...] [--tasks t2i control:canny]
         [--through assets/movqgan-tiny.safetensors] [--json kinds.json]
+        [--sheet misses.png [--sheet-kind circle] [--sheet-rows 8]]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -73,13 +75,42 @@ def _through(movq, scene_image: np.ndarray) -> np.ndarray:
     return to_uint8(movq.decode(movq.encode(scene_image[None])))[0]
 
 
+def _missed(picture: np.ndarray, asked: list[tuple[str, str]], kind: str | None) -> list[str]:
+    """The asked shapes (of `kind`, if given) the picture does not hold, each with what it shows instead."""
+    found = detect_shapes(picture, MIN_FRAC)
+    out = []
+    for colour, k in asked:
+        if (kind and k != kind) or any(d.colour == colour and d.kind == k for d in found):
+            continue
+        same = [d for d in found if d.colour == colour]
+        out.append(f"{colour} {k} ({'drawn as ' + max(same, key=lambda d: d.area).kind if same else 'colour missing'})")
+    return out
+
+
+def _example(row: dict, picture: np.ndarray, scene, through_image: np.ndarray | None, missed: list[str]) -> np.ndarray:
+    """One row of the sheet: the scene, what the MoVQGAN makes of it, the generated picture, each
+    with the detector's outlines and readings."""
+    from tasks.evaluate.report import _labelled, _outlined, _tile
+
+    tiles = [_tile(_outlined(scene.image, MIN_FRAC))] if scene is not None else []
+    tiles += [_tile(_outlined(through_image, MIN_FRAC))] if through_image is not None else []
+    tiles.append(_tile(_outlined(picture, MIN_FRAC)))
+    head = "scene | through the MoVQGAN | generated" if through_image is not None else "scene | generated"
+    return _labelled(tiles, [f"{row['task']}  {row['id']}   ({head})", caption_of(row), "missed: " + "; ".join(missed)])
+
+
 def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: str | None = None,
-                   preset: str = "tiny") -> dict:
+                   preset: str = "tiny", sheet: str | None = None, sheet_kind: str | None = None,
+                   sheet_rows: int = 8) -> dict:
     """Per asked kind, how the GENERATED datasets' rows of `tasks` draw it (see the module); with
-    `through`, also the rows' shapes scenes through that MoVQGAN."""
+    `through`, also the rows' shapes scenes through that MoVQGAN. `sheet`: a PNG of up to
+    `sheet_rows` rows that miss an asked shape (of `sheet_kind`, if given), drawn beside their scene."""
     bad = [t for t in tasks if not shows_scene(t)]
     if bad:
         raise ValueError(f"tasks {bad}: their pictures do not show the caption's scene (t2i and control:* do)")
+    if sheet_kind is not None and sheet_kind not in KINDS:
+        raise ValueError(f"sheet kind {sheet_kind!r}: expected one of {list(KINDS)}")
+    examples: list[np.ndarray] = []
     movq = None
     if through:
         from model.movqgan import load_movqgan
@@ -93,7 +124,7 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
         wanted = [i for i, task in enumerate(task_column) if task in tasks]
         if not wanted:
             continue
-        for row in ds.take(wanted, columns=["task", "upper", "lower", "caption", "params", "source",
+        for row in ds.take(wanted, columns=["id", "task", "upper", "lower", "caption", "params", "source",
                                             "width", "height"]).to_pylist():
             asked = asked_shapes(caption_of(row))
             if not asked:
@@ -101,15 +132,26 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
             rows_seen += 1
             picture = generated_picture(row)
             generated.add(picture, asked)
-            scene = scene_of(row) if movq is not None else None
-            if scene is not None:
+            scene = scene_of(row) if movq is not None or sheet else None
+            through_image = _through(movq, scene.image) if scene is not None and movq is not None else None
+            if through_image is not None:
                 scenes_seen += 1
-                scenes.add(_through(movq, scene.image), asked)
+                scenes.add(through_image, asked)
+            if sheet and len(examples) < sheet_rows:
+                missed = _missed(picture, asked, sheet_kind)
+                if missed:
+                    examples.append(_example(row, picture, scene, through_image, missed))
     if not rows_seen:
         raise ValueError(f"{', '.join(uris)}: no {' or '.join(tasks)} rows whose caption asks for shapes")
     result = {"datasets": list(uris), "tasks": list(tasks), "rows": rows_seen, "generated": generated.table()}
     if movq is not None:
         result["through"] = {"movqgan": through, "rows": scenes_seen, **({"kinds": scenes.table()} if scenes_seen else {})}
+    if sheet:
+        from tasks.evaluate.report import _png, _stack
+
+        Path(sheet).parent.mkdir(parents=True, exist_ok=True)
+        Path(sheet).write_bytes(_png(_stack(examples, columns=1)))
+        result["sheet"] = {"path": sheet, "rows": len(examples), "kind": sheet_kind}
     return result
 
 
@@ -138,14 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", default=["t2i"], help="the rows to judge (default t2i; control:* too)")
     ap.add_argument("--through", metavar="MOVQGAN", help="also judge the rows' scenes through this MoVQGAN")
     ap.add_argument("--preset", default="tiny", help="the MoVQGAN's preset (default tiny)")
+    ap.add_argument("--sheet", metavar="PNG", help="draw rows that miss an asked shape here, beside their scenes")
+    ap.add_argument("--sheet-kind", choices=KINDS, help="only rows that miss a shape of this kind")
+    ap.add_argument("--sheet-rows", type=int, default=8, help="rows on the sheet (default 8)")
     ap.add_argument("--json", help="also save the result here")
     a = ap.parse_args(argv)
     try:
-        result = kind_agreement(a.datasets, tuple(a.tasks), a.through, a.preset)
+        result = kind_agreement(a.datasets, tuple(a.tasks), a.through, a.preset, a.sheet, a.sheet_kind, a.sheet_rows)
     except (ValueError, FileNotFoundError) as e:
         print(f"kinds: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
+    if "sheet" in result:
+        print(f"sheet: {result['sheet']['path']} ({result['sheet']['rows']} rows)")
     if a.json:
         from tasks.assets import save_result
 

@@ -411,7 +411,12 @@ def test_kind_agreement_of_a_perfect_and_an_unconditioned_generator(tmp_path, ca
     cfg = _config(tmp_path, count=40)
     oracle = write_generated(tmp_path, cfg, "oracle")
     perfect = kind_agreement([oracle], through="assets/movqgan-tiny.safetensors")
-    other = kind_agreement([write_generated(tmp_path, cfg, "unconditioned", seed_shift=1000)])
+    sheet = tmp_path / "misses.png"
+    other = kind_agreement([write_generated(tmp_path, cfg, "unconditioned", seed_shift=1000)], sheet=str(sheet),
+                           sheet_rows=3)
+    assert other["sheet"] == {"path": str(sheet), "rows": 3, "kind": None}  # it misses in more than 3 rows
+    drawn = cv2.imread(str(sheet))
+    assert drawn.shape[0] > 3 * 128 and drawn.shape[1] >= 2 * 128  # three rows of scene | generated
     assert perfect["rows"] == other["rows"] == 8  # the t2i rows of 40 over five tasks
     assert perfect["generated"]["all"]["drawn"] >= 0.95 and other["generated"]["all"]["drawn"] < 0.3
     assert perfect["through"]["rows"] == 8
@@ -420,6 +425,8 @@ def test_kind_agreement_of_a_perfect_and_an_unconditioned_generator(tmp_path, ca
     assert both["rows"] == 16 and both["generated"]["all"]["asked"] > perfect["generated"]["all"]["asked"]
     with pytest.raises(ValueError, match="do not show the caption's scene"):
         kind_agreement([oracle], tasks=("dense:depth",))
+    with pytest.raises(ValueError, match="sheet kind 'blob'"):
+        kind_agreement([oracle], sheet=str(sheet), sheet_kind="blob")
     w = DatasetWriter(str(tmp_path / "empty"), kind="generated", config={}, inputs=[], meta={})
     w.finalize()
     with pytest.raises(ValueError, match="no t2i rows whose caption asks for shapes"):
