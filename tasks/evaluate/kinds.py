@@ -41,7 +41,8 @@ class KindCounts:
         self.colour_only: Counter = Counter()
         self.drawn_as: dict[str, Counter] = {k: Counter() for k in KINDS}
 
-    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = MIN_FRAC) -> None:
+    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = MIN_FRAC) -> list:
+        """Count one picture's asked shapes; returns the detector's findings in it."""
         found = detect_shapes(picture, min_frac)
         pairs = {(d.colour, d.kind) for d in found}
         for colour, kind in asked:
@@ -53,6 +54,7 @@ class KindCounts:
             if same_colour:
                 self.colour_only[kind] += 1
                 self.drawn_as[kind][max(same_colour, key=lambda d: d.area).kind] += 1
+        return found
 
     def table(self) -> dict[str, dict]:
         out = {}
@@ -75,9 +77,25 @@ def _through(movq, scene_image: np.ndarray) -> np.ndarray:
     return to_uint8(movq.decode(movq.encode(scene_image[None])))[0]
 
 
-def _missed(picture: np.ndarray, asked: list[tuple[str, str]], kind: str | None) -> list[str]:
-    """The asked shapes (of `kind`, if given) the picture does not hold, each with what it shows instead."""
-    found = detect_shapes(picture, MIN_FRAC)
+_COLUMNS = ["id", "task", "upper", "lower", "caption", "params", "source", "width", "height"]
+
+
+def asking_rows(ds, tasks: tuple[str, ...], limit: int | None = None):
+    """(row, asked shapes) of a GENERATED dataset's rows of `tasks` whose caption asks for shapes,
+    in the dataset's order; `limit`: only the first that many rows of those tasks are read."""
+    task_column = ds.table(columns=["task"]).column("task").to_pylist()
+    wanted = [i for i, task in enumerate(task_column) if task in tasks][:limit]
+    if not wanted:
+        return
+    for row in ds.take(wanted, columns=_COLUMNS).to_pylist():
+        asked = asked_shapes(caption_of(row))
+        if asked:
+            yield row, asked
+
+
+def _missed(found: list, asked: list[tuple[str, str]], kind: str | None) -> list[str]:
+    """The asked shapes (of `kind`, if given) not among the detector's findings `found`, each with
+    what the picture shows in its colour instead."""
     out = []
     for colour, k in asked:
         if (kind and k != kind) or any(d.colour == colour and d.kind == k for d in found):
@@ -119,26 +137,17 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
     generated, scenes = KindCounts(), KindCounts()
     rows_seen, scenes_seen = 0, 0
     for uri in uris:
-        ds = open_generated(uri, "kinds")
-        task_column = ds.table(columns=["task"]).column("task").to_pylist()
-        wanted = [i for i, task in enumerate(task_column) if task in tasks]
-        if not wanted:
-            continue
-        for row in ds.take(wanted, columns=["id", "task", "upper", "lower", "caption", "params", "source",
-                                            "width", "height"]).to_pylist():
-            asked = asked_shapes(caption_of(row))
-            if not asked:
-                continue
+        for row, asked in asking_rows(open_generated(uri, "kinds"), tasks):
             rows_seen += 1
             picture = generated_picture(row)
-            generated.add(picture, asked)
+            found = generated.add(picture, asked)
             scene = scene_of(row) if movq is not None or sheet else None
             through_image = _through(movq, scene.image) if scene is not None and movq is not None else None
             if through_image is not None:
                 scenes_seen += 1
                 scenes.add(through_image, asked)
             if sheet and len(examples) < sheet_rows:
-                missed = _missed(picture, asked, sheet_kind)
+                missed = _missed(found, asked, sheet_kind)
                 if missed:
                     examples.append(_example(row, picture, scene, through_image, missed))
     if not rows_seen:
@@ -153,6 +162,34 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
         Path(sheet).write_bytes(_png(_stack(examples, columns=1)))
         result["sheet"] = {"path": sheet, "rows": len(examples), "kind": sheet_kind}
     return result
+
+
+def report_lines(ds, limit: int = 512) -> list[str]:
+    """report.md's table of a dataset's t2i rows by asked kind (the first `limit` t2i rows); none
+    when no t2i row asks for shapes."""
+    counts, rows = KindCounts(), 0
+    for row, asked in asking_rows(ds, ("t2i",), limit):
+        counts.add(generated_picture(row), asked)
+        rows += 1
+    if not rows:
+        return []
+    table = counts.table()
+    total = ds.rows_per_task().get("t2i", 0)
+    read = f", the first {limit} of {total} t2i rows" if total > limit else ""
+    lines = ["", f"## Asked shapes by kind (t2i, {rows} rows{read})", "",
+             "Each shape a caption asks for: drawn (its colour and kind found), in its colour as another "
+             "kind (the largest region of that colour, read as), or its colour missing "
+             "(`python -m tasks.evaluate.kinds`; with `--through MOVQGAN` beside what the tokenizer alone "
+             "keeps, and `--sheet` to see the misses).", "",
+             "| asked kind | asked | drawn | as another kind | colour missing | read as, when not drawn |",
+             "|---|---:|---:|---:|---:|---|"]
+    for kind, r in table.items():
+        if kind != "all":
+            read_as = ", ".join(f"{k} {n}" for k, n in r["drawn_as"].items()) or "-"
+            lines.append(f"| {kind} | {r['asked']} | {r['drawn']:.2f} | {r['colour_only']:.2f} "
+                         f"| {r['colour_missing']:.2f} | {read_as} |")
+    lines.append(f"| all | {table['all']['asked']} | {table['all']['drawn']:.2f} | | | |")
+    return lines
 
 
 def format_table(result: dict) -> str:

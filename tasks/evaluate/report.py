@@ -180,6 +180,9 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
         lines.append(f"| {r['figure']} | {r['task']} | {r['rows']} | {_fmt(r['generated'])} | {_fmt(r.get('se'))} "
                      f"| {_fmt(r['floor'])} | {_fmt(r.get('floor_se'))} | {r['better']} | {r['paper']} |")
     lines += sampling_lines(ds)
+    from tasks.evaluate.kinds import report_lines  # here: kinds draws its sheet with this module's helpers
+
+    lines += report_lines(ds)
     lines += [
         "",
         "How each figure is measured (tasks/evaluate/job.py):",

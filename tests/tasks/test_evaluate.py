@@ -128,6 +128,9 @@ def test_perfect_generator_beats_the_floor_and_report_is_written(tmp_path):
     text = report.read_text()
     assert "| canny_f1 | control:canny | 4 | 1.000 |" in text and "0.49 (7B, real photos)" in text
     assert "| control:canny | 4 | not recorded |" in text  # these stand-in rows record no sampling
+    assert "## Asked shapes by kind (t2i, 4 rows)" in text  # the perfect generator draws what was asked
+    kinds = [line for line in text.splitlines() if line.startswith("| all |")]
+    assert len(kinds) == 1 and float(kinds[0].split("|")[3]) >= 0.9
     for name in ("contact_sheet.png", "eval_control.png", "eval_captions.png"):
         assert f"]({name})" in text
         img = cv2.imread(str(Path(uri) / name))
