@@ -164,12 +164,12 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
     return result
 
 
-def report_lines(ds, limit: int = 512) -> list[str]:
+def report_lines(ds, limit: int = 512, min_frac: float = MIN_FRAC) -> list[str]:
     """report.md's table of a dataset's t2i rows by asked kind (the first `limit` t2i rows); none
     when no t2i row asks for shapes."""
     counts, rows = KindCounts(), 0
     for row, asked in asking_rows(ds, ("t2i",), limit):
-        counts.add(generated_picture(row), asked)
+        counts.add(generated_picture(row), asked, min_frac)
         rows += 1
     if not rows:
         return []

@@ -165,7 +165,8 @@ def _sampling_text(sampling: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(fields.items())) or "not recorded"
 
 
-def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str]) -> str:
+def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str], kinds: list[str] = ()) -> str:
+    """report.md's text; `kinds`: the lines of the asked-shapes-by-kind table (tasks.evaluate.kinds)."""
     fingerprints = sorted({m for m in ds.table(columns=["model_fingerprint"]).column(0).to_pylist() if m})
     lines = [
         f"# Evaluation: {uri}",
@@ -180,9 +181,7 @@ def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str
         lines.append(f"| {r['figure']} | {r['task']} | {r['rows']} | {_fmt(r['generated'])} | {_fmt(r.get('se'))} "
                      f"| {_fmt(r['floor'])} | {_fmt(r.get('floor_se'))} | {r['better']} | {r['paper']} |")
     lines += sampling_lines(ds)
-    from tasks.evaluate.kinds import report_lines  # here: kinds draws its sheet with this module's helpers
-
-    lines += report_lines(ds)
+    lines += kinds
     lines += [
         "",
         "How each figure is measured (tasks/evaluate/job.py):",
@@ -227,6 +226,9 @@ def write_report(uri: str, ds, table: list[dict], records: list[dict], cfg, erro
     images = {"contact_sheet": "contact_sheet.png", "eval_control": "eval_control.png",
               "eval_captions": "eval_captions.png"}  # relative: report.md sits beside them
     figures = _write(loc, FIGURES, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-    report = _write(loc, "report.md", markdown(uri, ds, table, errors, images).encode())
+    from tasks.evaluate.kinds import report_lines  # here: kinds draws its sheet with this module's helpers
+
+    kinds = report_lines(ds, min_frac=cfg.evaluate.min_shape_frac)
+    report = _write(loc, "report.md", markdown(uri, ds, table, errors, images, kinds).encode())
     return {"report": report, "contact_sheet": sheet, "sheets": sheets, "figures": figures}
 
