@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from typing import Callable
 
 import cv2
@@ -19,6 +20,7 @@ import numpy as np
 from model.prompts import is_dual
 from tasks.panels.compose import decode_panel
 from tasks.shapes.detector import COLOURS, agreement, asked_shapes, colour_labels, detect_shapes
+from tasks.shapes.scenes import KINDS
 from tasks.generate.verify import canny_f1, depth_rmse
 
 # metric -> (what it is, "higher"/"lower" is better)
@@ -130,3 +132,60 @@ class RowScorer:
             add("caption_colour", lambda pic: agree(pic, 0))
             add("caption_shape", lambda pic: agree(pic, 1))
         return out
+
+
+class KindCounts:
+    """Outcomes of asked shapes, pooled by asked kind (tasks/evaluate/kinds.py, report.md): each is
+    drawn, in its colour as another kind (which: the largest region of that colour), or its colour
+    is missing. min_frac: evaluate.min_shape_frac."""
+
+    def __init__(self):
+        self.asked: Counter = Counter()
+        self.drawn: Counter = Counter()
+        self.colour_only: Counter = Counter()
+        self.drawn_as: dict[str, Counter] = {k: Counter() for k in KINDS}
+
+    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = 0.004) -> list:
+        """Count one picture's asked shapes; returns the detector's findings in it."""
+        found = detect_shapes(picture, min_frac)
+        pairs = {(d.colour, d.kind) for d in found}
+        for colour, kind in asked:
+            self.asked[kind] += 1
+            if (colour, kind) in pairs:
+                self.drawn[kind] += 1
+                continue
+            same_colour = [d for d in found if d.colour == colour]
+            if same_colour:
+                self.colour_only[kind] += 1
+                self.drawn_as[kind][max(same_colour, key=lambda d: d.area).kind] += 1
+        return found
+
+    def table(self) -> dict[str, dict]:
+        out = {}
+        for kind in KINDS:
+            n = self.asked[kind]
+            if not n:
+                continue
+            out[kind] = {"asked": n, "drawn": round(self.drawn[kind] / n, 4),
+                         "colour_only": round(self.colour_only[kind] / n, 4),
+                         "colour_missing": round((n - self.drawn[kind] - self.colour_only[kind]) / n, 4),
+                         "drawn_as": dict(self.drawn_as[kind].most_common())}
+        n = sum(self.asked.values())
+        out["all"] = {"asked": n, "drawn": round(sum(self.drawn.values()) / n, 4) if n else 0.0}
+        return out
+
+
+_COLUMNS = ["id", "task", "upper", "lower", "caption", "params", "source", "width", "height"]
+
+
+def asking_rows(ds, tasks: tuple[str, ...], limit: int | None = None):
+    """(row, asked shapes) of a GENERATED dataset's rows of `tasks` whose caption asks for shapes,
+    in the dataset's order; `limit`: only the first that many rows of those tasks are read."""
+    task_column = ds.table(columns=["task"]).column("task").to_pylist()
+    wanted = [i for i, task in enumerate(task_column) if task in tasks][:limit]
+    if not wanted:
+        return
+    for row in ds.take(wanted, columns=_COLUMNS).to_pylist():
+        asked = asked_shapes(caption_of(row))
+        if asked:
+            yield row, asked

@@ -18,79 +18,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from tasks.config import EvaluateConfig
-from tasks.evaluate.figures import caption_of, generated_picture, scene_of, shows_scene
+from tasks.evaluate.figures import KindCounts, asking_rows, caption_of, generated_picture, scene_of, shows_scene
 from tasks.evaluate.job import open_generated
-from tasks.shapes.detector import asked_shapes, detect_shapes
 from tasks.shapes.scenes import KINDS
 
 MIN_FRAC = EvaluateConfig().min_shape_frac  # the evaluation's smallest shape
-
-
-class KindCounts:
-    """Outcomes of asked shapes, pooled by asked kind."""
-
-    def __init__(self):
-        self.asked: Counter = Counter()
-        self.drawn: Counter = Counter()
-        self.colour_only: Counter = Counter()
-        self.drawn_as: dict[str, Counter] = {k: Counter() for k in KINDS}
-
-    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = MIN_FRAC) -> list:
-        """Count one picture's asked shapes; returns the detector's findings in it."""
-        found = detect_shapes(picture, min_frac)
-        pairs = {(d.colour, d.kind) for d in found}
-        for colour, kind in asked:
-            self.asked[kind] += 1
-            if (colour, kind) in pairs:
-                self.drawn[kind] += 1
-                continue
-            same_colour = [d for d in found if d.colour == colour]
-            if same_colour:
-                self.colour_only[kind] += 1
-                self.drawn_as[kind][max(same_colour, key=lambda d: d.area).kind] += 1
-        return found
-
-    def table(self) -> dict[str, dict]:
-        out = {}
-        for kind in KINDS:
-            n = self.asked[kind]
-            if not n:
-                continue
-            out[kind] = {"asked": n, "drawn": round(self.drawn[kind] / n, 4),
-                         "colour_only": round(self.colour_only[kind] / n, 4),
-                         "colour_missing": round((n - self.drawn[kind] - self.colour_only[kind]) / n, 4),
-                         "drawn_as": dict(self.drawn_as[kind].most_common())}
-        n = sum(self.asked.values())
-        out["all"] = {"asked": n, "drawn": round(sum(self.drawn.values()) / n, 4) if n else 0.0}
-        return out
 
 
 def _through(movq, scene_image: np.ndarray) -> np.ndarray:
     from model.movqgan import to_uint8
 
     return to_uint8(movq.decode(movq.encode(scene_image[None])))[0]
-
-
-_COLUMNS = ["id", "task", "upper", "lower", "caption", "params", "source", "width", "height"]
-
-
-def asking_rows(ds, tasks: tuple[str, ...], limit: int | None = None):
-    """(row, asked shapes) of a GENERATED dataset's rows of `tasks` whose caption asks for shapes,
-    in the dataset's order; `limit`: only the first that many rows of those tasks are read."""
-    task_column = ds.table(columns=["task"]).column("task").to_pylist()
-    wanted = [i for i, task in enumerate(task_column) if task in tasks][:limit]
-    if not wanted:
-        return
-    for row in ds.take(wanted, columns=_COLUMNS).to_pylist():
-        asked = asked_shapes(caption_of(row))
-        if asked:
-            yield row, asked
 
 
 def _missed(found: list, asked: list[tuple[str, str]], kind: str | None) -> list[str]:
@@ -140,12 +83,12 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
         for row, asked in asking_rows(open_generated(uri, "kinds"), tasks):
             rows_seen += 1
             picture = generated_picture(row)
-            found = generated.add(picture, asked)
+            found = generated.add(picture, asked, MIN_FRAC)
             scene = scene_of(row) if movq is not None or sheet else None
             through_image = _through(movq, scene.image) if scene is not None and movq is not None else None
             if through_image is not None:
                 scenes_seen += 1
-                scenes.add(through_image, asked)
+                scenes.add(through_image, asked, MIN_FRAC)
             if sheet and len(examples) < sheet_rows:
                 missed = _missed(found, asked, sheet_kind)
                 if missed:
@@ -162,34 +105,6 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
         Path(sheet).write_bytes(_png(_stack(examples, columns=1)))
         result["sheet"] = {"path": sheet, "rows": len(examples), "kind": sheet_kind}
     return result
-
-
-def report_lines(ds, limit: int = 512, min_frac: float = MIN_FRAC) -> list[str]:
-    """report.md's table of a dataset's t2i rows by asked kind (the first `limit` t2i rows); none
-    when no t2i row asks for shapes."""
-    counts, rows = KindCounts(), 0
-    for row, asked in asking_rows(ds, ("t2i",), limit):
-        counts.add(generated_picture(row), asked, min_frac)
-        rows += 1
-    if not rows:
-        return []
-    table = counts.table()
-    total = ds.rows_per_task().get("t2i", 0)
-    read = f", the first {limit} of {total} t2i rows" if total > limit else ""
-    lines = ["", f"## Asked shapes by kind (t2i, {rows} rows{read})", "",
-             "Each shape a caption asks for: drawn (its colour and kind found), in its colour as another "
-             "kind (the largest region of that colour, read as), or its colour missing "
-             "(`python -m tasks.evaluate.kinds`; with `--through MOVQGAN` beside what the tokenizer alone "
-             "keeps, and `--sheet` to see the misses).", "",
-             "| asked kind | asked | drawn | as another kind | colour missing | read as, when not drawn |",
-             "|---|---:|---:|---:|---:|---|"]
-    for kind, r in table.items():
-        if kind != "all":
-            read_as = ", ".join(f"{k} {n}" for k, n in r["drawn_as"].items()) or "-"
-            lines.append(f"| {kind} | {r['asked']} | {r['drawn']:.2f} | {r['colour_only']:.2f} "
-                         f"| {r['colour_missing']:.2f} | {read_as} |")
-    lines.append(f"| all | {table['all']['asked']} | {table['all']['drawn']:.2f} | | | |")
-    return lines
 
 
 def format_table(result: dict) -> str:

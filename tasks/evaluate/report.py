@@ -20,7 +20,8 @@ from collections import Counter
 import cv2
 import numpy as np
 
-from tasks.evaluate.figures import METRICS, caption_of, scene_of, shapes_depth
+from tasks.evaluate.figures import (METRICS, KindCounts, asking_rows, caption_of, generated_picture, scene_of,
+                                    shapes_depth)
 from tasks.panels.compose import decode_panel
 from tasks.shapes.detector import detect_shapes
 from tasks.generate.verify import binary_map, canny_edges
@@ -165,8 +166,36 @@ def _sampling_text(sampling: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(fields.items())) or "not recorded"
 
 
+def kinds_lines(ds, min_frac: float, limit: int = 512) -> list[str]:
+    """report.md's table of a dataset's t2i rows by asked kind (the first `limit` t2i rows); none
+    when no t2i row asks for shapes."""
+    counts, rows = KindCounts(), 0
+    for row, asked in asking_rows(ds, ("t2i",), limit):
+        counts.add(generated_picture(row), asked, min_frac)
+        rows += 1
+    if not rows:
+        return []
+    table = counts.table()
+    total = ds.rows_per_task().get("t2i", 0)
+    read = f", the first {limit} of {total} t2i rows" if total > limit else ""
+    lines = ["", f"## Asked shapes by kind (t2i, {rows} rows{read})", "",
+             "Each shape a caption asks for: drawn (its colour and kind found), in its colour as another "
+             "kind (the largest region of that colour, read as), or its colour missing "
+             "(`python -m tasks.evaluate.kinds`; with `--through MOVQGAN` beside what the tokenizer alone "
+             "keeps, and `--sheet` to see the misses).", "",
+             "| asked kind | asked | drawn | as another kind | colour missing | read as, when not drawn |",
+             "|---|---:|---:|---:|---:|---|"]
+    for kind, r in table.items():
+        if kind != "all":
+            read_as = ", ".join(f"{k} {n}" for k, n in r["drawn_as"].items()) or "-"
+            lines.append(f"| {kind} | {r['asked']} | {r['drawn']:.2f} | {r['colour_only']:.2f} "
+                         f"| {r['colour_missing']:.2f} | {read_as} |")
+    lines.append(f"| all | {table['all']['asked']} | {table['all']['drawn']:.2f} | | | |")
+    return lines
+
+
 def markdown(uri: str, ds, table: list[dict], errors: int, images: dict[str, str], kinds: list[str] = ()) -> str:
-    """report.md's text; `kinds`: the lines of the asked-shapes-by-kind table (tasks.evaluate.kinds)."""
+    """report.md's text; `kinds`: the lines of the asked-shapes-by-kind table (kinds_lines)."""
     fingerprints = sorted({m for m in ds.table(columns=["model_fingerprint"]).column(0).to_pylist() if m})
     lines = [
         f"# Evaluation: {uri}",
@@ -226,9 +255,7 @@ def write_report(uri: str, ds, table: list[dict], records: list[dict], cfg, erro
     images = {"contact_sheet": "contact_sheet.png", "eval_control": "eval_control.png",
               "eval_captions": "eval_captions.png"}  # relative: report.md sits beside them
     figures = _write(loc, FIGURES, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-    from tasks.evaluate.kinds import report_lines  # here: kinds draws its sheet with this module's helpers
-
-    kinds = report_lines(ds, min_frac=cfg.evaluate.min_shape_frac)
+    kinds = kinds_lines(ds, cfg.evaluate.min_shape_frac)
     report = _write(loc, "report.md", markdown(uri, ds, table, errors, images, kinds).encode())
     return {"report": report, "contact_sheet": sheet, "sheets": sheets, "figures": figures}
 
