@@ -29,6 +29,7 @@ import argparse
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -59,8 +60,6 @@ def codes_kept(movq, images: list[np.ndarray], codes: list | None = None) -> lis
 def outline_mask(labels: np.ndarray, width: int = 2) -> np.ndarray:
     """Pixels within `width` of a boundary between two regions of a scene's label map (shape
     outlines, including where shapes overlap); the rest is inside a shape or plain background."""
-    import cv2
-
     lab = np.asarray(labels)
     edge = np.zeros(lab.shape, bool)
     edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
@@ -71,14 +70,10 @@ def outline_mask(labels: np.ndarray, width: int = 2) -> np.ndarray:
 # Reference degradations of the same panels: what canny F1 a picture keeps at a given PSNR when
 # its errors are of a familiar kind (how far the MoVQGAN's 0.47 is from the issue's 0.6, in dB).
 def _jpeg(quality: int):
-    import cv2
-
     return lambda im: cv2.imdecode(cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_UNCHANGED)
 
 
 def _resampled(factor: int):
-    import cv2
-
     def f(im):
         h, w = im.shape[:2]
         small = cv2.resize(im, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
@@ -97,12 +92,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reference_figures(images: list[np.ndarray]) -> dict[str, dict[str, float]]:
     """Mean canny F1 (against the picture's own canny) and PSNR of each reference degradation."""
+    edges = [canny(im) for im in images]
     out = {}
     for name, degrade in REFERENCES.items():
         f1, db = [], []
-        for im in images:
+        for im, im_edges in zip(images, edges):
             d = degrade(im)
-            f1.append(canny_f1(canny(im), d))
+            f1.append(canny_f1(im_edges, d))
             db.append(psnr(im, d))
         out[name] = {"canny_f1": round(float(np.mean(f1)), 3), "panel_psnr_db": round(float(np.mean(db)), 2)}
     return out
@@ -138,23 +134,20 @@ def main() -> None:
     edge_counts = new_counts()  # where the movqgan side's canny F1 is lost (tasks.evaluate.edges)
     region_counts = {"shape_outlines": new_counts(), "elsewhere": new_counts()}  # recall of the scene's edges by where they are
     whole_codes = [movq.encode(w.image[None]) for w in wholes]
-    by_texture: dict[str, list[float]] = {}  # the MoVQGAN side's canny F1 by the scene's background
     panel_psnr, latent_f1, latent_psnr, rounding = [], [], [], []
-    for p, codes in zip(panels, panel_codes):  # what the codebook's rounding costs: the latent unquantized
-        z = movq.latent(p.image[None])
-        with torch.inference_mode():
-            rounding.append(float(((z - movq.quantize.lookup(codes).float()) ** 2).mean() / z.var()))
-        unrounded = to_uint8(movq.decode_latent(z))[0]
-        latent_f1.append(canny_f1(canny(p.image), unrounded))
-        latent_psnr.append(psnr(p.image, unrounded))
     for i, (p, w) in enumerate(zip(panels, wholes)):
         other_p, other_w = panels[(i + 1) % len(panels)], wholes[(i + 1) % len(wholes)]
         edges = canny(p.image)
         asked = asked_shapes(w.caption)
         through_p, through_w = (to_uint8(movq.decode(c))[0] for c in (panel_codes[i], whole_codes[i]))
         found, scene_edges = canny_edges(through_p), binary_map(edges)
-        by_texture.setdefault(p.background["texture"], []).append(canny_f1(edges, through_p))
         panel_psnr.append(psnr(p.image, through_p))
+        z = movq.latent(p.image[None])  # what the codebook's rounding costs: the latent unquantized
+        with torch.inference_mode():
+            rounding.append(float(((z - movq.quantize.lookup(panel_codes[i]).float()) ** 2).mean() / z.var()))
+        unrounded = to_uint8(movq.decode_latent(z))[0]
+        latent_f1.append(canny_f1(edges, unrounded))
+        latent_psnr.append(psnr(p.image, unrounded))
         add_counts(edge_counts, found, scene_edges)
         outline = outline_mask(p.labels)
         for region, mask in (("shape_outlines", outline), ("elsewhere", ~outline)):
@@ -168,6 +161,9 @@ def main() -> None:
                 add("caption_colour (t2i)", side, agree[0])
                 add("caption_shape (t2i)", side, agree[1])
     table = {m: {side: round(float(np.mean(v)), 3) for side, v in sides.items()} for m, sides in figures.items()}
+    by_texture: dict[str, list[float]] = {}  # the MoVQGAN side's canny F1 by the scene's background
+    for p, f1 in zip(panels, figures["canny_f1 (control:canny)"]["movqgan"]):
+        by_texture.setdefault(p.background["texture"], []).append(f1)
     kept = codes_kept(movq, [w.image for w in wholes], whole_codes)
     result = {"bench": "eval_ceiling", "movqgan": Path(args.movqgan).name, "preset": args.preset,
               "scenes": args.scenes, "size": args.size, "seeds": [args.seed, args.seed + args.scenes - 1],

@@ -145,20 +145,24 @@ class KindCounts:
         self.colour_only: Counter = Counter()
         self.drawn_as: dict[str, Counter] = {k: Counter() for k in KINDS}
 
-    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = 0.004) -> list:
-        """Count one picture's asked shapes; returns the detector's findings in it."""
+    def add(self, picture: np.ndarray, asked: list[tuple[str, str]], min_frac: float = 0.004) -> list[str | None]:
+        """Count one picture's asked shapes; returns, for each, the kind it is read as (the asked
+        kind when drawn) or None when its colour is missing."""
         found = detect_shapes(picture, min_frac)
         pairs = {(d.colour, d.kind) for d in found}
+        read_as = []
         for colour, kind in asked:
             self.asked[kind] += 1
             if (colour, kind) in pairs:
                 self.drawn[kind] += 1
+                read_as.append(kind)
                 continue
             same_colour = [d for d in found if d.colour == colour]
+            read_as.append(max(same_colour, key=lambda d: d.area).kind if same_colour else None)
             if same_colour:
                 self.colour_only[kind] += 1
-                self.drawn_as[kind][max(same_colour, key=lambda d: d.area).kind] += 1
-        return found
+                self.drawn_as[kind][read_as[-1]] += 1
+        return read_as
 
     def table(self) -> dict[str, dict]:
         out = {}

@@ -36,16 +36,11 @@ def _through(movq, scene_image: np.ndarray) -> np.ndarray:
     return to_uint8(movq.decode(movq.encode(scene_image[None])))[0]
 
 
-def _missed(found: list, asked: list[tuple[str, str]], kind: str | None) -> list[str]:
-    """The asked shapes (of `kind`, if given) not among the detector's findings `found`, each with
-    what the picture shows in its colour instead."""
-    out = []
-    for colour, k in asked:
-        if (kind and k != kind) or any(d.colour == colour and d.kind == k for d in found):
-            continue
-        same = [d for d in found if d.colour == colour]
-        out.append(f"{colour} {k} ({'drawn as ' + max(same, key=lambda d: d.area).kind if same else 'colour missing'})")
-    return out
+def _missed(asked: list[tuple[str, str]], read_as: list[str | None], kind: str | None) -> list[str]:
+    """The asked shapes (of `kind`, if given) not drawn, each with what the picture shows in its
+    colour instead (`read_as`: KindCounts.add's answer)."""
+    return [f"{colour} {k} ({'drawn as ' + got if got else 'colour missing'})"
+            for (colour, k), got in zip(asked, read_as) if got != k and (not kind or k == kind)]
 
 
 def _example(row: dict, picture: np.ndarray, scene, through_image: np.ndarray | None, missed: list[str]) -> np.ndarray:
@@ -83,14 +78,14 @@ def kind_agreement(uris: list[str], tasks: tuple[str, ...] = ("t2i",), through: 
         for row, asked in asking_rows(open_generated(uri, "kinds"), tasks):
             rows_seen += 1
             picture = generated_picture(row)
-            found = generated.add(picture, asked, MIN_FRAC)
+            read_as = generated.add(picture, asked, MIN_FRAC)
             scene = scene_of(row) if movq is not None or sheet else None
             through_image = _through(movq, scene.image) if scene is not None and movq is not None else None
             if through_image is not None:
                 scenes_seen += 1
                 scenes.add(through_image, asked, MIN_FRAC)
             if sheet and len(examples) < sheet_rows:
-                missed = _missed(found, asked, sheet_kind)
+                missed = _missed(asked, read_as, sheet_kind)
                 if missed:
                     examples.append(_example(row, picture, scene, through_image, missed))
     if not rows_seen:
