@@ -436,6 +436,12 @@ def test_kind_agreement_of_a_perfect_and_an_unconditioned_generator(tmp_path, ca
         kind_agreement([str(tmp_path / "empty")])
     assert main([oracle, "--tasks", "dense:canny"]) == 2
     assert "do not show" in capsys.readouterr().err
+    assert main([oracle, "--through", str(tmp_path / "missing.safetensors")]) == 2
+    assert "MoVQGAN checkpoint not found" in capsys.readouterr().err
+    panels = DatasetWriter(str(tmp_path / "panels"), kind="panels", config={}, inputs=[], meta={})
+    panels.finalize()
+    assert main([str(tmp_path / "panels")]) == 2
+    assert "kinds needs a generated dataset" in capsys.readouterr().err
     out = tmp_path / "kinds.json"
     assert main([oracle, "--json", str(out)]) == 0
     assert "asked shapes" in capsys.readouterr().out
