@@ -217,3 +217,56 @@ def test_keep_codes_hold_the_reference_drawing_of_generated_codes(tmp_path, caps
             main(argv + ["--out", str(out)])
         assert e.value.code == 2 and says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_canny_loss_reads_canny_s_sobel_near_the_picture_s_edges_only(tmp_path, capsys):
+    """canny_l1 compares the Sobel responses cv2.Canny computes, on the pixels next to the picture's
+    own canny edges: a change far from every edge costs nothing, one on an edge does."""
+    import cv2
+    import numpy as np
+    import pytest
+    import torch
+
+    from model.movqgan import MoVQGAN, save_movqgan
+    from tasks.assets.train_movqgan import _sobel, canny_l1, canny_weights, finetune_decoder, main
+    from tasks.panels.annotators import canny
+
+    px = np.zeros((1, 32, 32, 3), np.uint8)
+    px[0, 8:24, 10:20] = (200, 40, 90)  # one rectangle: its outline is the only edge
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    for ch in range(3):  # cv2's 3x3 Sobel, inside the border
+        gx = cv2.Sobel(x[0, ch].numpy(), cv2.CV_32F, 1, 0, ksize=3)[1:-1, 1:-1]
+        gy = cv2.Sobel(x[0, ch].numpy(), cv2.CV_32F, 0, 1, ksize=3)[1:-1, 1:-1]
+        np.testing.assert_allclose(_sobel(x)[0, 2 * ch].numpy(), gx, atol=1e-5)
+        np.testing.assert_allclose(_sobel(x)[0, 2 * ch + 1].numpy(), gy, atol=1e-5)
+    w = canny_weights(x)
+    edges = canny(px[0]) > 0
+    assert w.shape == (1, 1, 30, 30) and edges.any()
+    assert bool(w[0, 0][torch.from_numpy(edges[1:-1, 1:-1])].all())  # every edge pixel is weighed
+    assert 0 < float(w.mean()) < 0.5  # ... and its neighbours, not the whole picture
+
+    assert float(canny_l1(x, x, w)) == 0.0
+    far = x.clone()
+    far[..., 27:, 27:] += 0.5  # a corner well away from the rectangle
+    assert float(canny_l1(far, x, w)) == 0.0
+    near = x.clone()
+    near[..., 8:24, 9:11] = 0.0  # the left side blurred into its neighbour
+    assert float(canny_l1(near, x, w)) > 0.01
+    flat = torch.zeros_like(x)
+    assert float(canny_l1(near, flat, canny_weights(flat))) == 0.0  # no edges, nothing to match
+
+    torch.manual_seed(0)
+    old = tmp_path / "old.safetensors"
+    save_movqgan(MoVQGAN("tiny"), old)
+    _, curve = finetune_decoder(str(old), steps=2, batch=2, window=4, pool_size=4, log_every=1, canny_weight=0.1)
+    assert all(r["canny"] > 0 for r in curve)
+    _, plain = finetune_decoder(str(old), steps=1, batch=2, window=4, pool_size=4, log_every=1)
+    assert "canny" not in plain[0]
+
+    out = tmp_path / "m.safetensors"
+    for argv, says in ((["--canny-weight", "-1"], "--canny-weight -1.0: a loss weight is 0 or more"),
+                       (["--canny-weight", "0.1", "--init-from", str(old)], "--canny-weight trains the decoder half")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(out)])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()

@@ -23,6 +23,9 @@ leave the blur. --keep-codes FILE (code grids a transformer decoder generated:
 tasks/assets/generated_codes.py) adds a second loss on windows of those grids, against the picture
 --keep-reference's decoder half (default --init-from's) draws of them: a decoder half judged on real
 pictures' codes alone can draw generated codes worse (docs/assets.md, steps 30 and 31).
+--canny-weight adds an L1 on the 3x3 Sobel responses cv2.Canny reads, on the pixels next to the
+picture's own canny edges only: exact-pixel canny F1 is decided there, a small share of the pixels
+that whole-picture losses weigh by their count (docs/assets.md, step 33).
 
 --init-from without --freeze-codes goes on training all of a trained MoVQGAN (crops, flips, dead-code
 restarts, as from scratch), with --edge-weight: sharper codes, not only sharper pictures of the old
@@ -41,6 +44,7 @@ import math
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -131,6 +135,33 @@ def gradient_l1(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             + F.l1_loss(recon[..., 1:, :] - recon[..., :-1, :], x[..., 1:, :] - x[..., :-1, :]))
 
 
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def _sobel(x: torch.Tensor) -> torch.Tensor:
+    """Each channel's 3x3 Sobel x and y responses, as cv2.Canny computes them: [n, 2c, h-2, w-2]."""
+    c = x.shape[1]
+    k = torch.stack([_SOBEL, _SOBEL.T]).to(x).unsqueeze(1).repeat(c, 1, 1, 1)
+    return F.conv2d(x, k, groups=c)
+
+
+def canny_weights(x: torch.Tensor, low: int = 100, high: int = 200) -> torch.Tensor:
+    """Where canny finds edges in the pictures x ([n, 3, h, w] in [-1, 1]), widened by one pixel on
+    each side (the neighbours its non-maximum suppression compares): float [n, 1, h-2, w-2], the
+    shape of _sobel's output."""
+    px = ((x.detach() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    near = [cv2.dilate(canny(np.ascontiguousarray(p), low, high), np.ones((3, 3), np.uint8)) > 0 for p in px]
+    return torch.from_numpy(np.stack(near)[:, 1:-1, 1:-1]).float().unsqueeze(1)
+
+
+def canny_l1(recon: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L1 between the Sobel responses canny reads, on the pixels near x's canny edges only (weights:
+    canny_weights(x)), per such pixel: where the edge maps are decided, which whole-picture losses
+    leave to a small share of the pixels. 0 where x has no edges."""
+    diff = (_sobel(recon) - _sobel(x)).abs().mean(dim=1, keepdim=True)
+    return (diff * weights).sum() / weights.sum().clamp(min=1.0)
+
+
 FROZEN_PREFIXES = ("encoder.", "quant_conv.", "quantize.")  # what decides the codes
 
 
@@ -198,7 +229,8 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
                      lr: float = 5e-4, edge_weight: float = 1.0, pool_size: int = 768, seed: int = 1,
                      threads: int = 1, log_every: int = 50,
                      budget_seconds: float | None = None, keep_codes: torch.Tensor | None = None,
-                     keep_weight: float = 0.0, keep_reference: str | None = None) -> tuple[MoVQGAN, list[dict]]:
+                     keep_weight: float = 0.0, keep_reference: str | None = None,
+                     canny_weight: float = 0.0) -> tuple[MoVQGAN, list[dict]]:
     """Train only the decoder half of a trained MoVQGAN on its own (frozen) codes.
 
     budget_seconds: a wall-clock budget on a shared machine, where steps/s is unknown in advance:
@@ -210,7 +242,12 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
     edge_weight x gradient L1) against the picture `keep_reference`'s decoder half (default:
     init_from's) draws of them: sharper pictures of real codes, without drawing the generated ones
     differently (docs/assets.md step 30: a sharper decoder half drew their backgrounds with edges
-    the maps do not have). keep_reference must hold the same codebook (same_codes)."""
+    the maps do not have). keep_reference must hold the same codebook (same_codes).
+
+    canny_weight: adds canny_weight x canny_l1 on the real pictures' windows: the Sobel responses
+    canny reads, matched on the pixels near the picture's own canny edges (where exact-pixel canny
+    F1, bench/eval_ceiling's figure, is decided). Not on the generated windows: those keep their
+    reference's drawing, edges included."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -233,6 +270,8 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
     curve, acc, t0, reached = [], {"rec": 0.0, "edge": 0.0}, time.perf_counter(), 0
     if reference is not None:
         acc["keep"] = 0.0
+    if canny_weight:
+        acc["canny"] = 0.0
     for step in range(1, steps + 1):
         done = _progress(step, steps, t0, budget_seconds)
         if done > 1.0:
@@ -241,8 +280,13 @@ def finetune_decoder(init_from: str, preset: str = "tiny", steps: int = 2000, ba
         for g in opt.param_groups:
             g["lr"] = _warmup_cosine(lr, done)
         c, x = _code_windows(pools[step % 2], codes[step % 2], rng, batch, window)
-        rec, edge = _pixel_losses(_render(model, c), x)
+        pred = _render(model, c)
+        rec, edge = _pixel_losses(pred, x)
         loss = rec + edge_weight * edge
+        if canny_weight:
+            near = canny_l1(pred, x, canny_weights(x))
+            loss = loss + canny_weight * near
+            acc["canny"] += near.item()
         if reference is not None:
             g, _ = _windows(keep_codes, rng, batch, window)
             with torch.no_grad():
@@ -439,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                          "with --freeze-codes")
     ap.add_argument("--freeze-codes", action="store_true", help="train only the decoder half: codes stay the same")
     ap.add_argument("--edge-weight", type=float, default=1.0, help="weight of the image-gradient L1 (with --init-from)")
+    ap.add_argument("--canny-weight", type=float, default=0.0,
+                    help="weight of the Sobel L1 near the pictures' canny edges (with --freeze-codes)")
     ap.add_argument("--context-weight", type=float, default=0.0,
                     help="train on whole images, each beside a copy with one half from other images, with this "
                          "weight on the latents' difference in the kept half (codes that depend less on context)")
@@ -461,9 +507,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--curve", default=None, help="JSON: the loss curve and the evaluation")
     a = ap.parse_args(argv)
     for flag, value in (("--edge-weight", a.edge_weight), ("--context-weight", a.context_weight),
-                        ("--keep-weight", a.keep_weight)):
+                        ("--keep-weight", a.keep_weight), ("--canny-weight", a.canny_weight)):
         if value < 0:
             ap.error(f"{flag} {value}: a loss weight is 0 or more")
+    if a.canny_weight and not a.freeze_codes:
+        ap.error("--canny-weight trains the decoder half on its frozen codes: give --freeze-codes")
     if a.keep_codes and not a.freeze_codes:
         ap.error("--keep-codes trains the decoder half on generated codes: give --freeze-codes")
     if a.codes is not None and (a.freeze_codes or not a.init_from):
@@ -494,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         model, curve = finetune_decoder(a.init_from, a.preset, a.steps, a.batch, a.window, a.lr, a.edge_weight,
                                         a.pool, a.seed, a.threads, budget_seconds=a.budget_seconds,
                                         keep_codes=keep_codes, keep_weight=a.keep_weight if a.keep_codes else 0.0,
-                                        keep_reference=a.keep_reference)
+                                        keep_reference=a.keep_reference, canny_weight=a.canny_weight)
         meta["steps_reached"] = curve[-1]["step"] if curve else 0
         meta["budget_seconds"] = a.budget_seconds
         if a.keep_codes:
@@ -515,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         meta.update(finetuned_from=Path(a.init_from).name, edge_weight=a.edge_weight, lr=a.lr,
                     context_weight=a.context_weight, **({"codes_grown_to": a.codes} if a.codes else {}))
     if a.freeze_codes:
-        meta.update(decoder_finetuned_from=Path(a.init_from).name, window=a.window, edge_weight=a.edge_weight)
+        meta.update(decoder_finetuned_from=Path(a.init_from).name, window=a.window, edge_weight=a.edge_weight,
+                    **({"canny_weight": a.canny_weight} if a.canny_weight else {}))
         meta.pop("crop")
     save_movqgan(model, a.out, dtype=getattr(torch, a.dtype), meta=meta)
     if a.freeze_codes and not same_codes(a.init_from, a.out):
