@@ -22,6 +22,10 @@ GroupNorm statistics and attention span the whole picture, so it need not be.
 --codes-vs OTHER also says how many of the codes --movqgan gives these scenes (panels and whole
 pictures) OTHER gives too, at the same place: after a fine-tune that changed the codes, how much
 of what a transformer decoder learned on OTHER's codes still applies.
+
+--vs BEFORE scores the same panels through BEFORE too and gives the canny F1 difference from
+BEFORE to --movqgan paired by scene (mean ± standard error, scenes higher and lower): two files
+64 scenes apart by 0.01 are told apart by that, not by their two means.
 """
 from __future__ import annotations
 
@@ -104,6 +108,15 @@ def reference_figures(images: list[np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
+def paired_difference(new: list[float], old: list[float]) -> dict:
+    """new - old, paired by scene: the mean, its standard error, and how many scenes rose and fell."""
+    d = np.asarray(new, float) - np.asarray(old, float)
+    if d.size < 2:
+        raise ValueError(f"a paired difference needs two scenes or more, got {d.size}")
+    return {"difference": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(d.size)), 4),
+            "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--movqgan", default="assets/movqgan-tiny.safetensors")
@@ -112,12 +125,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=5000)
     ap.add_argument("--codes-vs", default=None, metavar="OTHER", help="a MoVQGAN (same preset) whose codes to compare")
+    ap.add_argument("--vs", default=None, metavar="BEFORE",
+                    help="another MoVQGAN: the canny F1 difference, paired by scene, from BEFORE to --movqgan")
     ap.add_argument("--out", default="bench/results/eval-ceiling.json")
     args = ap.parse_args()
 
     from model.movqgan import load_movqgan, to_uint8
 
     movq = load_movqgan(args.movqgan, args.preset)
+    before = load_movqgan(args.vs, args.preset) if args.vs else None
+    before_f1: list[float] = []
     min_frac = EvaluateConfig().min_shape_frac
 
     seeds = range(args.seed, args.seed + args.scenes)
@@ -149,6 +166,8 @@ def main() -> None:
         latent_f1.append(canny_f1(edges, unrounded))
         latent_psnr.append(psnr(p.image, unrounded))
         add_counts(edge_counts, found, scene_edges)
+        if before is not None:
+            before_f1.append(canny_f1(edges, to_uint8(before.decode(before.encode(p.image[None])))[0]))
         outline = outline_mask(p.labels)
         for region, mask in (("shape_outlines", outline), ("elsewhere", ~outline)):
             add_counts(region_counts[region], found, scene_edges & mask)
@@ -187,6 +206,9 @@ def main() -> None:
         same = [(c == other.encode(x.image[None])).float().mean().item()
                 for c, x in zip(panel_codes + whole_codes, panels + wholes)]
         result["codes_same_as"] = {"movqgan": Path(args.codes_vs).name, "fraction": round(float(np.mean(same)), 4)}
+    if before is not None:
+        result["canny_f1_paired"] = {"before": Path(args.vs).name, "before_f1": round(float(np.mean(before_f1)), 4),
+                                     **paired_difference(figures["canny_f1 (control:canny)"]["movqgan"], before_f1)}
     result.update(seconds=round(time.perf_counter() - t0, 1), when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     print(f"{args.scenes} scenes at {args.size} px through {result['movqgan']}:")
     print(f"{'figure':30s} {'scene':>8s} {'movqgan':>8s} {'other':>8s}")
@@ -211,6 +233,10 @@ def main() -> None:
     if "codes_same_as" in result:
         print(f"codes the same as {Path(args.codes_vs).name}'s at the same place: "
               f"{result['codes_same_as']['fraction']:.1%}")
+    if "canny_f1_paired" in result:
+        c = result["canny_f1_paired"]
+        print(f"canny F1 from {c['before']} ({c['before_f1']:.3f}), paired by scene: {c['difference']:+.4f} "
+              f"± {c['se']:.4f} ({c['higher']} scenes higher, {c['lower']} lower)")
     save_result(result, args.out)
 
 

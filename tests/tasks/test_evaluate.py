@@ -458,3 +458,17 @@ def test_the_ceilings_reference_degradations_lose_more_edges_as_they_lose_more_d
     for better, worse in (("jpeg q90", "jpeg q60"), ("2x down, bicubic up", "4x down, bicubic up")):
         assert ref[better]["canny_f1"] > ref[worse]["canny_f1"] and ref[better]["panel_psnr_db"] > ref[worse]["panel_psnr_db"]
     assert all(0 < r["canny_f1"] < 1 and 20 < r["panel_psnr_db"] < 60 for r in ref.values())
+
+
+def test_the_ceilings_paired_difference_is_per_scene():
+    """bench.eval_ceiling --vs: the difference paired by scene, with its standard error and counts."""
+    import pytest
+
+    from bench.eval_ceiling import paired_difference
+
+    d = paired_difference([0.5, 0.6, 0.7, 0.4], [0.4, 0.6, 0.5, 0.5])
+    assert d == {"difference": 0.05, "se": pytest.approx(0.0645, abs=1e-4), "higher": 2, "lower": 1}
+    # a constant shift is told apart exactly, however different the scenes are from each other
+    assert paired_difference([0.1, 0.9, 0.5], [0.09, 0.89, 0.49])["se"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="two scenes or more"):
+        paired_difference([0.5], [0.4])
