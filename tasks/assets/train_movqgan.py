@@ -25,7 +25,7 @@ tasks/assets/generated_codes.py) adds a second loss on windows of those grids, a
 pictures' codes alone can draw generated codes worse (docs/assets.md, steps 30 and 31).
 --canny-weight adds an L1 on the 3x3 Sobel responses cv2.Canny reads, on the pixels next to the
 picture's own canny edges only: exact-pixel canny F1 is decided there, a small share of the pixels
-that whole-picture losses weigh by their count (docs/assets.md, step 33).
+that whole-picture losses weigh by their count (docs/assets.md, step 34).
 
 --init-from without --freeze-codes goes on training all of a trained MoVQGAN (crops, flips, dead-code
 restarts, as from scratch), with --edge-weight: sharper codes, not only sharper pictures of the old
