@@ -44,6 +44,7 @@ from tasks.evaluate.figures import shapes_depth
 from tasks.shapes.detector import agreement, asked_shapes, detect_shapes
 from tasks.shapes.scenes import render_scene
 from tasks.evaluate.edges import add_counts, new_counts, pooled
+from tasks.evaluate.job import mean_se
 from tasks.generate.verify import binary_map, canny_edges, canny_f1, depth_rmse
 
 
@@ -113,8 +114,8 @@ def paired_difference(new: list[float], old: list[float]) -> dict:
     d = np.asarray(new, float) - np.asarray(old, float)
     if d.size < 2:
         raise ValueError(f"a paired difference needs two scenes or more, got {d.size}")
-    return {"difference": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(d.size)), 4),
-            "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
+    mean, se = mean_se(d)  # as panelforge compare pairs two runs' rows
+    return {"difference": round(mean, 4), "se": round(se, 4), "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
 
 
 def main() -> None:
