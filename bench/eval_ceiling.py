@@ -118,7 +118,7 @@ def paired_difference(new: list[float], old: list[float]) -> dict:
     return {"difference": round(mean, 4), "se": round(se, 4), "higher": int((d > 0).sum()), "lower": int((d < 0).sum())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--movqgan", default="assets/movqgan-tiny.safetensors")
     ap.add_argument("--preset", default="tiny")
@@ -129,12 +129,15 @@ def main() -> None:
     ap.add_argument("--vs", default=None, metavar="BEFORE",
                     help="another MoVQGAN: the canny F1 difference, paired by scene, from BEFORE to --movqgan")
     ap.add_argument("--out", default="bench/results/eval-ceiling.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from model.movqgan import load_movqgan, to_uint8
 
-    movq = load_movqgan(args.movqgan, args.preset)
-    before = load_movqgan(args.vs, args.preset) if args.vs else None
+    try:  # every MoVQGAN named, before any work: a wrong path or preset costs nothing
+        movq, before, other = (load_movqgan(path, args.preset) if path else None
+                               for path in (args.movqgan, args.vs, args.codes_vs))
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     before_f1: list[float] = []
     min_frac = EvaluateConfig().min_shape_frac
 
@@ -202,8 +205,7 @@ def main() -> None:
                   "canny_f1_unquantized": round(float(np.mean(latent_f1)), 3),
                   "panel_psnr_db_unquantized": round(float(np.mean(latent_psnr)), 2)},
               "references": reference_figures([p.image for p in panels])}
-    if args.codes_vs:
-        other = load_movqgan(args.codes_vs, args.preset)
+    if other is not None:
         same = [(c == other.encode(x.image[None])).float().mean().item()
                 for c, x in zip(panel_codes + whole_codes, panels + wholes)]
         result["codes_same_as"] = {"movqgan": Path(args.codes_vs).name, "fraction": round(float(np.mean(same)), 4)}

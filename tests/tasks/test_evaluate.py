@@ -472,3 +472,18 @@ def test_the_ceilings_paired_difference_is_per_scene():
     assert paired_difference([0.1, 0.9, 0.5], [0.09, 0.89, 0.49])["se"] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="two scenes or more"):
         paired_difference([0.5], [0.4])
+
+
+def test_the_ceiling_refuses_a_missing_movqgan_before_any_work(tmp_path, capsys):
+    """bench.eval_ceiling loads every MoVQGAN it is given first: a wrong --vs or --codes-vs path is
+    refused with its reason and exit 2, before the scenes are scored, and nothing is written."""
+    import pytest
+
+    from bench.eval_ceiling import main
+
+    out = tmp_path / "ceiling.json"
+    for flag in ("--vs", "--codes-vs", "--movqgan"):
+        with pytest.raises(SystemExit) as e:
+            main([flag, str(tmp_path / "missing.safetensors"), "--out", str(out)])
+        assert e.value.code == 2 and "missing.safetensors: MoVQGAN checkpoint not found" in capsys.readouterr().err
+    assert not out.exists()
